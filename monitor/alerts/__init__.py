@@ -1,0 +1,1 @@
+"""Alerts: rules match events, a pipeline of small stages delivers them to sinks."""

@@ -1,0 +1,5 @@
+"""`mde-monitor` commands: alerts."""
+
+from __future__ import annotations
+
+from monitor.cli.app import app  # noqa: F401

@@ -1,0 +1,93 @@
+"""The `mde-monitor` Typer app, its global options and exit codes (command modules attach here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from monitor.config import ConfigError, Settings, load_settings
+
+
+class ExitCode(IntEnum):
+    """Exit codes scripts can rely on."""
+
+    OK = 0
+    FAILED = 1  # the work failed (sign-in, every resource, delivery)
+    USAGE = 2  # bad command line, config or rule file
+    DEGRADED = 3  # done, but partially (a resource kept its previous data)
+    BUSY = 4  # the tenant is being synced by someone else
+    MISSING_PERMISSION = 5  # `check`: a permission or consent is missing
+
+
+app = typer.Typer(
+    name="mde-monitor",
+    help=(
+        "Change monitor for Microsoft Defender for Endpoint: collects Graph and Defender data,\n"
+        "snapshots it in Redis, turns differences into change events and alerts on them.\n\n"
+        "Exit codes: 0 ok, 1 failed, 2 usage/config error, 3 degraded (partial data kept),\n"
+        "4 tenant busy, 5 permission missing."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+console = Console(stderr=True)
+out = Console()
+
+
+@dataclass
+class State:
+    config_path: Path | None = None
+    alerts_dir: Path | None = None
+    _settings: Settings | None = field(default=None, repr=False)
+
+    def settings(self) -> Settings:
+        """The loaded config; a config error exits 2 with the file and field named."""
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.config_path)
+            except ConfigError as exc:
+                console.print(f"[red]config error[/red]: {exc}", markup=True, highlight=False)
+                raise typer.Exit(ExitCode.USAGE) from None
+            if self.alerts_dir is not None:
+                self._settings.alerts_dir = self.alerts_dir
+        return self._settings
+
+
+state = State()
+
+
+@app.callback()
+def _global(
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        envvar="MDE_MONITOR_CONFIG",
+        help="Config file (default config/monitor.yaml).",
+    ),
+    alerts_dir: Path | None = typer.Option(
+        None, "--alerts-dir", help="Rule and sink files (default: the config's alerts_dir)."
+    ),
+    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    from monitor.logs import setup_logging
+
+    state.config_path = config
+    state.alerts_dir = alerts_dir
+    state._settings = None
+    setup_logging(log_level)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

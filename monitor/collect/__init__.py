@@ -1,0 +1,1 @@
+"""Collect: sign in, fetch Graph and Defender resources (one module per resource)."""

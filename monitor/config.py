@@ -1,0 +1,363 @@
+"""Settings: one YAML file, validated with pydantic; tenants, clouds and their endpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
+CONFIG_ENV = "MDE_MONITOR_CONFIG"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the file and the field."""
+
+
+class PollingInterval(StrEnum):
+    DISABLED = "DISABLED"
+    FIFTEEN_MINUTES = "FIFTEEN_MINUTES"
+    THIRTY_MINUTES = "THIRTY_MINUTES"
+    ONE_HOUR = "ONE_HOUR"
+    FOUR_HOURS = "FOUR_HOURS"
+    EIGHT_HOURS = "EIGHT_HOURS"
+    TWELVE_HOURS = "TWELVE_HOURS"
+    ONE_DAY = "ONE_DAY"
+    ONE_WEEK = "ONE_WEEK"
+
+    @property
+    def seconds(self) -> int | None:
+        """Seconds between syncs, or None when disabled."""
+        return _INTERVAL_SECONDS[self]
+
+
+_INTERVAL_SECONDS: dict[PollingInterval, int | None] = {
+    PollingInterval.DISABLED: None,
+    PollingInterval.FIFTEEN_MINUTES: 15 * 60,
+    PollingInterval.THIRTY_MINUTES: 30 * 60,
+    PollingInterval.ONE_HOUR: 3600,
+    PollingInterval.FOUR_HOURS: 4 * 3600,
+    PollingInterval.EIGHT_HOURS: 8 * 3600,
+    PollingInterval.TWELVE_HOURS: 12 * 3600,
+    PollingInterval.ONE_DAY: 86400,
+    PollingInterval.ONE_WEEK: 7 * 86400,
+}
+
+
+@dataclass(frozen=True)
+class ApiEndpoint:
+    """One API's base URL and the OAuth scope its tokens are minted for."""
+
+    base_url: str
+    scope: str
+
+
+@dataclass(frozen=True)
+class CloudEndpoints:
+    authority: str  # e.g. https://login.microsoftonline.com (the tenant id is appended)
+    graph: ApiEndpoint  # base without version; clients append /v1.0
+    defender: ApiEndpoint  # base; clients append /api/...
+
+
+def origin(url: str) -> str:
+    """scheme://host[:port] of a URL."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"not an absolute URL: {url!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def scope_for(url: str) -> str:
+    """The `.default` scope of the API at this URL's origin."""
+    return f"{origin(url)}/.default"
+
+
+_DEFENDER_RESOURCE = "https://api.securitycenter.microsoft.com/.default"
+_DEFENDER_PUBLIC_HOSTS = {
+    None: "https://api.security.microsoft.com",
+    "us": "https://api-us.security.microsoft.com",
+    "eu": "https://api-eu.security.microsoft.com",
+    "uk": "https://api-uk.security.microsoft.com",
+    "au": "https://api-au.security.microsoft.com",
+}
+
+
+class Cloud(StrEnum):
+    PUBLIC = "public"
+    GCC = "gcc"
+    GCC_HIGH = "gcc-high"
+    DOD = "dod"
+    CUSTOM = "custom"
+
+
+def _known_cloud(cloud: Cloud, region: str | None) -> CloudEndpoints:
+    if cloud is Cloud.PUBLIC:
+        graph = "https://graph.microsoft.com"
+        return CloudEndpoints(
+            "https://login.microsoftonline.com",
+            ApiEndpoint(graph, scope_for(graph)),
+            ApiEndpoint(_DEFENDER_PUBLIC_HOSTS[region], _DEFENDER_RESOURCE),
+        )
+    if cloud is Cloud.GCC:
+        graph = "https://graph.microsoft.com"
+        defender = "https://api-gcc.securitycenter.microsoft.us"
+        return CloudEndpoints(
+            "https://login.microsoftonline.com",
+            ApiEndpoint(graph, scope_for(graph)),
+            ApiEndpoint(defender, scope_for(defender)),
+        )
+    graph = (
+        "https://graph.microsoft.us"
+        if cloud is Cloud.GCC_HIGH
+        else "https://dod-graph.microsoft.us"
+    )
+    defender = "https://api-gov.securitycenter.microsoft.us"
+    return CloudEndpoints(
+        "https://login.microsoftonline.us",
+        ApiEndpoint(graph, scope_for(graph)),
+        ApiEndpoint(defender, scope_for(defender)),
+    )
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CustomEndpoints(_Model):
+    """Explicit base URLs (the simulator, a proxy, a sovereign cloud we do not know)."""
+
+    authority: str
+    graph: str
+    defender: str
+
+    @model_validator(mode="after")
+    def _absolute(self) -> CustomEndpoints:
+        for name in ("authority", "graph", "defender"):
+            value = getattr(self, name)
+            try:
+                origin(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+
+class Certificate(_Model):
+    """Certificate credential: a PEM private key + certificate with its thumbprint, or a PFX."""
+
+    pem_path: Path | None = None
+    thumbprint: str | None = None
+    pfx_path: Path | None = None
+    pfx_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Certificate:
+        if self.pfx_path is None and (self.pem_path is None or not self.thumbprint):
+            raise ValueError("give pem_path and thumbprint, or pfx_path")
+        return self
+
+
+class TenantConfig(_Model):
+    """One connected Entra ID tenant (an app registration)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    tenant_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    certificate: Certificate | None = None
+    polling_interval: PollingInterval = PollingInterval.ONE_HOUR
+    cloud: Cloud = Cloud.PUBLIC
+    region: Literal["us", "eu", "uk", "au"] | None = None
+    endpoints: CustomEndpoints | None = None
+    tag_with_account_name: bool = False
+    logon_user_budget: int = Field(default=500, ge=0)
+    logon_user_concurrency: int = Field(default=8, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _credentials_and_cloud(self) -> TenantConfig:
+        given = [
+            n for n in ("client_secret", "client_secret_file", "certificate") if getattr(self, n)
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of client_secret, client_secret_file, certificate"
+                f" (got {', '.join(given) or 'none'})"
+            )
+        if self.cloud is Cloud.CUSTOM and self.endpoints is None:
+            raise ValueError("cloud: custom needs endpoints: {authority, graph, defender}")
+        if self.cloud is not Cloud.CUSTOM and self.endpoints is not None:
+            raise ValueError("endpoints are only used with cloud: custom")
+        if self.region is not None and self.cloud is not Cloud.PUBLIC:
+            raise ValueError("region is only used with cloud: public")
+        return self
+
+    def secret(self) -> str | None:
+        """The client secret, read from the file when configured so."""
+        if self.client_secret is not None:
+            return self.client_secret.get_secret_value()
+        if self.client_secret_file is not None:
+            return self.client_secret_file.read_text().strip()
+        return None
+
+    def cloud_endpoints(self) -> CloudEndpoints:
+        """Authority, Graph and Defender URLs with their scopes."""
+        if self.cloud is Cloud.CUSTOM:
+            assert self.endpoints is not None
+            ep = self.endpoints
+            graph, defender = ep.graph.rstrip("/"), ep.defender.rstrip("/")
+            return CloudEndpoints(
+                ep.authority.rstrip("/"),
+                ApiEndpoint(graph, scope_for(graph)),
+                ApiEndpoint(defender, scope_for(defender)),
+            )
+        return _known_cloud(self.cloud, self.region)
+
+
+class HttpSettings(_Model):
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_retry_seconds: float = Field(default=120.0, ge=0)
+    max_attempts: int = Field(default=6, ge=1)
+    backoff_base_seconds: float = Field(default=1.0, ge=0)
+    backoff_max_seconds: float = Field(default=30.0, ge=0)
+    proxy: str | None = None
+
+
+class DetectSettings(_Model):
+    """Diff noise control and the deletion guard rail."""
+
+    volatile_fields: dict[str, list[str]] | None = None  # _type -> fields; None = defaults
+    drop_threshold: float = Field(default=0.5, gt=0, le=1)
+    drop_min_items: int = Field(default=10, ge=0)
+    drop_persist_syncs: int = Field(default=3, ge=1)
+
+
+class EventSettings(_Model):
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    retention_days: float = Field(default=30.0, gt=0)
+
+
+class Settings(_Model):
+    """The whole configuration file."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_prefix: str = "mde"
+    ca_bundle: Path | None = None
+    alerts_dir: Path = Path("alerts")
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    detect: DetectSettings = Field(default_factory=DetectSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for t in self.tenants:
+            if t.name in seen:
+                raise ValueError(f"tenant name {t.name!r} is used twice")
+            seen.add(t.name)
+        return self
+
+    def tenant(self, name: str) -> TenantConfig:
+        """The tenant with this name; ConfigError naming the known ones otherwise."""
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        known = ", ".join(t.name for t in self.tenants) or "none configured"
+        raise ConfigError(f"unknown tenant {name!r} (known: {known})")
+
+
+def _interpolate(value: Any, where: str, missing: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            missing.append(f"{where}: environment variable {var} is not set")
+            return ""
+
+        return _ENV_REF.sub(repl, value)
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, f"{where}.{k}" if where else str(k), missing)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, f"{where}[{i}]", missing) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_settings(data: Any, source: str) -> Settings:
+    """Validate an already-parsed mapping; errors name `source` and the field path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    missing: list[str] = []
+    data = _interpolate(data, "", missing)
+    if missing:
+        raise ConfigError(f"{source}: " + "; ".join(missing))
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    if settings.ca_bundle is not None and not settings.ca_bundle.is_file():
+        raise ConfigError(f"{source}: ca_bundle: file not found: {settings.ca_bundle}")
+    return settings
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """--config, else $MDE_MONITOR_CONFIG, else config/monitor.yaml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read and validate the YAML config; REDIS_URL in the environment wins over the file."""
+    p = config_path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found (use --config or ${CONFIG_ENV})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    settings = parse_settings(data, str(p))
+    if os.environ.get("REDIS_URL"):
+        settings.redis_url = os.environ["REDIS_URL"]
+    settings.source_path = p
+    return settings

@@ -1,0 +1,1 @@
+"""Model: the declared data model and the converters from Microsoft objects to graph items."""

@@ -1,0 +1,1 @@
+"""A fake Microsoft cloud over real HTTPS: Entra token, Graph and Defender."""

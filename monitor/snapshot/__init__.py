@@ -1,0 +1,1 @@
+"""Snapshot: the latest graph per tenant in Redis, and the diff against it."""
