@@ -75,7 +75,7 @@ def read_range(
     key = stream_key(prefix, tenant)
     start = f"{since_ms}-0" if since_ms else "-"
     while True:
-        batch = client.xrange(key, min=start, max="+", count=count)
+        batch: Any = client.xrange(key, min=start, max="+", count=count)
         if not batch:
             return
         for sid, fields in batch:
