@@ -85,10 +85,10 @@ def scope_for(url: str) -> str:
 _DEFENDER_RESOURCE = "https://api.securitycenter.microsoft.com/.default"
 _DEFENDER_PUBLIC_HOSTS = {
     None: "https://api.security.microsoft.com",
-    "us": "https://api-us.security.microsoft.com",
-    "eu": "https://api-eu.security.microsoft.com",
-    "uk": "https://api-uk.security.microsoft.com",
-    "au": "https://api-au.security.microsoft.com",
+    "us": "https://us.api.security.microsoft.com",
+    "eu": "https://eu.api.security.microsoft.com",
+    "uk": "https://uk.api.security.microsoft.com",
+    "au": "https://au.api.security.microsoft.com",
 }
 
 

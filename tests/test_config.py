@@ -53,7 +53,7 @@ def test_good_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert contoso.polling_interval is PollingInterval.FIFTEEN_MINUTES
     assert contoso.polling_interval.seconds == 900
     ep = contoso.cloud_endpoints()
-    assert ep.defender.base_url == "https://api-eu.security.microsoft.com"
+    assert ep.defender.base_url == "https://eu.api.security.microsoft.com"
     assert ep.graph.scope == "https://graph.microsoft.com/.default"
     assert gov.secret() == "from-file"
     assert gov.cloud is Cloud.DOD
