@@ -1,1 +1,39 @@
-"""A fake Microsoft cloud over real HTTPS: Entra token, Graph and Defender."""
+"""A fake Microsoft cloud over real HTTPS: Entra token, Graph and Defender.
+
+    from monitor.simulator import Simulator, generate_tenant, load_recorded_tenant
+
+    with Simulator([load_recorded_tenant()], state_dir) as sim:
+        settings = parse_settings(yaml.safe_load(sim.config_yaml()), "sim")
+        ...                      # talk to sim.authority_url / graph_url / defender_url
+        sim.counts()             # {"defender:/api/machines": 1, "login:/token": 2, ...}
+
+Endpoint keys (counts, faults): login:/token, login:/openid-configuration,
+login:/common/discovery/instance, graph:/organization, graph:/users, graph:/users/{id},
+defender:/api/machines, defender:/api/machines/{id}, defender:/api/machines/{id}/logonusers,
+defender:/api/machines/{id}/vulnerabilities, defender:/api/vulnerabilities,
+defender:/api/vulnerabilities/{id}, defender:/api/vulnerabilities/machinesVulnerabilities
+(and <api>:unknown for anything else). Fault kinds are described in `faults.py`, the admin
+HTTP API in `admin.py`.
+
+Roles are checked against both the token's `roles` claim and the tenant's current roles, so
+`tenant.set_roles(...)` takes effect at once. Tokens carry the roles of their API only.
+"""
+
+from monitor.simulator.admin import AdminError, SimulatorAdminClient
+from monitor.simulator.faults import Fault
+from monitor.simulator.generate import generate_tenant
+from monitor.simulator.recorded import load_recorded_tenant
+from monitor.simulator.simulator import Simulator
+from monitor.simulator.tenant import ALL_ROLES, MUTATION_OPS, SimTenant
+
+__all__ = [
+    "ALL_ROLES",
+    "MUTATION_OPS",
+    "AdminError",
+    "Fault",
+    "SimTenant",
+    "Simulator",
+    "SimulatorAdminClient",
+    "generate_tenant",
+    "load_recorded_tenant",
+]

@@ -1,0 +1,213 @@
+"""Defender for Endpoint API (/api): machines, logon users, vulnerabilities and their bulk lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from monitor.simulator.errors import defender_error
+from monitor.simulator.httpd import Request, Response, Route, json_response
+from monitor.simulator.tenant import ODATA_VULN_TYPE, SimTenant
+
+if TYPE_CHECKING:
+    from monitor.simulator.simulator import Simulator
+
+CONTENT_TYPE = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
+MAX_MACHINES_TOP = 10_000
+MAX_VULNERABILITIES_TOP = 8_000
+MAX_MACHINE_VULNERABILITIES_TOP = 10_000
+
+_UNSUPPORTED = ("$filter", "$orderby", "$expand", "$select", "$search")
+
+# role -> the permissions Defender names in its 403 message
+_REQUIRED = {
+    "Machine.Read.All": "Machine.ReadWrite.All, Machine.Read.All",
+    "User.Read.All": "User.Read.All",
+    "Vulnerability.Read.All": "Vulnerability.Read.All",
+}
+
+
+def _err(status: int, message: str | None = None, code: str | None = None) -> Response:
+    return json_response(status, defender_error(status, message, code), CONTENT_TYPE)
+
+
+def _paging(req: Request, max_top: int) -> tuple[int, int] | Response:
+    """($top, $skip) with Defender's limits; $top defaults to the maximum."""
+    values = []
+    for name, default in (("$top", max_top), ("$skip", 0)):
+        raw = req.query.get(name)
+        if raw is None:
+            values.append(default)
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            return _err(400, f"Invalid ODATA query: {name}={raw!r} is not an integer.",
+                        "InvalidRequestBody")  # fmt: skip
+        if value < 0:
+            return _err(400, f"Invalid ODATA query: {name} must not be negative.", "BadRequest")
+        values.append(value)
+    top, skip = values
+    if top > max_top:
+        return _err(
+            400,
+            f"Invalid ODATA query: the value of $top ({top}) exceeds the maximum allowed"
+            f" ({max_top}).",
+            "BadRequest",
+        )
+    return top, skip
+
+
+def _page(items: Iterable[Any], top: int, skip: int) -> list[Any]:
+    if isinstance(items, list):
+        return items[skip : skip + top]
+    return list(islice(items, skip, skip + top))
+
+
+def _collection(context: str, items: list[Any], count: int | None = None) -> Response:
+    doc: dict[str, Any] = {"@odata.context": context}
+    if count is not None:
+        doc["@odata.count"] = count
+    doc["value"] = items
+    return Response(200, orjson.dumps(doc), {}, CONTENT_TYPE)
+
+
+class DefenderApi:
+    """Routes and handlers of the Defender listener (paths are case-insensitive, as Defender's)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    def route(self, req: Request) -> Route:
+        parts = [p for p in req.path.split("/") if p]
+        low = [p.lower() for p in parts]
+        if not low or low[0] != "api":
+            return Route("defender:unknown", self.not_found)
+        if low[1:] == ["machines"]:
+            return Route("defender:/api/machines", self.machines, role="Machine.Read.All")
+        if len(low) == 3 and low[1] == "machines":
+            return Route("defender:/api/machines/{id}", self.machine, {"id": parts[2]},
+                         role="Machine.Read.All")  # fmt: skip
+        if len(low) == 4 and low[1] == "machines" and low[3] == "logonusers":
+            return Route("defender:/api/machines/{id}/logonusers", self.logon_users,
+                         {"id": parts[2]}, role="User.Read.All")  # fmt: skip
+        if len(low) == 4 and low[1] == "machines" and low[3] == "vulnerabilities":
+            return Route("defender:/api/machines/{id}/vulnerabilities", self.machine_vulns,
+                         {"id": parts[2]}, role="Vulnerability.Read.All")  # fmt: skip
+        if low[1:] == ["vulnerabilities"]:
+            return Route("defender:/api/vulnerabilities", self.vulnerabilities,
+                         role="Vulnerability.Read.All")  # fmt: skip
+        if low[1:] == ["vulnerabilities", "machinesvulnerabilities"]:
+            return Route("defender:/api/vulnerabilities/machinesVulnerabilities",
+                         self.machines_vulnerabilities, role="Vulnerability.Read.All")  # fmt: skip
+        if len(low) == 3 and low[1] == "vulnerabilities":
+            return Route("defender:/api/vulnerabilities/{id}", self.vulnerability,
+                         {"id": parts[2]}, role="Vulnerability.Read.All")  # fmt: skip
+        return Route("defender:unknown", self.not_found)
+
+    # ---- errors used by the simulator's auth and rate-limit steps ----------------------
+
+    def unauthorized(self, message: str) -> Response:
+        return _err(401, message, "Unauthorized")
+
+    def forbidden(self, role: str) -> Response:
+        return _err(
+            403,
+            "The application does not have any of the required application permissions"
+            f" ({_REQUIRED.get(role, role)}) to access the resource.",
+            "Forbidden",
+        )
+
+    def too_many_requests(self, retry_after: int) -> Response:
+        resp = _err(429, f"Rate limit is exceeded. Try again in {retry_after} seconds.",
+                    "TooManyRequests")  # fmt: skip
+        resp.headers["Retry-After"] = str(retry_after)
+        return resp
+
+    def error(self, status: int, message: str | None = None) -> Response:
+        return _err(status, message)
+
+    # ---- handlers ---------------------------------------------------------------------
+
+    def not_found(self, req: Request, tenant: SimTenant | None = None) -> Response:
+        return _err(404, f"Resource {req.path} was not found.", "ResourceNotFound")
+
+    def check_request(self, req: Request) -> Response | None:
+        """405 for anything but GET; 400 for query options the simulator does not implement."""
+        if req.method not in ("GET", "HEAD"):
+            return _err(405, f"The requested resource does not support http method '{req.method}'.",
+                        "MethodNotAllowed")  # fmt: skip
+        for option in _UNSUPPORTED:
+            if option in req.query:
+                return _err(400, f"The simulator does not support {option}.", "BadRequest")
+        return None
+
+    def machines(self, req: Request, tenant: SimTenant) -> Response:
+        paging = _paging(req, MAX_MACHINES_TOP)
+        if isinstance(paging, Response):
+            return paging
+        top, skip = paging
+        with tenant.lock:
+            if not tenant.machines:
+                return _err(404, "No machines found", "ResourceNotFound")
+            items = _page(tenant.machines.values(), top, skip)
+        return _collection(f"{req.base_url}/api/$metadata#Machines", items)
+
+    def machine(self, req: Request, tenant: SimTenant, id: str) -> Response:
+        found = tenant.machines.get(id)
+        if found is None:
+            return _err(404, f"Machine {id} was not found", "ResourceNotFound")
+        doc = {"@odata.context": f"{req.base_url}/api/$metadata#Machines/$entity", **found}
+        return Response(200, orjson.dumps(doc), {}, CONTENT_TYPE)
+
+    def logon_users(self, req: Request, tenant: SimTenant, id: str) -> Response:
+        if id not in tenant.machines:
+            return _err(404, f"Machine {id} was not found", "ResourceNotFound")
+        items = list(tenant.logon_users.get(id, []))
+        return _collection(f"{req.base_url}/api/$metadata#Users", items)
+
+    def machine_vulns(self, req: Request, tenant: SimTenant, id: str) -> Response:
+        if id not in tenant.machines:
+            return _err(404, f"Machine {id} was not found", "ResourceNotFound")
+        paging = _paging(req, MAX_VULNERABILITIES_TOP)
+        if isinstance(paging, Response):
+            return paging
+        top, skip = paging
+        items = tenant.machine_vulnerabilities(id)
+        return _collection(
+            f"{req.base_url}/api/$metadata#Vulnerabilities/{ODATA_VULN_TYPE.lstrip('#')}",
+            _page(items, top, skip),
+            count=len(items),
+        )
+
+    def vulnerabilities(self, req: Request, tenant: SimTenant) -> Response:
+        paging = _paging(req, MAX_VULNERABILITIES_TOP)
+        if isinstance(paging, Response):
+            return paging
+        top, skip = paging
+        items = tenant.vulnerability_list()
+        return _collection(f"{req.base_url}/api/$metadata#Vulnerabilities", _page(items, top, skip))
+
+    def vulnerability(self, req: Request, tenant: SimTenant, id: str) -> Response:
+        cve = tenant.cves.get(id) or tenant.cves.get(id.upper())
+        if cve is None:
+            return _err(404, f"Vulnerability {id} was not found", "ResourceNotFound")
+        doc: dict[str, Any] = {
+            "@odata.context": f"{req.base_url}/api/$metadata#Vulnerabilities/$entity"
+        }
+        doc.update({k: v for k, v in cve.items() if k != "@odata.type"})
+        doc["exposedMachines"] = tenant.exposure().get(cve["id"], 0)
+        return Response(200, orjson.dumps(doc), {}, CONTENT_TYPE)
+
+    def machines_vulnerabilities(self, req: Request, tenant: SimTenant) -> Response:
+        paging = _paging(req, MAX_MACHINE_VULNERABILITIES_TOP)
+        if isinstance(paging, Response):
+            return paging
+        top, skip = paging
+        items = tenant.machine_vulnerability_list()
+        return _collection(
+            f"{req.base_url}/api/$metadata#MachineVulnerabilities", _page(items, top, skip)
+        )
