@@ -5,7 +5,11 @@ Converters, `mde-monitor document`, the diff and the tests all read these declar
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,9 +21,32 @@ class EntityType:
     scope: str  # collection scope that produces it (see monitor.collect)
     short: str  # short name used in event types: mde.<short>.<change>
     volatile: tuple[str, ...] = ()  # fields that change constantly; never an update by themselves
+    properties: tuple[str, ...] = ()  # every field the converter writes besides `_key` & co.
 
     def key(self, source_id: str) -> str:
         return self.key_format.format(id=source_id)
+
+    def entity(
+        self,
+        source_id: str,
+        display_name: str,
+        properties: Mapping[str, Any],
+        raw: Any,
+        account_tag: str | None = None,
+    ) -> dict[str, Any]:
+        """A JupiterOne entity: `_key`, `_type`, `_class`, names, properties, tag, `_rawData`."""
+        item: dict[str, Any] = {
+            "_key": self.key(source_id),
+            "_type": self.type,
+            "_class": list(self.classes),
+            "displayName": display_name,
+            "name": display_name,
+        }
+        item.update(properties)
+        if account_tag is not None:
+            item[TAG_ACCOUNT_NAME] = account_tag
+        item["_rawData"] = [{"name": "default", "rawData": raw}]
+        return item
 
 
 @dataclass(frozen=True)
@@ -29,13 +56,30 @@ class RelationshipType:
     target: EntityType
     scope: str
     short: str  # event type name: mde.<short>.<change>
+    properties: tuple[str, ...] = ()  # fields the converter writes besides `_key` & co.
 
-    @property
+    @functools.cached_property
     def type(self) -> str:
         return relationship_type(self.source.type, self.rel_class, self.target.type)
 
     def key(self, from_key: str, to_key: str) -> str:
         return f"{from_key}|{self.rel_class.lower()}|{to_key}"
+
+    def relationship(
+        self, from_key: str, to_key: str, properties: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A direct JupiterOne relationship between two entity keys."""
+        item: dict[str, Any] = {
+            "_key": self.key(from_key, to_key),
+            "_type": self.type,
+            "_class": self.rel_class,
+            "_fromEntityKey": from_key,
+            "_toEntityKey": to_key,
+            "displayName": self.rel_class,
+        }
+        if properties:
+            item.update(properties)
+        return item
 
 
 @dataclass(frozen=True)
@@ -48,7 +92,7 @@ class MappedRelationshipType:
     short: str
     target_classes: tuple[str, ...] = field(default=())
 
-    @property
+    @functools.cached_property
     def type(self) -> str:
         return f"{self.source.type}_{self.rel_class.lower()}_{self.target_type}"
 
@@ -57,6 +101,65 @@ class MappedRelationshipType:
             f"{source_key}|{self.rel_class.lower()}|{self.direction}:"
             f"_type={self.target_type}:_key={target_key}"
         )
+
+    def relationship(self, source_key: str, target_entity: Mapping[str, Any]) -> dict[str, Any]:
+        """A mapped relationship to an entity matched on (`_type`, `_key`); created if absent."""
+        target: dict[str, Any] = {"_type": self.target_type, "_class": list(self.target_classes)}
+        target.update(target_entity)
+        return {
+            "_key": self.key(source_key, target["_key"]),
+            "_type": self.type,
+            "_class": self.rel_class,
+            "_mapping": {
+                "sourceEntityKey": source_key,
+                "relationshipDirection": self.direction,
+                "targetFilterKeys": [["_type", "_key"]],
+                "skipTargetCreation": False,
+                "targetEntity": target,
+            },
+            "displayName": self.rel_class,
+        }
+
+
+TAG_ACCOUNT_NAME = "tag.AccountName"  # set on every entity when `tag_with_account_name: true`
+
+
+class ModelError(ValueError):
+    """A Microsoft object that cannot be converted; the message names the resource and field."""
+
+
+def require_str(obj: object, resource: str, field_name: str = "id") -> str:
+    """`obj[field_name]` as a non-empty string, else ModelError("<resource>: ...")."""
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{resource}: expected a JSON object, got {type(obj).__name__}")
+    value = obj.get(field_name)
+    if not isinstance(value, str) or not value:
+        got = "missing" if value is None else f"got {type(value).__name__}"
+        raise ModelError(f"{resource}: field {field_name!r} must be a non-empty string ({got})")
+    return value
+
+
+def epoch_ms(value: object) -> int | None:
+    """An ISO 8601 time from Microsoft as epoch milliseconds (the `...On` fields).
+
+    No zone means UTC; fractions beyond milliseconds are cut. None for None, for anything
+    unparseable and for .NET's "no date" value `0001-01-01T00:00:00Z`.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.year <= 1:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def relationship_type(source_type: str, rel_class: str, target_type: str) -> str:
@@ -88,6 +191,18 @@ ACCOUNT = EntityType(
     "microsoft_defender_account:{id}",
     SCOPE_ACCOUNT,
     "account",
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "organizationName",
+        "defaultDomain",
+        "verifiedDomains",
+        "countryLetterCode",
+        "createdOn",
+        "tenantType",
+        "description",
+    ),
 )
 DEVICE = EntityType(
     "Device/Machine/Host",
@@ -97,6 +212,50 @@ DEVICE = EntityType(
     SCOPE_MACHINES,
     "device",
     volatile=("lastSeenOn", "lastSeen"),
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "deviceId",
+        "category",
+        "computerDnsName",
+        "hostname",
+        "fqdn",
+        "firstSeenOn",
+        "lastSeenOn",
+        "osPlatform",
+        "osVersion",
+        "osProcessor",
+        "osArchitecture",
+        "osBuild",
+        "version",
+        "lastIpAddress",
+        "lastExternalIpAddress",
+        "agentVersion",
+        "healthStatus",
+        "deviceValue",
+        "rbacGroupId",
+        "rbacGroupName",
+        "riskScore",
+        "exposureLevel",
+        "isAadJoined",
+        "aadDeviceId",
+        "machineTags",
+        "defenderAvStatus",
+        "onboardingStatus",
+        "managedBy",
+        "managedByStatus",
+        "vmId",
+        "cloudProvider",
+        "resourceId",
+        "subscriptionId",
+        "ipAddresses",
+        "ipAddress",
+        "macAddress",
+        "make",
+        "model",
+        "serial",
+    ),
 )
 LOGON_USER = EntityType(
     "Logon User",
@@ -106,6 +265,21 @@ LOGON_USER = EntityType(
     SCOPE_LOGON_USERS,
     "logon_user",
     volatile=("lastSeenOn", "lastSeen"),
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "username",
+        "domain",
+        "accountSid",
+        "firstSeenOn",
+        "lastSeenOn",
+        "logonTypes",
+        "isDomainAdmin",
+        "isOnlyNetworkUser",
+        "logOnMachinesCount",
+        "active",
+    ),
 )
 MACHINE = EntityType(
     "Machine",
@@ -115,6 +289,43 @@ MACHINE = EntityType(
     SCOPE_MACHINES,
     "machine",
     volatile=("lastSeenOn", "lastSeen"),
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "computerDnsName",
+        "firstSeenOn",
+        "lastSeenOn",
+        "agentVersion",
+        "defenderAvStatus",
+        "riskScore",
+        "exposureLevel",
+        "healthStatus",
+        "onboardingStatus",
+        "deviceValue",
+        "rbacGroupId",
+        "rbacGroupName",
+        "machineTags",
+        "managedBy",
+        "managedByStatus",
+        "osPlatform",
+        "osVersion",
+        "osBuild",
+        "osProcessor",
+        "osArchitecture",
+        "version",
+        "lastIpAddress",
+        "lastExternalIpAddress",
+        "ipAddress",
+        "macAddress",
+        "aadDeviceId",
+        "isAadJoined",
+        "isExcluded",
+        "exclusionReason",
+        "isPotentialDuplication",
+        "mergedIntoMachineId",
+        "function",
+    ),
 )
 USER = EntityType(
     "User",
@@ -123,6 +334,24 @@ USER = EntityType(
     "microsoft_defender_user:{id}",
     SCOPE_USERS,
     "user",
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "username",
+        "userPrincipalName",
+        "email",
+        "mail",
+        "givenName",
+        "surname",
+        "jobTitle",
+        "department",
+        "officeLocation",
+        "active",
+        "accountEnabled",
+        "userType",
+        "createdOn",
+    ),
 )
 VULNERABILITY = EntityType(
     "Vulnerability",
@@ -132,6 +361,31 @@ VULNERABILITY = EntityType(
     SCOPE_VULNERABILITIES,
     "vulnerability",
     volatile=("updatedOn", "exposedMachines"),
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "description",
+        "severity",
+        "score",
+        "numericSeverity",
+        "cvssVector",
+        "publishedOn",
+        "updatedOn",
+        "firstDetectedOn",
+        "exposedMachines",
+        "open",
+        "public",
+        "exploitVerified",
+        "exploitInKit",
+        "exploitTypes",
+        "references",
+        "category",
+        "blocking",
+        "production",
+        "cveSupportability",
+        "webLink",
+    ),
 )
 
 ENTITY_TYPES: tuple[EntityType, ...] = (ACCOUNT, DEVICE, LOGON_USER, MACHINE, USER, VULNERABILITY)
@@ -142,7 +396,12 @@ MACHINE_HAS_LOGON_USER = RelationshipType(
     MACHINE, "HAS", LOGON_USER, SCOPE_LOGON_USERS, "machine_logon_user"
 )
 MACHINE_IDENTIFIED_VULNERABILITY = RelationshipType(
-    MACHINE, "IDENTIFIED", VULNERABILITY, SCOPE_VULNERABILITIES, "machine_vulnerability"
+    MACHINE,
+    "IDENTIFIED",
+    VULNERABILITY,
+    SCOPE_VULNERABILITIES,
+    "machine_vulnerability",
+    properties=("products", "fixingKbIds"),
 )
 MACHINE_MANAGES_DEVICE = RelationshipType(
     MACHINE, "MANAGES", DEVICE, SCOPE_MACHINES, "machine_device"

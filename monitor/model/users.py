@@ -1,0 +1,44 @@
+"""Users: Microsoft Graph `/users` objects -> `microsoft_defender_user` entities + account HAS user."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from monitor.model.schema import ACCOUNT_HAS_USER, USER, epoch_ms, require_str
+
+Item = dict[str, Any]
+
+
+def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
+    """One Graph user as a `microsoft_defender_user` entity.
+
+    `active` is Graph's `accountEnabled` (None when it was not selected: Graph's default
+    projection leaves out accountEnabled, department, userType and createdDateTime, so the
+    collector asks for them with `$select`); `email` is `mail`.
+    """
+    user_id = require_str(user, "user")
+    upn = user.get("userPrincipalName")
+    name = user.get("displayName") or upn or user_id
+    properties = {
+        "id": user_id,
+        "username": upn,
+        "userPrincipalName": upn,
+        "email": user.get("mail") or None,
+        "mail": user.get("mail"),
+        "givenName": user.get("givenName"),
+        "surname": user.get("surname"),
+        "jobTitle": user.get("jobTitle"),
+        "department": user.get("department"),
+        "officeLocation": user.get("officeLocation"),
+        "active": user.get("accountEnabled"),
+        "accountEnabled": user.get("accountEnabled"),
+        "userType": user.get("userType"),
+        "createdOn": epoch_ms(user.get("createdDateTime")),
+    }
+    return USER.entity(user_id, name, properties, raw=user, account_tag=account_tag)
+
+
+def account_user_relationship(account_key: str, user_key: str) -> Item:
+    """account HAS user."""
+    return ACCOUNT_HAS_USER.relationship(account_key, user_key)
