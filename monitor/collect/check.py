@@ -1,0 +1,94 @@
+"""`mde-monitor check`: sign in and probe each permission the customer grants with one cheap call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from monitor.collect.collector import TenantSession, open_session
+from monitor.collect.defender_api import (
+    LOGON_USERS,
+    MACHINES,
+    NO_MACHINES_CODE,
+    VULNERABILITIES,
+)
+from monitor.collect.errors import ApiError, AuthError, CollectError, PermissionMissing
+from monitor.collect.graph_api import ORGANIZATION, USERS
+from monitor.config import Settings, TenantConfig
+
+
+@dataclass
+class Probe:
+    permission: str
+    api: str  # "Microsoft Graph" | "WindowsDefenderATP"
+    ok: bool | None  # None: could not be probed (e.g. no machine to ask about)
+    detail: str  # "ok", or the AADSTS / HTTP code and what to do
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _probe(permission: str, api: str, call: Callable[[], Any]) -> Probe:
+    try:
+        call()
+    except PermissionMissing as exc:
+        return Probe(permission, api, False, f"HTTP {exc.status} {exc.code or ''}: missing or not consented".replace("  ", " "))
+    except AuthError as exc:
+        return Probe(permission, api, False, str(exc))
+    except ApiError as exc:
+        return Probe(permission, api, False, str(exc))
+    except CollectError as exc:
+        return Probe(permission, api, False, str(exc))
+    return Probe(permission, api, True, "ok")
+
+
+def check_tenant(settings: Settings, tenant: TenantConfig) -> list[Probe]:
+    """One row per permission of the seed's list (and one for sign-in when it fails)."""
+    with open_session(settings, tenant) as s:
+        endpoints = tenant.cloud_endpoints()
+        sign_in: list[Probe] = []
+        for api_name, scope in (
+            ("Microsoft Graph", endpoints.graph.scope),
+            ("WindowsDefenderATP", endpoints.defender.scope),
+        ):
+            try:
+                s.tokens.token(scope)
+            except AuthError as exc:
+                sign_in.append(Probe("sign-in", api_name, False, str(exc)))
+        if sign_in:
+            return sign_in
+        return _probes(s)
+
+
+def _probes(s: TenantSession) -> list[Probe]:
+    g, d = s.graph.api, s.defender.api
+    first_machine: list[str] = []
+
+    def machines() -> None:
+        body = d.get_json(
+            MACHINES, "/api/machines", {"$top": 1}, permission="Machine.Read.All",
+            empty_on_not_found_code=NO_MACHINES_CODE,
+        )
+        first_machine.extend(m["id"] for m in body.get("value", [])[:1] if isinstance(m, dict) and "id" in m)
+
+    probes = [
+        _probe("Organization.Read.All", "Microsoft Graph",
+               lambda: g.get_json(ORGANIZATION, "/v1.0/organization", {"$select": "id"},
+                                  permission="Organization.Read.All")),
+        _probe("Directory.Read.All", "Microsoft Graph",
+               lambda: g.get_json(USERS, "/v1.0/users", {"$select": "id", "$top": 1},
+                                  permission="Directory.Read.All")),
+        _probe("Machine.Read.All", "WindowsDefenderATP", machines),
+    ]
+    if first_machine:
+        probes.append(_probe("User.Read.All", "WindowsDefenderATP",
+                             lambda: d.get_json(LOGON_USERS, f"/api/machines/{first_machine[0]}/logonusers",
+                                                permission="User.Read.All")))
+    else:
+        probes.append(Probe("User.Read.All", "WindowsDefenderATP", None,
+                            "not probed: no machine to ask about (needs Machine.Read.All and one machine)"))
+    probes.append(_probe("Vulnerability.Read.All", "WindowsDefenderATP",
+                         lambda: d.get_json(VULNERABILITIES, "/api/vulnerabilities", {"$top": 1},
+                                            permission="Vulnerability.Read.All")))
+    return probes

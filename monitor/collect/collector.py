@@ -1,0 +1,188 @@
+"""Collect one tenant: sign in, fetch every resource, hand the pages to the graph builder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import redis
+
+from monitor.auth import TokenProvider
+from monitor.collect.account import collect_account
+from monitor.collect.budget import Budget, LocalBudget, RedisBudget
+from monitor.collect.defender_api import DefenderClient
+from monitor.collect.errors import AuthError
+from monitor.collect.graph_api import GraphClient
+from monitor.collect.http import ApiClient, RequestStats, build_http_client
+from monitor.collect.logon_users import (
+    LogonUsersResult,
+    RefreshLedger,
+    collect_logon_users,
+    plan_refresh,
+)
+from monitor.collect.machines import collect_machines
+from monitor.collect.progress import Progress, no_progress
+from monitor.collect.users import collect_users
+from monitor.collect.vulnerabilities import collect_vulnerabilities
+from monitor.config import Settings, TenantConfig
+from monitor.model.builder import GraphBuilder
+from monitor.model.graph import Graph
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class TenantSession:
+    """Everything needed to talk to one tenant's APIs."""
+
+    tenant: TenantConfig
+    tokens: TokenProvider
+    graph: GraphClient
+    defender: DefenderClient
+    stats: RequestStats
+
+
+@contextmanager
+def open_session(
+    settings: Settings,
+    tenant: TenantConfig,
+    *,
+    redis_client: redis.Redis | None = None,
+    http_client: httpx.Client | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    budget: Budget | None = None,
+) -> Iterator[TenantSession]:
+    """Sign-in and API clients sharing one httpx client and one (Redis-shared) API budget."""
+    own_client = http_client is None
+    http = http_client or build_http_client(settings)
+    try:
+        tokens = TokenProvider(tenant, http)
+        endpoints = tenant.cloud_endpoints()
+        stats = RequestStats()
+        if budget is None:
+            budget = (
+                RedisBudget(redis_client, settings.redis_prefix, tenant.name)
+                if redis_client is not None
+                else LocalBudget()
+            )
+
+        def api(name: str, base: str, scope: str) -> ApiClient:
+            return ApiClient(name, base, scope, tokens, http, settings.http, budget, stats, sleep)
+
+        yield TenantSession(
+            tenant,
+            tokens,
+            GraphClient(api("graph", endpoints.graph.base_url, endpoints.graph.scope)),
+            DefenderClient(api("defender", endpoints.defender.base_url, endpoints.defender.scope)),
+            stats,
+        )
+    finally:
+        if own_client:
+            http.close()
+
+
+@dataclass
+class CollectResult:
+    tenant: str
+    graph: Graph | None  # None when sign-in failed
+    stats: RequestStats
+    started: str
+    finished: str
+    duration_seconds: float
+    auth_error: AuthError | None = None
+    logon: LogonUsersResult | None = None
+    machine_ids: list[str] | None = None  # None when the machine list is not complete
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def meta(self) -> dict[str, Any]:
+        """Sync metadata for the snapshot store (no secrets)."""
+        return {
+            "started": self.started,
+            "finished": self.finished,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            **self.stats.to_dict(),
+            "logon_users": {
+                "refreshed": len(self.logon.refreshed),
+                "skipped": self.logon.skipped,
+                "failed": self.logon.failed,
+            }
+            if self.logon
+            else None,
+        }
+
+
+def collect_tenant(
+    settings: Settings,
+    tenant: TenantConfig,
+    *,
+    redis_client: redis.Redis | None = None,
+    http_client: httpx.Client | None = None,
+    progress: Progress = no_progress,
+    budget: Budget | None = None,
+) -> CollectResult:
+    """Fetch account, users, machines, vulnerabilities and logon users into a Graph.
+
+    Never raises for API trouble: each resource's outcome is its scope status. Sign-in failure
+    is returned as `auth_error` with no graph.
+    """
+    t0 = time.monotonic()
+    started = _now_iso()
+    timings: dict[str, float] = {}
+    with open_session(
+        settings, tenant, redis_client=redis_client, http_client=http_client, budget=budget
+    ) as s:
+        endpoints = tenant.cloud_endpoints()
+        try:
+            progress("sign-in", 0, 2)
+            s.tokens.token(endpoints.graph.scope)
+            s.tokens.token(endpoints.defender.scope)
+            progress("sign-in", 2, 2)
+        except AuthError as exc:
+            return CollectResult(
+                tenant.name, None, s.stats, started, _now_iso(), time.monotonic() - t0, auth_error=exc
+            )
+        builder = GraphBuilder(tenant)
+
+        def timed(name: str, start: float) -> None:
+            timings[name] = time.monotonic() - start
+
+        t = time.monotonic()
+        collect_account(s.graph, builder)
+        timed("account", t)
+        t = time.monotonic()
+        collect_users(s.graph, builder, progress)
+        timed("users", t)
+        t = time.monotonic()
+        machines = collect_machines(s.defender, builder, progress)
+        timed("machines", t)
+        t = time.monotonic()
+        collect_vulnerabilities(s.defender, builder, progress)
+        timed("vulnerabilities", t)
+        logon: LogonUsersResult | None = None
+        if machines.complete:
+            t = time.monotonic()
+            ledger = RefreshLedger(redis_client, settings.redis_prefix, tenant.name).load()
+            plan = plan_refresh(machines.last_seen, ledger, tenant.logon_user_budget)
+            logon = collect_logon_users(
+                s.defender, builder, machines.last_seen, plan, tenant.logon_user_concurrency, progress
+            )
+            timed("logon_users", t)
+        return CollectResult(
+            tenant.name,
+            builder.graph(),
+            s.stats,
+            started,
+            _now_iso(),
+            time.monotonic() - t0,
+            logon=logon,
+            machine_ids=list(machines.last_seen) if machines.complete else None,
+            timings=timings,
+        )

@@ -1,0 +1,305 @@
+"""The HTTP layer shared by the Graph and Defender clients: auth, budgets, retries, paging, counts."""
+
+from __future__ import annotations
+
+import random
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from monitor import __version__
+from monitor.auth import TokenProvider
+from monitor.collect.budget import Budget
+from monitor.collect.errors import ApiError, AuthError, PageError, PermissionMissing
+from monitor.config import HttpSettings, Settings, origin
+
+Json = dict[str, Any]
+
+
+def build_http_client(settings: Settings) -> httpx.Client:
+    """One httpx client for sign-in and APIs: system CAs plus `ca_bundle`, timeouts, proxy."""
+    ctx = ssl.create_default_context()
+    if settings.ca_bundle is not None:
+        ctx.load_verify_locations(cafile=str(settings.ca_bundle))
+    return httpx.Client(
+        verify=ctx,
+        timeout=httpx.Timeout(settings.http.timeout_seconds),
+        proxy=settings.http.proxy,
+        trust_env=False,  # proxies and CAs come from our config only
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        headers={"User-Agent": f"mde-monitor/{__version__}"},
+    )
+
+
+@dataclass
+class RequestStats:
+    """What one sync asked of Microsoft, per endpoint key (e.g. `defender:/api/machines`)."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    throttled: Counter[str] = field(default_factory=Counter)  # 429 answers
+    budget_wait_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, counter: Counter[str], endpoint: str) -> None:
+        with self._lock:
+            counter[endpoint] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requests": dict(sorted(self.requests.items())),
+            "requests_total": sum(self.requests.values()),
+            "retries": dict(sorted(self.retries.items())),
+            "retries_total": sum(self.retries.values()),
+            "throttled": dict(sorted(self.throttled.items())),
+            "throttled_total": sum(self.throttled.values()),
+            "budget_wait_seconds": round(self.budget_wait_seconds, 3),
+        }
+
+
+class _Retry(Exception):
+    def __init__(self, error: ApiError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _error_code(resp: httpx.Response) -> tuple[str | None, str]:
+    """Microsoft's `{"error": {"code", "message"}}` (Graph and Defender share the shape)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None, resp.reason_phrase or "error"
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return err.get("code"), str(err.get("message") or "")[:300]
+    if isinstance(err, str):
+        return err, str(body.get("error_description") or "")[:300]
+    return None, resp.reason_phrase or "error"
+
+
+class ApiClient:
+    """GETs JSON from one API (Graph or Defender) with its token, budget, retries and counts."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        scope: str,
+        tokens: TokenProvider,
+        http: httpx.Client,
+        settings: HttpSettings,
+        budget: Budget,
+        stats: RequestStats,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.scope = scope
+        self._origin = origin(self.base_url)
+        self._tokens = tokens
+        self._http = http
+        self._settings = settings
+        self._budget = budget
+        self.stats = stats
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"ApiClient({self.name!r}, {self.base_url!r})"
+
+    def get_json(
+        self,
+        endpoint: str,
+        url: str,
+        params: dict[str, str | int] | None = None,
+        *,
+        permission: str,
+        empty_on_not_found_code: str | None = None,
+    ) -> Json:
+        """GET `url` (absolute or relative to the base) and return the JSON object.
+
+        Retries 429 (honouring Retry-After), 5xx, timeouts, connection errors and unparsable
+        bodies with capped exponential backoff and jitter, within `max_attempts` and
+        `max_retry_seconds`; a 401 refreshes the token once. 403 raises PermissionMissing;
+        404 raises, unless its error code equals `empty_on_not_found_code` (an empty list).
+        """
+        if not url.startswith("http"):
+            url = f"{self.base_url}{url}"
+        if origin(url) != self._origin:  # never send our token to another host
+            raise ApiError(endpoint, f"refusing to follow a link to another host ({origin(url)})")
+        s = self._settings
+        deadline = time.monotonic() + s.max_retry_seconds
+        attempt = 0
+        refreshed_token = False
+        while True:
+            attempt += 1
+            try:
+                return self._attempt(
+                    endpoint, url, params, permission, empty_on_not_found_code, deadline
+                )
+            except _TokenRejected as rejected:
+                if refreshed_token:
+                    raise rejected.error from None
+                refreshed_token = True
+                self._tokens.invalidate(self.scope)
+                attempt -= 1
+                continue
+            except _Retry as r:
+                remaining = deadline - time.monotonic()
+                if r.retry_after is not None:
+                    wait = r.retry_after
+                else:
+                    backoff = min(
+                        s.backoff_max_seconds, s.backoff_base_seconds * 2 ** (attempt - 1)
+                    )
+                    wait = backoff / 2 + random.uniform(0, backoff / 2)
+                if attempt >= s.max_attempts or wait > remaining:
+                    err = r.error
+                    raise ApiError(
+                        endpoint,
+                        f"gave up after {attempt} attempt(s): {err.args[0]}",
+                        status=err.status,
+                        code=err.code,
+                        retryable=True,
+                    ) from None
+                self.stats.count(self.stats.retries, endpoint)
+                self._sleep(wait)
+
+    def _attempt(
+        self,
+        endpoint: str,
+        url: str,
+        params: dict[str, str | int] | None,
+        permission: str,
+        empty_code: str | None,
+        deadline: float,
+    ) -> Json:
+        # BudgetExhausted propagates: the caller decides (logon users: skip the rest this sync)
+        waited = self._budget.acquire(endpoint, max_wait=max(0.0, deadline - time.monotonic()))
+        if waited:
+            with self.stats._lock:
+                self.stats.budget_wait_seconds += waited
+        token = self._tokens.token(self.scope)
+        self.stats.count(self.stats.requests, endpoint)
+        try:
+            resp = self._http.get(url, params=params, headers={"Authorization": f"Bearer {token}"})
+        except httpx.TimeoutException as exc:
+            raise _Retry(ApiError(endpoint, f"timed out ({type(exc).__name__})")) from None
+        except httpx.TransportError as exc:
+            raise _Retry(ApiError(endpoint, f"connection failed ({type(exc).__name__})")) from None
+        status = resp.status_code
+        if status == 200:
+            try:
+                body = orjson.loads(resp.content)
+            except orjson.JSONDecodeError:
+                raise _Retry(
+                    PageError(endpoint, "malformed JSON in the response", status=200)
+                ) from None
+            if not isinstance(body, dict):
+                raise _Retry(PageError(endpoint, "response is not a JSON object", status=200))
+            return body
+        code, message = _error_code(resp)
+        if status == 401:
+            raise _TokenRejected(
+                ApiError(endpoint, f"token rejected: {message}", status=401, code=code)
+            )
+        if status == 403:
+            raise PermissionMissing(endpoint, permission, code=code)
+        if status == 404 and empty_code is not None and code == empty_code:
+            return {"value": []}
+        if status == 429:
+            self.stats.count(self.stats.throttled, endpoint)
+            raise _Retry(
+                ApiError(endpoint, f"throttled: {message}", status=429, code=code),
+                _retry_after(resp),
+            )
+        if status >= 500 or status == 408:
+            raise _Retry(ApiError(endpoint, message, status=status, code=code), _retry_after(resp))
+        raise ApiError(endpoint, message, status=status, code=code)
+
+    def iter_next_link_pages(
+        self, endpoint: str, path: str, params: dict[str, str | int], *, permission: str
+    ) -> Iterator[list[Json]]:
+        """Graph paging: follow `@odata.nextLink` until absent (pages may be shorter than $top)."""
+        url: str | None = path
+        page_params: dict[str, str | int] | None = params
+        while url:
+            body = self.get_json(endpoint, url, page_params, permission=permission)
+            yield page_value(endpoint, body)
+            url = body.get("@odata.nextLink")
+            page_params = None  # the link carries them
+
+    def iter_skip_pages(
+        self,
+        endpoint: str,
+        path: str,
+        top: int,
+        *,
+        permission: str,
+        params: dict[str, str | int] | None = None,
+        empty_on_not_found_code: str | None = None,
+    ) -> Iterator[list[Json]]:
+        """Defender paging: `$top`/`$skip`, no nextLink; a page shorter than `$top` ends the list."""
+        skip = 0
+        while True:
+            page_params: dict[str, str | int] = {**(params or {}), "$top": top, "$skip": skip}
+            body = self.get_json(
+                endpoint,
+                path,
+                page_params,
+                permission=permission,
+                empty_on_not_found_code=empty_on_not_found_code if skip == 0 else None,
+            )
+            items = page_value(endpoint, body)
+            count = body.get("@odata.count")
+            if isinstance(count, int) and skip == 0 and len(items) < top and count > len(items):
+                raise PageError(
+                    endpoint, f"truncated page: {len(items)} items of {count}", status=200
+                )
+            yield items
+            if len(items) < top:
+                return
+            skip += top
+
+
+class _TokenRejected(Exception):
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def page_value(endpoint: str, body: Json) -> list[Json]:
+    value = body.get("value")
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PageError(endpoint, "page has no `value` list", status=200)
+    return value
+
+
+__all__ = [
+    "ApiClient",
+    "ApiError",
+    "AuthError",
+    "RequestStats",
+    "build_http_client",
+]
