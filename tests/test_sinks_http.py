@@ -162,6 +162,7 @@ def test_https_with_ca_bundle(ca: trustme.CA, tmp_path: Path) -> None:
 
 def test_logs_never_carry_the_url_secret(rx: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="httpx")  # the CLI quiets httpx process-wide
     p = poster(f"{rx.url}/hook/{SECRET}?token=QUERYSECRET")
     p.post(b"{}", {})
     rx.reply(500)

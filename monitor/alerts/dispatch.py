@@ -1,0 +1,561 @@
+"""The alert pipeline: stream -> match -> silence -> throttle -> group -> render -> deliver.
+
+`Dispatcher.run_once` reads the all-tenants event stream through the consumer group `alerts`
+(own pending entries first: a crashed run's unacknowledged events), evaluates every event,
+and commits the group/firing/throttle writes and the XACK of the batch in one MULTI/EXEC: an
+event is either fully accounted for or re-read. Due groups are then flushed: each flush renders
+one notification and queues one delivery per sink in the same transaction that resets the group
+(optimistic WATCH on the group). `deliver` makes one attempt; `drain` does everything now.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+import redis
+
+from monitor.alerts import group as groups
+from monitor.alerts import throttle
+from monitor.alerts.deliver import DeliveryOutcome, DeliveryQueue, crash_point
+from monitor.alerts.match import parse_datetime
+from monitor.alerts.render import headline, render_notification
+from monitor.alerts.rules import LoadError, Rule, RuleSet, build_sinks, load_rules
+from monitor.alerts.silences import Silence, SilenceStore, silenced_by
+from monitor.alerts.sinks.base import Notification, Sink
+from monitor.config import Settings
+from monitor.events import stream
+from monitor.events.envelope import Event
+
+log = logging.getLogger(__name__)
+
+GROUP = "alerts"
+
+
+def firing_key(prefix: str, rule: str) -> str:
+    """Hash of the rule's firing alerts: `<tenant>\\x1f<subject>` -> {group key, labels}."""
+    return f"{prefix}:alerts:firing:{rule}"
+
+
+def firing_count_key(prefix: str) -> str:
+    """Hash: group key -> how many subjects of the group are firing."""
+    return f"{prefix}:alerts:firing_count"
+
+
+def subject_of(event: Event) -> str:
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    assert isinstance(data, dict)
+    return f"{data.get('tenant', '')}\x1f{event.get('subject', '')}"
+
+
+@dataclass
+class DispatchStats:
+    """Counts of one run (or of a drain)."""
+
+    read: int = 0
+    stale: int = 0
+    matched: int = 0
+    resolving: int = 0
+    silenced: int = 0
+    throttled: int = 0
+    eval_errors: int = 0
+    groups_flushed: int = 0
+    notifications: int = 0
+    queued: int = 0
+    sent: int = 0
+    retrying: int = 0
+    dead: int = 0
+    held: int = 0
+    skipped: int = 0
+    waiting: int = 0  # deliveries still queued (retries scheduled beyond the drain)
+    load_errors: int = 0
+
+    def add_outcome(self, outcome: DeliveryOutcome) -> None:
+        if outcome.status in ("sent", "retrying", "dead", "held", "skipped"):
+            setattr(self, outcome.status, getattr(self, outcome.status) + 1)
+
+    def merge(self, other: DispatchStats) -> None:
+        for k, v in asdict(other).items():
+            if k not in ("waiting", "load_errors"):
+                setattr(self, k, getattr(self, k) + v)
+        self.waiting = other.waiting
+        self.load_errors = other.load_errors
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class _Admission:
+    rule: Rule
+    status: str
+    event: Event
+    sid: str
+    subject: str
+    token: str | None = None  # throttle token
+    ttl_s: float = 0.0
+    key: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    silence: Silence | None = None
+
+
+@dataclass
+class _BatchGroup:
+    """What one batch adds to one group."""
+
+    rule: Rule
+    labels: dict[str, str]
+    count: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+    headlines: dict[str, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Alert dispatch for one Redis prefix: rules and sinks from `settings.alerts_dir`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis,
+        consumer: str = "dispatch",
+        *,
+        ruleset: RuleSet | None = None,
+        sinks: Mapping[str, Sink] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        group: str = GROUP,
+        batch_size: int = 2000,
+        claim_idle_s: float = 600.0,
+    ) -> None:
+        self.settings = settings
+        self.client = redis_client
+        self.prefix = settings.redis_prefix
+        self.consumer = consumer
+        self.group = group
+        self.batch_size = batch_size
+        self.claim_idle_s = claim_idle_s
+        self._reported_at: float | None = None
+        self.clock = clock
+        self.sleep = sleep
+        injected = dict(sinks or {})
+        self.ruleset = ruleset or load_rules(settings.alerts_dir, extra_sinks=injected)
+        to_build = RuleSet(
+            sinks={n: c for n, c in self.ruleset.sinks.items() if n not in injected},
+        )
+        built, sink_errors = build_sinks(
+            to_build,
+            redis_client=redis_client,
+            redis_prefix=self.prefix,
+            ca_bundle=settings.ca_bundle,
+        )
+        self.sinks: dict[str, Sink] = {**built, **injected}
+        self.errors: list[LoadError] = [*self.ruleset.errors, *sink_errors]
+        self.queue = DeliveryQueue(
+            redis_client, self.prefix, self.ruleset.delivery, consumer=consumer, clock=clock
+        )
+        self.silences = SilenceStore(redis_client, self.prefix)
+        stream.ensure_group(redis_client, self.prefix, group, start="0")
+
+    # reporting ---------------------------------------------------------------------------------
+
+    def report_errors(self, every_s: float = 600.0) -> None:
+        """Log every rule/sink load problem (each run; at most every `every_s` in a loop)."""
+        now = self.clock()
+        if self._reported_at is not None and now - self._reported_at < every_s:
+            return
+        self._reported_at = now
+        for e in self.errors:
+            (log.error if e.level == "error" else log.warning)(
+                "alert config: %s", e, extra={"file": e.file, "line": e.line, "rule": e.rule}
+            )
+
+    # ingestion ---------------------------------------------------------------------------------
+
+    def run_once(self, flush_all: bool = False, block_ms: int | None = None) -> DispatchStats:
+        """Read own pending then new events, match, group, and queue due deliveries."""
+        stats = DispatchStats(load_errors=len([e for e in self.errors if e.level == "error"]))
+        self.report_errors(every_s=0 if block_ms is None else 600.0)
+        silences = self.silences.active(self.clock())
+        self._claim_abandoned()
+        last_pending: list[str] | None = None
+        while True:  # recovery: entries this consumer read but did not acknowledge
+            batch = stream.read_group(
+                self.client, self.prefix, self.group, self.consumer, self.batch_size, pending=True
+            )
+            ids = [sid for sid, _ in batch]
+            if not batch or ids == last_pending:
+                break
+            last_pending = ids
+            self._ingest(batch, silences, stats)
+        block = block_ms
+        while True:
+            batch = stream.read_group(
+                self.client, self.prefix, self.group, self.consumer, self.batch_size, block
+            )
+            block = None
+            if not batch:
+                break
+            self._ingest(batch, silences, stats)
+        self._flush(flush_all, stats)
+        stats.waiting = self.queue.queued_count()
+        return stats
+
+    def _claim_abandoned(self) -> None:
+        """Take over events another consumer read but never acknowledged (it died)."""
+        if self.claim_idle_s <= 0:
+            return
+        start = "0-0"
+        key = stream.stream_key(self.prefix)
+        for _ in range(1000):
+            resp: Any = self.client.xautoclaim(
+                key,
+                self.group,
+                self.consumer,
+                int(self.claim_idle_s * 1000),
+                start_id=start,
+                count=self.batch_size,
+            )
+            nxt = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
+            if resp[1]:
+                log.warning("claimed %d abandoned events", len(resp[1]))
+            if nxt in ("0-0", "0"):
+                return
+            start = nxt
+
+    def _is_stale(self, event: Event, now: float) -> bool:
+        age = self.ruleset.delivery.max_event_age
+        if not age:
+            return False
+        when = parse_datetime(event.get("time"))
+        return when is not None and when.timestamp() < now - age
+
+    def _admissions(
+        self, batch: list[tuple[str, Event]], silences: list[Silence], stats: DispatchStats
+    ) -> list[_Admission]:
+        now = self.clock()
+        out: list[_Admission] = []
+        keys: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        for sid, event in batch:
+            if self._is_stale(event, now):
+                stats.stale += 1
+                continue
+            try:
+                hits = self.ruleset.evaluate(event)
+            except Exception:
+                stats.eval_errors += 1
+                log.exception("could not evaluate event %s", event.get("id"))
+                continue
+            for rule, status in hits:
+                adm = _Admission(rule, status, event, sid, subject_of(event))
+                if status == "firing":
+                    stats.matched += 1
+                    adm.labels = groups.group_labels(rule, event)
+                    ck = (rule.name, tuple(adm.labels.items()))
+                    key = keys.get(ck)
+                    if key is None:
+                        key = keys[ck] = groups.group_key(rule.name, adm.labels)
+                    adm.key = key
+                else:
+                    stats.resolving += 1
+                adm.silence = silenced_by(event, silences, rule.name) if silences else None
+                out.append(adm)
+        return out
+
+    def _tracks_firing(self, rule: Rule) -> bool:
+        return rule.send_resolved and bool(rule.resolve_types)
+
+    def _ingest(
+        self, batch: list[tuple[str, Event]], silences: list[Silence], stats: DispatchStats
+    ) -> None:
+        stats.read += len(batch)
+        adms = self._admissions(batch, silences, stats)
+        now = self.clock()
+        # read 1: firing state of the subjects involved, one HMGET per rule
+        subjects: dict[str, list[str]] = {}
+        for a in adms:
+            if self._tracks_firing(a.rule):
+                subjects.setdefault(a.rule.name, []).append(a.subject)
+        subjects = {r: list(dict.fromkeys(subs)) for r, subs in subjects.items()}
+        firing_now: dict[tuple[str, str], Any] = {}
+        if subjects:
+            reads = self.client.pipeline(transaction=False)
+            for rule_name, subs in subjects.items():
+                reads.hmget(firing_key(self.prefix, rule_name), subs)
+            for (rule_name, subs), values in zip(subjects.items(), reads.execute(), strict=True):
+                for subject, raw in zip(subs, values, strict=True):
+                    firing_now[(rule_name, subject)] = orjson.loads(raw) if raw else None
+        # read 2: throttle windows of what may notify (a resolve only matters if something fires)
+        fired_here = {(a.rule.name, a.subject) for a in adms if a.status == "firing"}
+        by_rule: dict[str, tuple[Rule, list[str]]] = {}
+        for a in adms:
+            if a.silence is not None:
+                continue
+            fkey = (a.rule.name, a.subject)
+            if a.status == "resolved" and firing_now.get(fkey) is None and fkey not in fired_here:
+                continue
+            a.token, a.ttl_s = throttle.window(
+                a.rule.repeat_interval, a.status, a.event, a.rule.name
+            )
+            by_rule.setdefault(a.rule.name, (a.rule, []))[1].append(a.token)
+        windows: dict[tuple[str, str], float] = {}
+        if by_rule:
+            reads = self.client.pipeline(transaction=False)
+            for rule_name, (rule, toks) in by_rule.items():
+                cur, prev, _ttl = throttle.bucket_keys(
+                    self.prefix, rule_name, rule.repeat_interval, now
+                )
+                reads.hmget(cur, toks)
+                reads.hmget(prev, toks)
+            results = reads.execute()
+            for i, (rule_name, (_rule, toks)) in enumerate(by_rule.items()):
+                for tok, a_end, b_end in zip(toks, results[2 * i], results[2 * i + 1], strict=True):
+                    end = max(float(a_end or 0), float(b_end or 0))
+                    if end:
+                        windows[(rule_name, tok)] = end
+
+        opened: dict[str, tuple[Rule, dict[str, float]]] = {}  # windows this batch opens
+        pending: dict[tuple[str, str], _BatchGroup] = {}
+        firing_changed: set[tuple[str, str]] = set()
+        firing_delta: dict[str, int] = {}
+        silenced: list[_Admission] = []
+        for a in adms:
+            fkey = (a.rule.name, a.subject)
+            firing = firing_now.get(fkey)
+            if a.status == "resolved":
+                if firing is None:
+                    continue  # nothing of ours is firing for this subject: nothing to resolve
+                a.key, a.labels = firing["g"], firing["l"]
+                firing_delta[a.key] = firing_delta.get(a.key, 0) - 1
+                firing_now[fkey] = None
+                firing_changed.add(fkey)
+            elif (
+                self._tracks_firing(a.rule)
+                and a.silence is None
+                and (firing is None or firing.get("g") != a.key)
+            ):
+                firing_delta[a.key] = firing_delta.get(a.key, 0) + 1
+                if firing is not None:
+                    firing_delta[firing["g"]] = firing_delta.get(firing["g"], 0) - 1
+                firing_now[fkey] = {"g": a.key, "l": a.labels}
+                firing_changed.add(fkey)
+            if a.silence is not None:
+                stats.silenced += 1
+                silenced.append(a)
+                continue
+            token = a.token or ""
+            if (
+                windows.get((a.rule.name, token), 0.0) > now
+                or token in opened.get(a.rule.name, (a.rule, {}))[1]
+            ):
+                stats.throttled += 1
+                continue
+            opened.setdefault(a.rule.name, (a.rule, {}))[1][token] = now + a.ttl_s
+            g = pending.get((a.key, a.status))
+            if g is None:
+                g = pending[(a.key, a.status)] = _BatchGroup(a.rule, a.labels)
+            g.count += 1
+            if len(g.bodies) < a.rule.max_events:
+                g.bodies.append(orjson.dumps(a.event))
+            hl = headline(a.event)
+            if hl is not None:
+                g.headlines[hl] = g.headlines.get(hl, 0) + 1
+
+        pipe = self.client.pipeline(transaction=True)
+        for rule_name, (rule, ends) in opened.items():
+            cur, _prev, ttl = throttle.bucket_keys(
+                self.prefix, rule_name, rule.repeat_interval, now
+            )
+            pipe.hset(cur, mapping={t: f"{end:.3f}" for t, end in ends.items()})
+            pipe.expire(cur, ttl)
+        by_rule_set: dict[str, dict[str, bytes]] = {}
+        by_rule_del: dict[str, list[str]] = {}
+        for rule_name, subject in firing_changed:
+            value = firing_now[(rule_name, subject)]
+            if value is None:
+                by_rule_del.setdefault(rule_name, []).append(subject)
+            else:
+                by_rule_set.setdefault(rule_name, {})[subject] = orjson.dumps(value)
+        for rule_name, mapping in by_rule_set.items():
+            pipe.hset(firing_key(self.prefix, rule_name), mapping=mapping)
+        for rule_name, subs in by_rule_del.items():
+            pipe.hdel(firing_key(self.prefix, rule_name), *subs)
+        for key, delta in firing_delta.items():
+            if delta:
+                pipe.hincrby(firing_count_key(self.prefix), key, delta)
+        for a in silenced:
+            assert a.silence is not None
+            self.queue.record_silenced(
+                pipe, str(a.event.get("id")), a.rule.name, a.silence.id, a.status
+            )
+        for (key, status), g in pending.items():
+            groups.add_events(
+                pipe,
+                self.prefix,
+                g.rule,
+                key,
+                status,
+                g.labels,
+                g.count,
+                g.bodies,
+                g.headlines,
+                now,
+            )
+        stream.ack(pipe, self.prefix, self.group, [sid for sid, _ in batch])
+        crash_point("before_ingest_commit")
+        pipe.execute()
+        crash_point("after_ingest_commit")
+
+    # flushing ----------------------------------------------------------------------------------
+
+    def _flush(self, flush_all: bool, stats: DispatchStats) -> None:
+        now = self.clock()
+        top = "+inf" if flush_all else now
+        members: Any = self.client.zrangebyscore(groups.due_key(self.prefix), "-inf", top)
+        for m in members:
+            key, status = groups.parse_due_member(m.decode() if isinstance(m, bytes) else m)
+            self._flush_group(key, status, now, flush_all, stats)
+
+    def _flush_group(
+        self, key: str, status: str, now: float, flush_all: bool, stats: DispatchStats
+    ) -> None:
+        skey = groups.state_key(self.prefix, key, status)
+        ekey = groups.events_key(self.prefix, key, status)
+        member = groups.due_member(key, status)
+        due = groups.due_key(self.prefix)
+        with self.client.pipeline(transaction=True) as pipe:
+            for _ in range(20):
+                try:
+                    pipe.watch(skey)
+                    raw: Any = pipe.hgetall(skey)
+                    evs: Any = pipe.lrange(ekey, 0, -1)
+                    state = groups.GroupState.from_redis(key, status, raw, evs)
+                    rule = self.ruleset.rule(state.rule) if state.rule else None
+                    pipe.multi()
+                    if state.pending <= 0 or rule is None:
+                        if rule is None and state.pending > 0:
+                            log.warning(
+                                "dropping a group of a rule that no longer exists",
+                                extra={"rule": state.rule, "events": state.pending},
+                            )
+                            pipe.delete(skey, ekey)
+                        pipe.zrem(due, member)
+                        pipe.execute()
+                        return
+                    if not flush_all and state.due_at(rule, now) > now:
+                        pipe.zadd(due, {member: state.due_at(rule, now)}, xx=True)
+                        pipe.execute()
+                        return
+                    notification = self._notification(rule, state)
+                    groups.mark_flushed(pipe, self.prefix, state, rule, now)
+                    for sink in rule.sinks:
+                        self.queue.enqueue(pipe, notification, sink, now)
+                    crash_point("before_flush_commit")
+                    pipe.execute()
+                    crash_point("after_flush_commit")
+                    stats.groups_flushed += 1
+                    stats.notifications += 1
+                    stats.queued += len(rule.sinks)
+                    return
+                except redis.WatchError:
+                    continue
+        log.warning("group %s:%s kept changing; will flush on the next run", key, status)
+
+    def _notification(self, rule: Rule, state: groups.GroupState) -> Notification:
+        seq = state.seq + 1
+        title, summary = render_notification(
+            rule, state.status, state.labels, state.events, state.pending, state.headlines
+        )
+        tenants = {str(e.get("data", {}).get("tenant", "")) for e in state.events}
+        tenant = state.labels.get("tenant") or (next(iter(tenants)) if len(tenants) == 1 else None)
+        extra: dict[str, Any] = {"seq": seq}
+        if self._tracks_firing(rule):
+            count: Any = self.client.hget(firing_count_key(self.prefix), state.key)
+            extra["still_firing"] = max(0, int(count or 0))
+        if state.headlines:
+            extra["headlines"] = state.headlines
+        return Notification(
+            id=groups.notification_id(rule.name, state.key, state.status, seq),
+            rule=rule.name,
+            description=rule.description,
+            severity=rule.severity,
+            status="resolved" if state.status == "resolved" else "firing",
+            group_key=state.key,
+            group_labels=state.labels,
+            title=title,
+            summary=summary,
+            events=state.events,
+            total=state.pending,
+            tenant=tenant or None,
+            extra=extra,
+        )
+
+    # delivering --------------------------------------------------------------------------------
+
+    def due_deliveries(self) -> list[str]:
+        """Ids of queued deliveries whose time has come."""
+        return self.queue.due(self.clock())
+
+    def deliver(self, delivery_id: str) -> DeliveryOutcome:
+        """One attempt; schedules the retry or dead-letters (see DeliveryQueue.attempt)."""
+        return self.queue.attempt(delivery_id, self.sinks)
+
+    def deliver_due(self, stats: DispatchStats | None = None) -> DispatchStats:
+        """One attempt for every due delivery."""
+        stats = stats or DispatchStats()
+        for did in self.due_deliveries():
+            stats.add_outcome(self.deliver(did))
+        return stats
+
+    def drain(self, timeout_s: float) -> DispatchStats:
+        """Evaluate everything now, flush every open group, deliver with retries until done.
+
+        Retries scheduled later than `timeout_s` from now stay queued (`waiting`).
+        """
+        deadline = self.clock() + timeout_s
+        stats = self.run_once(flush_all=True)
+        while True:
+            ids = self.due_deliveries()
+            for did in ids:
+                stats.add_outcome(self.deliver(did))
+            if ids:
+                continue
+            nxt = self.queue.next_due_at()
+            now = self.clock()
+            if nxt is None or nxt > deadline or now >= deadline:
+                break
+            self.sleep(max(0.0, min(nxt, deadline) - now))
+        stats.waiting = self.queue.queued_count()
+        return stats
+
+    def close(self) -> None:
+        """Close the sinks' connections (HTTP clients)."""
+        for sink in self.sinks.values():
+            close = getattr(sink, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # closing must not fail the caller
+                    log.warning("could not close sink %s", getattr(sink, "name", "?"))
+
+    def run_forever(self, stop: threading.Event | None = None, idle_s: float = 5.0) -> None:
+        """Loop: block on the stream (at most until something is due), flush, deliver."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            now = self.clock()
+            nexts = [idle_s]
+            nd = self.queue.next_due_at()
+            if nd is not None:
+                nexts.append(nd - now)
+            first: Any = self.client.zrange(groups.due_key(self.prefix), 0, 0, withscores=True)
+            if first:
+                nexts.append(float(first[0][1]) - now)
+            block_ms = max(1, int(min(nexts) * 1000))
+            stats = self.run_once(block_ms=block_ms)
+            self.deliver_due(stats)
+            if stats.read or stats.notifications:
+                log.info("dispatch", extra=stats.to_dict())
