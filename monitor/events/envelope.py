@@ -14,6 +14,8 @@ Event = dict[str, Any]
 # type -> what it means. Documented in docs/events.md (generated from this table).
 EVENT_TYPES: dict[str, str] = {
     # entities
+    "mde.account.created": "The tenant's organization appeared (it was missing from a complete fetch)",
+    "mde.account.deleted": "The tenant's organization is missing from a complete fetch",
     "mde.account.updated": "The tenant's organization changed (name, domains)",
     "mde.machine.created": "A machine appeared in Defender (onboarded or newly seen)",
     "mde.machine.deleted": "A machine disappeared from Defender's machine list",

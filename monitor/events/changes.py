@@ -1,0 +1,281 @@
+"""Turn a merge plan into CloudEvents (the contract is docs/events.md).
+
+Entity events `mde.<short>.created|deleted|updated` for account, machine, user, logon_user and
+vulnerability, plus derived transitions (risk_raised, health_degraded, disabled, ...).
+Relationship events only for machine IDENTIFIED vulnerability (identified/resolved) and machine
+HAS logon user (added/removed), and not when the source entity is itself created or deleted in
+the same sync. `user_endpoint` and the structural relationships never produce events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from monitor.events.envelope import EVENT_TYPES, Event, make_event
+from monitor.model import schema
+from monitor.model.graph import Graph, Item
+from monitor.snapshot import diff
+from monitor.snapshot.merge import MergePlan, rel_endpoints
+
+SILENT_ENTITY_TYPES: frozenset[str] = frozenset({schema.DEVICE.type})
+REL_EVENTS: dict[str, tuple[str, str, str]] = {  # _type -> (short, created, deleted)
+    schema.MACHINE_IDENTIFIED_VULNERABILITY.type: (
+        schema.MACHINE_IDENTIFIED_VULNERABILITY.short,
+        "identified",
+        "resolved",
+    ),
+    schema.MACHINE_HAS_LOGON_USER.type: (schema.MACHINE_HAS_LOGON_USER.short, "added", "removed"),
+}
+MAX_LISTED_SCOPES = 5
+MAX_BASELINE_SCOPES = 20
+
+
+def public_view(item: Item | None) -> Item | None:
+    """The item as carried in events: without `_rawData`."""
+    if item is None:
+        return None
+    return {k: v for k, v in item.items() if k != diff.RAW_DATA}
+
+
+def display_name(item: Item | None, key: str) -> str:
+    if not item:
+        return key
+    return str(item.get("displayName") or item.get("name") or key)
+
+
+def entity_short(typ: str) -> str | None:
+    """Event short name of an entity type, None when it produces no events."""
+    ent = schema.ENTITY_BY_TYPE.get(typ)
+    if ent is None or typ in SILENT_ENTITY_TYPES:
+        return None
+    return ent.short
+
+
+@dataclass
+class _Ctx:
+    tenant: str
+    generation: int
+    time: str
+
+    def event(
+        self, type_: str, subject: str, data: dict[str, Any], change: str | None = None
+    ) -> Event:
+        return make_event(
+            tenant=self.tenant,
+            type=type_,
+            subject=subject,
+            generation=self.generation,
+            data=data,
+            time=self.time,
+            change=change,
+        )
+
+
+def bodies_needed(plan: MergePlan, graph: Graph) -> set[str]:
+    """Stored bodies the events need: before-images, deleted items, unfetched rel ends."""
+    need: set[str] = set(plan.updated)
+    for key, typ in plan.deleted:
+        if entity_short(typ) is not None or typ in REL_EVENTS:
+            need.add(key)
+    for key, typ in _rel_changes(plan, graph):
+        rel = graph.relationships.get(key)
+        if rel is not None:
+            ends = (rel.get("_fromEntityKey"), rel.get("_toEntityKey"))
+        else:
+            ends = rel_endpoints(key, typ)
+        for end in ends:
+            if end and end not in graph.entities:
+                need.add(end)
+    return need
+
+
+def _rel_changes(plan: MergePlan, graph: Graph) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key in plan.created:
+        rel = graph.relationships.get(key)
+        if rel is not None and rel.get("_type") in REL_EVENTS:
+            out.append((key, rel["_type"]))
+    out.extend((k, t) for k, t in plan.deleted if t in REL_EVENTS)
+    return out
+
+
+def build_events(
+    plan: MergePlan,
+    graph: Graph,
+    stored: Mapping[str, Item],
+    *,
+    tenant: str,
+    generation: int,
+    time: str,
+    ignored: Mapping[str, frozenset[str]],
+) -> list[Event]:
+    """All events of one sync, in a stable order: sync events, entities, relationships."""
+    ctx = _Ctx(tenant, generation, time)
+    events: list[Event] = []
+    events.extend(sync_events(plan, ctx))
+
+    def lookup(key: str | None) -> Item | None:
+        if key is None:
+            return None
+        return graph.entities.get(key) or stored.get(key)
+
+    created_entities: set[str] = set()
+    deleted_entities: set[str] = set()
+    created_keys = set(plan.created)
+    # entities
+    for key in plan.created:
+        item = graph.entities.get(key)
+        if item is None:
+            continue
+        created_entities.add(key)
+        short = entity_short(item["_type"])
+        if short is not None:
+            events.extend(_entity_events(ctx, short, "created", key, None, item, {}))
+    for key in plan.updated:
+        item = graph.entities.get(key)
+        old = stored.get(key)
+        if item is None or old is None:
+            continue
+        short = entity_short(item["_type"])
+        if short is None:
+            continue
+        changes = diff.field_changes(
+            old, item, ignored.get(item["_type"], frozenset({diff.RAW_DATA}))
+        )
+        if changes:
+            events.extend(_entity_events(ctx, short, "updated", key, old, item, changes))
+    for key, typ in plan.deleted:
+        if typ in schema.RELATIONSHIP_BY_TYPE:
+            continue
+        deleted_entities.add(key)
+        short = entity_short(typ)
+        old = stored.get(key)
+        if short is not None:
+            events.extend(_entity_events(ctx, short, "deleted", key, old, old, {}))
+    # relationships
+    for key, typ in _rel_changes(plan, graph):
+        short, on_create, on_delete = REL_EVENTS[typ]
+        rel = graph.relationships.get(key)
+        is_created = rel is not None and key in created_keys
+        if not is_created:
+            rel = stored.get(key)
+        if rel is not None:
+            src_key, dst_key = rel.get("_fromEntityKey"), rel.get("_toEntityKey")
+        else:
+            src_key, dst_key = rel_endpoints(key, typ)
+        if src_key in created_entities or src_key in deleted_entities:
+            continue  # implied by the source entity's own event
+        src, dst = lookup(src_key), lookup(dst_key)
+        if src is None:
+            continue
+        rel_class = (rel or {}).get("_class")
+        klass = rel_class[0] if isinstance(rel_class, list) and rel_class else str(rel_class or "")
+        if not klass:
+            klass = key.split("|")[1].upper() if key.count("|") == 2 else ""
+        change = on_create if is_created else on_delete
+        data = {
+            "relationshipType": typ,
+            "relationshipClass": klass,
+            "key": key,
+            "displayName": f"{display_name(src, src_key or '')} {klass} {display_name(dst, dst_key or '')}",
+            "changes": {},
+            "entity": public_view(rel) or {"_key": key, "_type": typ},
+            "source": public_view(src),
+            "target": public_view(dst),
+        }
+        events.append(ctx.event(f"mde.{short}.{change}", key, data))
+    return events
+
+
+def _entity_events(
+    ctx: _Ctx,
+    short: str,
+    change: str,
+    key: str,
+    before: Item | None,
+    after: Item | None,
+    changes: diff.Changes,
+) -> list[Event]:
+    item = after or before or {}
+    base: dict[str, Any] = {
+        "entityType": item.get("_type"),
+        "entityClass": item.get("_class"),
+        "key": key,
+        "displayName": display_name(item, key),
+    }
+    tail: dict[str, Any] = {"entity": public_view(after)}
+    if change in ("updated", "deleted"):
+        tail["before"] = public_view(before)
+    out: list[Event] = []
+    type_ = f"mde.{short}.{change}"
+    if type_ in EVENT_TYPES:
+        out.append(ctx.event(type_, key, {**base, "changes": changes, **tail}))
+    if change == "updated":
+        for t in diff.transitions(short, changes):
+            derived = f"mde.{short}.{t.change}"
+            if derived in EVENT_TYPES:
+                subset = {f: changes[f] for f in t.fields}
+                out.append(ctx.event(derived, key, {**base, "changes": subset, **tail}))
+    return out
+
+
+def _group_scopes(
+    statuses: Mapping[str, Any], fmt: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """Non-logon-user scopes in full, logon-user scopes as a count plus the first few."""
+    scopes: dict[str, Any] = {}
+    logon = [s for s in statuses if s.startswith(schema.SCOPE_LOGON_USERS + ":")]
+    for s, st in statuses.items():
+        if s not in logon:
+            scopes[s] = fmt(st)
+    for s in logon[:MAX_LISTED_SCOPES]:
+        scopes[s] = fmt(statuses[s])
+    return {
+        "scopes": scopes,
+        "logonUserScopes": {"count": len(logon), "listed": min(len(logon), MAX_LISTED_SCOPES)},
+    }
+
+
+def sync_events(plan: MergePlan, ctx: _Ctx) -> list[Event]:
+    """baseline, degraded and suspicious_drop events of a sync (subject: the tenant)."""
+    out: list[Event] = []
+    if plan.baseline or plan.baseline_scopes:
+        listed = plan.baseline_scopes[:MAX_BASELINE_SCOPES]
+        out.append(
+            ctx.event(
+                "mde.sync.baseline",
+                ctx.tenant,
+                {
+                    "first": plan.baseline,
+                    "scopes": listed,
+                    "scopeCount": len(plan.baseline_scopes),
+                    "counts": plan.baseline_counts,
+                },
+            )
+        )
+    if plan.incomplete:
+        grouped = _group_scopes(plan.incomplete, lambda st: st.to_dict())
+        out.append(
+            ctx.event(
+                "mde.sync.degraded",
+                ctx.tenant,
+                {
+                    **grouped,
+                    "kept": plan.kept,
+                    "heldDrops": sorted(t for t, d in plan.drops.items() if d.held),
+                },
+            )
+        )
+    for typ, decision in sorted(plan.drops.items()):
+        if decision.held:
+            out.append(
+                ctx.event(
+                    "mde.sync.suspicious_drop",
+                    ctx.tenant,
+                    decision.to_event_data(),
+                    change=f"mde.sync.suspicious_drop:{typ}",
+                )
+            )
+    return out

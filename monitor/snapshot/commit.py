@@ -1,0 +1,456 @@
+"""The one entry point the sync calls: diff a fetched graph against the stored snapshot, then
+replace the snapshot and append its events in ONE Redis transaction.
+
+The transaction WATCHes the generation, the metadata and the lock key, re-checks the lock's
+value and the stored fencing number, then MULTI / (bodies, index, scopes, guard counts,
+generation, metadata, history, events) / EXEC. A process that dies before EXEC leaves the
+previous snapshot and no new events; after EXEC everything is there. Event ids are
+deterministic (tenant, subject, change, new generation), so a re-run of the same diff produces
+the same ids.
+
+Fault hook for the crash tests: `MDE_MONITOR_CRASH_AT=after_diff|mid_queue|before_exec|
+after_exec` makes the process SIGKILL itself at that point.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import time as time_mod
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from monitor.config import DetectSettings, EventSettings
+from monitor.events import stream
+from monitor.events.changes import bodies_needed, build_events
+from monitor.events.envelope import Event, make_event, utc_now_iso
+from monitor.model.graph import Graph, ScopeState
+from monitor.snapshot import diff, merge
+from monitor.snapshot.guard import DropDecision
+from monitor.snapshot.lock import LockLost, TenantLock
+from monitor.snapshot.store import HISTORY_LENGTH, SnapshotStore, StoreError, StreamingTransaction
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "MDE_MONITOR_CRASH_AT"
+HSET_BATCH_ITEMS = 1_000
+HDEL_BATCH_ITEMS = 5_000
+
+
+class CommitError(Exception):
+    """The snapshot could not be committed; nothing was written."""
+
+
+class ConcurrentCommit(CommitError):
+    """Someone else committed this tenant's snapshot meanwhile; nothing was written."""
+
+
+@dataclass
+class CommitResult:
+    """What one sync committed."""
+
+    tenant: str
+    generation: int
+    status: str  # "ok" | "degraded" | "failed"
+    events: list[Event]
+    counts: dict[str, int] = field(default_factory=dict)  # _type -> items in the new snapshot
+    event_counts: dict[str, int] = field(default_factory=dict)  # event type -> n
+    carried_over: dict[str, int] = field(default_factory=dict)  # _type -> kept, not fetched
+    baseline: bool = False  # first sync of the tenant
+    held_drops: list[DropDecision] = field(default_factory=list)
+    written: int = 0  # bodies written
+    deleted: int = 0  # items removed from the store
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary (for the CLI and logs)."""
+        return {
+            "tenant": self.tenant,
+            "generation": self.generation,
+            "status": self.status,
+            "events": len(self.events),
+            "counts": self.counts,
+            "eventCounts": self.event_counts,
+            "carriedOver": self.carried_over,
+            "baseline": self.baseline,
+            "heldDrops": [d.to_event_data() for d in self.held_drops],
+            "written": self.written,
+            "deleted": self.deleted,
+            "timings": self.timings,
+        }
+
+
+def _crash_point(name: str) -> None:
+    """Test fault hook: SIGKILL this process when MDE_MONITOR_CRASH_AT names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic GC while millions of small objects are built (they hold no cycles)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _event_time(meta: Mapping[str, Any] | None, now: str | datetime | None) -> str:
+    if isinstance(now, datetime):
+        now = now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if now:
+        return now
+    finished = (meta or {}).get("finished")
+    return str(finished) if finished else utc_now_iso()
+
+
+def _scope_summary(states: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """(non-logon scopes by name, logon-user scopes counted by state)."""
+    scopes: dict[str, Any] = {}
+    logon: Counter[str] = Counter()
+    for s, st in sorted(states.items()):
+        if s.startswith(merge.LOGON_PREFIX):
+            logon[st.state.value] += 1
+        else:
+            scopes[s] = st.to_dict()
+    return scopes, dict(sorted(logon.items()))
+
+
+def detect_and_commit(
+    store: SnapshotStore,
+    *,
+    tenant: str,
+    graph: Graph,
+    meta: Mapping[str, Any] | None,
+    detect: DetectSettings,
+    events: EventSettings,
+    lock: TenantLock | None,
+    accept_drop: bool = False,
+    now: str | datetime | None = None,
+) -> CommitResult:
+    """Diff `graph` against the stored snapshot, then commit snapshot + events atomically.
+
+    `meta` is what the collector measured (started/finished, requests per endpoint, retries,
+    throttled, durations); it is stored with the status and per-scope counts. `lock` must be
+    held (None only in tools that own the tenant otherwise). Raises LockLost or
+    ConcurrentCommit (nothing written) when the lock or the snapshot changed hands.
+    """
+    meta = dict(meta or {})
+    time = _event_time(meta, now)
+    statuses = list(graph.scopes.values())
+    fetched = bool(graph.entities or graph.relationships)
+    if statuses and not fetched and all(s.state is ScopeState.FAILED for s in statuses):
+        errors = sorted({s.error or "failed" for s in statuses})
+        event = record_failed_sync(
+            store,
+            tenant=tenant,
+            error="every resource failed: " + "; ".join(errors[:5]),
+            stage="collect",
+            meta=meta,
+            lock=lock,
+            events=events,
+            now=time,
+        )
+        prev_meta = store.meta(tenant) or {}
+        return CommitResult(
+            tenant,
+            store.generation(tenant),
+            "failed",
+            [event],
+            counts=dict(prev_meta.get("counts") or {}),
+            event_counts={event["type"]: 1},
+        )
+
+    timings: dict[str, float] = {}
+    clock = time_mod.perf_counter
+    t0 = clock()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        now_ = clock()
+        timings[name] = round(now_ - t0, 4)
+        t0 = now_
+
+    with _gc_paused():
+        if lock is not None:
+            lock.extend()
+        gen0 = store.generation(tenant)
+        # a lost snapshot restarts numbering after its last event, so ids never repeat
+        base = gen0 or store.last_event_generation(tenant)
+        previous = store.load_index(tenant)
+        known = store.known_scopes(tenant)
+        guard_counts = store.guard_counts(tenant)
+        lap("load_index")
+        ignored = diff.ignored_fields(detect)
+        cmp = diff.compare(graph, previous, ignored)
+        lap("fingerprint_compare")
+        plan = merge.plan(
+            graph,
+            cmp,
+            known_scopes=known,
+            guard_counts=guard_counts,
+            detect=detect,
+            accept_drop=accept_drop,
+        )
+        lap("merge")
+        stored = store.load_bodies(tenant, bodies_needed(plan, graph))
+        lap("load_bodies")
+        generation = base + 1
+        evs = build_events(
+            plan, graph, stored, tenant=tenant, generation=generation, time=time, ignored=ignored
+        )
+        lap("events")
+        status = "degraded" if plan.degraded else "ok"
+        item_counts = plan.item_counts()
+        counts = dict(sorted(Counter(e["type"] for e in evs).items()))
+        scopes, logon = _scope_summary(plan.scope_states)
+        meta_doc = {
+            **meta,
+            "tenant": tenant,
+            "status": status,
+            "generation": generation,
+            "finished": meta.get("finished") or time,
+            "scopes": scopes,
+            "logonUserScopes": logon,
+            "counts": item_counts,
+            "eventCounts": counts,
+            "carriedOver": plan.kept,
+            "baseline": plan.baseline,
+            "drops": {t: d.to_event_data() for t, d in plan.drops.items()},
+            "fence": lock.fence if lock is not None else None,
+        }
+        unchanged_index = (
+            previous is not None
+            and not plan.write
+            and not plan.delete
+            and set(plan.index) == set(previous)
+        )
+        _crash_point("after_diff")
+        _write(
+            store,
+            tenant,
+            plan,
+            evs,
+            meta_doc,
+            gen0=gen0,
+            generation=generation,
+            lock=lock,
+            settings=events,
+            rewrite_index=not unchanged_index,
+        )
+        lap("commit")
+        _crash_point("after_exec")
+        log.info(
+            "snapshot committed",
+            extra={
+                "tenant": tenant,
+                "generation": generation,
+                "status": status,
+                "events": len(evs),
+                "written": len(plan.write),
+                "deleted": len(plan.delete),
+                "timings": timings,
+            },
+        )
+        return CommitResult(
+            tenant=tenant,
+            generation=generation,
+            status=status,
+            events=evs,
+            counts=item_counts,
+            event_counts=counts,
+            carried_over=plan.kept,
+            baseline=plan.baseline,
+            held_drops=[d for d in plan.drops.values() if d.held],
+            written=len(plan.write),
+            deleted=len(plan.delete),
+            timings=timings,
+        )
+
+
+def _open_checked(
+    store: SnapshotStore, tenant: str, gen0: int | None, lock: TenantLock | None
+) -> StreamingTransaction:
+    """WATCH generation, metadata and lock; verify they are as we left them (else raise)."""
+    gen_key, meta_key = store.key(tenant, "gen"), store.key(tenant, "meta")
+    watch = [gen_key, meta_key] + ([lock.key] if lock is not None else [])
+    tx = StreamingTransaction(store.client, watch)
+    try:
+        if gen0 is not None:
+            raw = tx.get(gen_key)
+            if (int(raw) if raw else 0) != gen0:
+                raise ConcurrentCommit(
+                    f"tenant {tenant!r}: snapshot generation moved from {gen0} while diffing"
+                )
+        if lock is not None:
+            if tx.get(lock.key) != lock.value:
+                lock.lost = True
+                raise LockLost(
+                    f"tenant {tenant!r}: the sync lock (fence {lock.fence}) expired or was taken"
+                    " over; nothing was written"
+                )
+            raw_meta = tx.get(meta_key)
+            stored_fence = orjson.loads(raw_meta).get("fence") if raw_meta else None
+            if isinstance(stored_fence, int) and stored_fence > lock.fence:
+                raise LockLost(
+                    f"tenant {tenant!r}: a newer lock holder (fence {stored_fence}) committed;"
+                    f" this one (fence {lock.fence}) must not write"
+                )
+        tx.multi()
+    except BaseException:
+        tx.close(broken=True)
+        raise
+    return tx
+
+
+def _queue_meta(tx: StreamingTransaction, store: SnapshotStore, tenant: str, meta: Any) -> None:
+    doc = orjson.dumps(meta, option=orjson.OPT_NON_STR_KEYS)
+    tx.queue("SET", store.key(tenant, "meta"), doc)
+    tx.queue("LPUSH", store.key(tenant, "history"), doc)
+    tx.queue("LTRIM", store.key(tenant, "history"), 0, HISTORY_LENGTH - 1)
+
+
+def _queue_events(
+    tx: StreamingTransaction,
+    store: SnapshotStore,
+    tenant: str,
+    evs: list[Event],
+    settings: EventSettings,
+) -> None:
+    if not evs:
+        return
+    pipe = store.client.pipeline(transaction=False)
+    stream.append(pipe, store.prefix, tenant, evs, settings.stream_maxlen, settings.retention_days)
+    for args, _options in pipe.command_stack:
+        tx.queue(*args)
+
+
+def _write(
+    store: SnapshotStore,
+    tenant: str,
+    plan: merge.MergePlan,
+    evs: list[Event],
+    meta_doc: dict[str, Any],
+    *,
+    gen0: int,
+    generation: int,
+    lock: TenantLock | None,
+    settings: EventSettings,
+    rewrite_index: bool,
+) -> None:
+    body_key, idx_key = store.key(tenant, "body"), store.key(tenant, "idx")
+    with lock.paused() if lock is not None else nullcontext():
+        tx = _open_checked(store, tenant, gen0, lock)
+        with tx:
+            args: list[Any] = []
+            size = 0
+            for k, body in plan.write.items():
+                stored = store.encode_body(body)
+                args.append(k)
+                args.append(stored)
+                size += len(k) + len(stored)
+                if len(args) >= 2 * HSET_BATCH_ITEMS:
+                    tx.queue("HSET", body_key, *args, size=size)
+                    args, size = [], 0
+            if args:
+                tx.queue("HSET", body_key, *args, size=size)
+            for i in range(0, len(plan.delete), HDEL_BATCH_ITEMS):
+                tx.queue("HDEL", body_key, *plan.delete[i : i + HDEL_BATCH_ITEMS])
+            tx.flush()
+            _crash_point("mid_queue")
+            if rewrite_index:
+                tx.queue("DEL", idx_key)
+                for n, blob in enumerate(store.index_chunks(plan.index)):
+                    tx.queue("HSET", idx_key, n, blob)
+            tx.queue("SET", store.key(tenant, "scopes"), orjson.dumps(sorted(plan.known_scopes)))
+            tx.queue("SET", store.key(tenant, "guard"), orjson.dumps(plan.guard_counts))
+            tx.queue("SET", store.key(tenant, "gen"), generation)
+            _queue_meta(tx, store, tenant, meta_doc)
+            _queue_events(tx, store, tenant, evs, settings)
+            tx.flush()
+            _crash_point("before_exec")
+            result = tx.execute()
+            if result is None:
+                raise ConcurrentCommit(
+                    f"tenant {tenant!r}: the lock or the snapshot changed during the commit;"
+                    " nothing was written"
+                )
+            errors = [r for r in result if isinstance(r, Exception)]
+            if errors:
+                raise StoreError(f"tenant {tenant!r}: commit reported {errors[0]}")
+
+
+def record_failed_sync(
+    store: SnapshotStore,
+    *,
+    tenant: str,
+    error: str,
+    stage: str,
+    meta: Mapping[str, Any] | None = None,
+    lock: TenantLock | None = None,
+    events: EventSettings | None = None,
+    now: str | datetime | None = None,
+) -> Event:
+    """Record a sync that failed before anything could be diffed: one `mde.sync.failed` event
+    and the sync metadata; the snapshot is untouched. `error` must be secret-free."""
+    meta = dict(meta or {})
+    time = _event_time(meta, now)
+    settings = events or EventSettings()
+    generation = store.generation(tenant)
+    attempt = str(meta.get("started") or time)
+    event = make_event(
+        tenant=tenant,
+        type="mde.sync.failed",
+        subject=tenant,
+        generation=generation,
+        data={"error": error, "stage": stage},
+        time=time,
+        change=f"mde.sync.failed:{attempt}",
+    )
+    previous = store.meta(tenant) or {}
+    meta_doc = {
+        **meta,
+        "tenant": tenant,
+        "status": "failed",
+        "error": error,
+        "stage": stage,
+        "generation": generation,
+        "finished": meta.get("finished") or time,
+        "counts": previous.get("counts", {}),
+        "lastCommitted": {
+            k: previous.get(k) for k in ("generation", "status", "finished") if k in previous
+        },
+        "fence": lock.fence if lock is not None else previous.get("fence"),
+    }
+    with lock.paused() if lock is not None else nullcontext():
+        tx = _open_checked(store, tenant, None, lock)
+        with tx:
+            _queue_meta(tx, store, tenant, meta_doc)
+            _queue_events(tx, store, tenant, [event], settings)
+            if tx.execute() is None:
+                raise ConcurrentCommit(
+                    f"tenant {tenant!r}: the lock changed while recording the failure"
+                )
+    return event
+
+
+__all__ = [
+    "CRASH_ENV",
+    "CommitError",
+    "CommitResult",
+    "ConcurrentCommit",
+    "LockLost",
+    "detect_and_commit",
+    "record_failed_sync",
+]

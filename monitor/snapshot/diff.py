@@ -1,0 +1,344 @@
+"""Diff: fingerprints by `_key` against the stored index, then field-level changes of the few
+items whose significant content changed.
+
+Fingerprints (see monitor.snapshot.store) are blake2b-64 of the canonical JSON (orjson,
+sorted keys). The significant fingerprint leaves out `_rawData` and the type's volatile fields,
+so a machine whose only change is `lastSeenOn` is rewritten in the store but never diffed or
+reported. Field-level changes use DeepDiff with list order ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any
+
+import orjson
+from deepdiff import DeepDiff
+
+from monitor.config import DetectSettings
+from monitor.model import schema
+from monitor.model.graph import Graph, Item
+from monitor.snapshot.store import Index
+
+RAW_DATA = "_rawData"
+_SORT = orjson.OPT_SORT_KEYS
+_RAW_ONLY: frozenset[str] = frozenset({RAW_DATA})
+
+Changes = dict[str, dict[str, Any]]  # dotted field path -> {old, new[, added, removed]}
+
+
+def volatile_fields(detect: DetectSettings | None) -> dict[str, frozenset[str]]:
+    """`_type` -> volatile fields: the schema's, replaced per type by `detect.volatile_fields`."""
+    out = {e.type: frozenset(e.volatile) for e in schema.ENTITY_TYPES}
+    if detect is not None and detect.volatile_fields:
+        for typ, fields in detect.volatile_fields.items():
+            out[typ] = frozenset(fields)
+    return out
+
+
+def ignored_fields(detect: DetectSettings | None) -> dict[str, frozenset[str]]:
+    """`_type` -> fields left out of the significant fingerprint and the field diff."""
+    return {t: v | _RAW_ONLY for t, v in volatile_fields(detect).items()}
+
+
+def body_json(item: Item) -> bytes:
+    """Canonical JSON of an item (sorted keys): what is stored and fingerprinted."""
+    return orjson.dumps(item, option=_SORT)
+
+
+def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, bytes]:
+    """(fingerprint, canonical JSON) of one item; see monitor.snapshot.store for the format."""
+    body = orjson.dumps(item, option=_SORT)
+    full = hashlib.blake2b(body, digest_size=8).hexdigest()
+    for name in ignored:
+        if name in item:
+            kept = {k: v for k, v in item.items() if k not in ignored}
+            sig = hashlib.blake2b(orjson.dumps(kept, option=_SORT), digest_size=8).hexdigest()
+            return sig + full, body
+    return full, body
+
+
+def default_scope(item: Item) -> str:
+    """Scope of an item the collector did not tag: the schema's scope of its type."""
+    typ = item.get("_type", "")
+    ent = schema.ENTITY_BY_TYPE.get(typ)
+    if ent is not None:
+        return ent.scope
+    rel = schema.RELATIONSHIP_BY_TYPE.get(typ)
+    return rel.scope if rel is not None else "unknown"
+
+
+@dataclass
+class Comparison:
+    """Fresh items compared with the stored index, by `_key`."""
+
+    fresh: Index  # scope -> _type -> _key -> fingerprint, for every fetched item
+    bodies: dict[str, bytes]  # canonical JSON of fetched items that are new or whose body changed
+    added: set[str]  # fetched, not in the stored snapshot
+    changed: set[str]  # stored and fetched, significant content differs
+    missing: list[tuple[str, str, str]]  # (key, stored scope, _type): stored, not fetched
+    previous: Index | None  # the stored index (None: no snapshot yet)
+    previous_fp: dict[str, str] = field(default_factory=dict)  # stored _key -> fingerprint
+
+
+def _check_items(keys: list[str], items: list[Item]) -> None:
+    """Every item is a dict with a string `_type` and its own `_key` (else: ValueError)."""
+    bad = [
+        i
+        for i, it in enumerate(items)
+        if not isinstance(it, dict)
+        or not isinstance(it.get("_type"), str)
+        or it.get("_key") != keys[i]
+    ]
+    if bad:
+        i = bad[0]
+        it = items[i]
+        what = (
+            f"is a {type(it).__name__}, not an object"
+            if not isinstance(it, dict)
+            else "has no string _type"
+            if not isinstance(it.get("_type"), str)
+            else f"has _key {it.get('_key')!r}"
+        )
+        raise ValueError(f"graph item {keys[i]!r} {what} ({len(bad)} bad item(s))")
+
+
+def _fingerprints(items: list[Item], keep: bool) -> tuple[list[bytes] | None, list[str]]:
+    """Full-body fingerprints; the canonical JSON too when `keep` (first sync: all written)."""
+    blake, dumps = hashlib.blake2b, orjson.dumps
+    if keep:
+        raw = [dumps(it, option=_SORT) for it in items]
+        return raw, [blake(b, digest_size=8).hexdigest() for b in raw]
+    # most items are unchanged: hash without keeping the JSON (re-dumped for the few changed)
+    return None, [blake(dumps(it, option=_SORT), digest_size=8).hexdigest() for it in items]
+
+
+def _index_fresh(
+    keys: list[str],
+    items: list[Item],
+    fps: list[str],
+    fresh: Index,
+    scope_of: Mapping[str, str],
+    ignored: Mapping[str, frozenset[str]],
+) -> None:
+    """Put each item in `fresh[scope][_type]`, prefixing its significant fingerprint when it
+    carries ignored fields (`fps` is updated in place).
+
+    Items come in runs of one scope and type (collectors add them resource by resource), so
+    the work is done per run with C-level groupby/update rather than item by item.
+    """
+    blake, dumps = hashlib.blake2b, orjson.dumps
+    scopes = [scope_of.get(k) for k in keys]
+    if None in scopes:
+        scopes = [s or default_scope(it) for s, it in zip(scopes, items, strict=True)]
+    runs = list(zip(scopes, [it["_type"] for it in items], strict=True))
+    start = 0
+    for (scope, typ), group in groupby(runs):
+        end = start + sum(1 for _ in group)
+        ign = ignored.get(typ, _RAW_ONLY)
+        need: set[int] = set()
+        for name in ign:
+            need.update(i for i in range(start, end) if name in items[i])
+        for i in need:  # significant hash first, then the full one
+            kept = items[i].copy()
+            for drop in ign:
+                kept.pop(drop, None)
+            fps[i] = blake(dumps(kept, option=_SORT), digest_size=8).hexdigest() + fps[i]
+        bucket = fresh.setdefault(scope, {}).setdefault(typ, {})  # type: ignore[arg-type]
+        bucket.update(zip(keys[start:end], fps[start:end], strict=True))
+        start = end
+
+
+def compare(
+    graph: Graph, previous: Index | None, ignored: Mapping[str, frozenset[str]]
+) -> Comparison:
+    """Fingerprint every fetched item and classify it against the stored index.
+
+    Written as comprehensions and tight loops over whole collections: this runs over millions
+    of items and its per-item cost is the diff's cost. A malformed item (no `_type`, not an
+    object) raises ValueError naming it.
+    """
+    old_fp: dict[str, str] = {}
+    if previous:
+        for types in previous.values():
+            for items_by_key in types.values():
+                old_fp.update(items_by_key)
+    fresh: Index = {}
+    bodies: dict[str, bytes] = {}
+    added: set[str] = set()
+    changed: set[str] = set()
+    scope_of = graph.scope_of
+    dumps = orjson.dumps
+    for collection in (graph.entities, graph.relationships):
+        keys = list(collection)
+        items = list(collection.values())
+        try:
+            raw, fps = _fingerprints(items, keep=previous is None)
+            _index_fresh(keys, items, fps, fresh, scope_of, ignored)
+        except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
+            _check_items(keys, items)  # raises a clear ValueError naming the item
+            raise
+        olds = [old_fp.get(k) for k in keys]
+        for idx in [i for i, (o, f) in enumerate(zip(olds, fps, strict=True)) if o != f]:
+            key, old = keys[idx], olds[idx]
+            bodies[key] = raw[idx] if raw is not None else dumps(items[idx], option=_SORT)
+            if old is None:
+                added.add(key)
+            elif old[:16] != fps[idx][:16]:
+                changed.add(key)
+    missing: list[tuple[str, str, str]] = []
+    if previous:
+        ents, rels = graph.entities.keys(), graph.relationships.keys()
+        for scope, types in previous.items():
+            for typ, items_by_key in types.items():
+                gone = items_by_key.keys() - ents
+                if gone:
+                    gone -= rels
+                missing.extend((key, scope, typ) for key in gone)
+    return Comparison(fresh, bodies, added, changed, missing, previous, old_fp)
+
+
+# -- field-level changes ---------------------------------------------------------------------
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+def _get(obj: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def _list_membership(old: Any, new: Any) -> dict[str, Any] | None:
+    """added/removed members when both sides are (absent or) lists of scalars."""
+    if not (isinstance(old, list) or isinstance(new, list)):
+        return None
+    o = old if isinstance(old, list) else ([] if old is None else None)
+    n = new if isinstance(new, list) else ([] if new is None else None)
+    if o is None or n is None or not all(_is_scalar(x) for x in (*o, *n)):
+        return None
+    try:
+        o_set, n_set = set(o), set(n)
+    except TypeError:
+        return None
+    return {
+        "added": [x for x in dict.fromkeys(n) if x not in o_set],
+        "removed": [x for x in dict.fromkeys(o) if x not in n_set],
+    }
+
+
+def field_changes(old: Item, new: Item, ignored: Collection[str] = _RAW_ONLY) -> Changes:
+    """Changed fields by dotted path: `{old, new}`, plus `added`/`removed` for scalar lists.
+
+    Ignored fields (`_rawData`, volatile ones) and the order of list members are left out;
+    nested objects are compared with DeepDiff and reported per leaf (`vmMetadata.vmId`); a
+    change inside a list of objects is reported on the list as a whole. A field that is
+    absent counts as null.
+    """
+    changes: Changes = {}
+    for name in sorted((old.keys() | new.keys()) - set(ignored)):
+        ov, nv = old.get(name), new.get(name)
+        if ov == nv:
+            continue
+        if _is_scalar(ov) and _is_scalar(nv):
+            changes[name] = {"old": ov, "new": nv}
+            continue
+        members = _list_membership(ov, nv)
+        if members is not None:
+            if members["added"] or members["removed"]:
+                changes[name] = {"old": ov, "new": nv, **members}
+            continue
+        changes.update(_nested_changes(name, ov, nv))
+    return changes
+
+
+def _nested_changes(name: str, ov: Any, nv: Any) -> Changes:
+    """DeepDiff of one non-scalar field, as dotted leaf paths under `name`."""
+    dd = DeepDiff({name: ov}, {name: nv}, ignore_order=True, view="tree", verbose_level=0)
+    paths: dict[str, list[str]] = {}
+    for report in dd.values():
+        for level in report:
+            parts: list[str] = []
+            for p in level.path(output_format="list"):
+                if not isinstance(p, str):
+                    break  # a list position: report the list as a whole
+                parts.append(p)
+            if parts:
+                paths.setdefault(".".join(parts), parts)
+    out: Changes = {}
+    root = {name: ov}, {name: nv}
+    for dotted in sorted(paths):
+        if any(dotted.startswith(p + ".") for p in paths if p != dotted):
+            continue  # a parent path already covers it
+        parts = paths[dotted]
+        out[dotted] = {"old": _get(root[0], parts), "new": _get(root[1], parts)}
+    return out
+
+
+# -- derived transitions ---------------------------------------------------------------------
+
+HEALTH_BAD = frozenset({"Inactive", "NoSensorData", "ImpairedCommunication"})
+EXPLOIT_FIELDS = ("publicExploit", "public")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A derived event: its type suffix (`risk_raised`) and the fields that made it."""
+
+    change: str
+    fields: tuple[str, ...]
+
+
+def _level_move(changes: Changes, name: str, up: str, down: str) -> Transition | None:
+    c = changes.get(name)
+    if c is None:
+        return None
+    a, b = schema.level_rank(c["old"]), schema.level_rank(c["new"])
+    if a is None or b is None or a == b:
+        return None
+    return Transition(up if b > a else down, (name,))
+
+
+def transitions(short: str, changes: Changes) -> list[Transition]:
+    """Derived events for an updated entity of schema short name `short`."""
+    out: list[Transition] = []
+    if short == schema.MACHINE.short:
+        h = changes.get("healthStatus")
+        if h is not None:
+            if h["new"] in HEALTH_BAD:
+                out.append(Transition("health_degraded", ("healthStatus",)))
+            elif h["new"] == "Active" and h["old"] is not None:
+                out.append(Transition("health_recovered", ("healthStatus",)))
+        for name, up, down in (
+            ("riskScore", "risk_raised", "risk_lowered"),
+            ("exposureLevel", "exposure_raised", "exposure_lowered"),
+        ):
+            t = _level_move(changes, name, up, down)
+            if t is not None:
+                out.append(t)
+        if "onboardingStatus" in changes:
+            out.append(Transition("onboarding_changed", ("onboardingStatus",)))
+        if "defenderAvStatus" in changes:
+            out.append(Transition("av_status_changed", ("defenderAvStatus",)))
+        if "machineTags" in changes:
+            out.append(Transition("tags_changed", ("machineTags",)))
+    elif short == schema.USER.short:
+        c = changes.get("accountEnabled")
+        if c is not None and c["old"] is True and c["new"] is False:
+            out.append(Transition("disabled", ("accountEnabled",)))
+        elif c is not None and c["old"] is False and c["new"] is True:
+            out.append(Transition("enabled", ("accountEnabled",)))
+    elif short == schema.VULNERABILITY.short:
+        for name in EXPLOIT_FIELDS:
+            c = changes.get(name)
+            if c is not None and c["old"] is False and c["new"] is True:
+                out.append(Transition("exploit_published", (name,)))
+                break
+    return out

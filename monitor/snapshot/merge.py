@@ -1,0 +1,361 @@
+"""Merge: the effective new snapshot from the stored one and a fetch with scope statuses.
+
+Nothing is invented and nothing is deleted on incomplete evidence:
+
+- A COMPLETE scope is the truth: its stored items that were not fetched are deleted.
+- A FAILED or SKIPPED scope keeps every stored item (no deletion); items fetched for it before
+  the failure are taken as they are (added or updated).
+- A scope without a status is SKIPPED when nothing was fetched for it; a non-logon-user scope
+  without a status but with fetched items is treated as FAILED (kept, degraded).
+- Logon users: scope `logon_users:<machine id>` per machine. A logon-user ENTITY exists while at
+  least one machine HAS it after the merge (kept from the store when only kept relationships
+  reference it; dropped when nothing does).
+- Kept relationships whose source or target entity is gone after the merge (e.g. the machine was
+  deleted by a complete machines fetch while its vulnerabilities or logon users were not fetched)
+  are dropped silently.
+- A scope never fetched completely before is a BASELINE scope: its items are stored without
+  created/deleted events. The first sync of a tenant is a baseline for every scope.
+- The deletion guard (monitor.snapshot.guard) may hold the deletions of a type.
+- The sync is degraded when a scope FAILED, was SKIPPED with an error, or a drop was held.
+  Budget skips of logon users (SKIPPED, no error) are normal: kept, not degraded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from monitor.config import DetectSettings
+from monitor.model import schema
+from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.snapshot import guard
+from monitor.snapshot.diff import Comparison
+from monitor.snapshot.store import Index
+
+LOGON_PREFIX = schema.SCOPE_LOGON_USERS + ":"
+LOGON_USER_TYPE = schema.LOGON_USER.type
+LOGON_REL_TYPE = schema.MACHINE_HAS_LOGON_USER.type
+_DIRECT_REL_TYPES = {r.type for r in schema.RELATIONSHIP_TYPES}
+_MAPPED_REL_TYPES = {m.type for m in schema.MAPPED_RELATIONSHIP_TYPES}
+
+
+def rel_endpoints(key: str, typ: str) -> tuple[str | None, str | None]:
+    """(source key, target key) of a relationship from its `_key` (target None when mapped)."""
+    if typ in _MAPPED_REL_TYPES:
+        return key.split("|", 1)[0], None
+    if typ in _DIRECT_REL_TYPES:
+        parts = key.split("|")
+        if len(parts) == 3:
+            return parts[0], parts[2]
+    return None, None
+
+
+def logon_scope_machine(scope: str) -> str | None:
+    """The machine id of a `logon_users:<machine id>` scope."""
+    return scope[len(LOGON_PREFIX) :] if scope.startswith(LOGON_PREFIX) else None
+
+
+@dataclass
+class MergePlan:
+    """What the commit writes, and what the events are built from."""
+
+    index: Index  # the effective new index (scope -> _type -> _key -> fingerprint)
+    write: dict[str, bytes]  # bodies to (re)write
+    delete: list[str]  # keys to remove from the store
+    created: list[str]  # items new in the snapshot, outside baseline scopes
+    updated: list[str]  # items whose significant content changed
+    deleted: list[tuple[str, str]]  # (key, _type) removed, outside baseline scopes
+    dropped: list[tuple[str, str]]  # (key, _type) removed silently (dangling kept relationships)
+    kept: dict[str, int]  # _type -> stored items carried over (not fetched)
+    incomplete: dict[str, ScopeStatus]  # scope -> status of degrading scopes
+    budget_skipped: int  # logon-user scopes skipped without error (normal)
+    baseline: bool  # first sync of the tenant
+    baseline_scopes: list[str]  # scopes seen complete for the first time, or new and incomplete
+    baseline_counts: dict[str, int]  # _type -> items in baseline scopes
+    known_scopes: set[str]  # after this sync
+    drops: dict[str, guard.DropDecision]
+    guard_counts: dict[str, int]
+    scope_states: dict[str, ScopeStatus] = field(default_factory=dict)
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.incomplete) or any(d.held for d in self.drops.values())
+
+    def item_counts(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for types in self.index.values():
+            for typ, items in types.items():
+                counts[typ] += len(items)
+        return dict(sorted(counts.items()))
+
+
+def scope_state(graph: Graph, cmp: Comparison, scope: str) -> ScopeStatus:
+    """The status of `scope` in this sync, filling in unreported ones (see module doc)."""
+    status = graph.scopes.get(scope)
+    if status is not None:
+        return status
+    if scope in cmp.fresh:
+        return ScopeStatus(ScopeState.FAILED, 0, "scope status not reported by the collector")
+    if scope.startswith(LOGON_PREFIX):
+        return ScopeStatus(ScopeState.SKIPPED, 0, None)
+    return ScopeStatus(ScopeState.SKIPPED, 0, "not fetched (no status reported by the collector)")
+
+
+def plan(
+    graph: Graph,
+    cmp: Comparison,
+    *,
+    known_scopes: set[str],
+    guard_counts: dict[str, int],
+    detect: DetectSettings,
+    accept_drop: bool = False,
+) -> MergePlan:
+    """Decide, item by item, what the new snapshot holds and which changes are real.
+
+    Consumes `cmp`: its fresh index becomes the new index.
+    """
+    previous: Index = cmp.previous or {}
+    first_sync = cmp.previous is None
+    known = set() if first_sync else known_scopes
+    states = {
+        s: scope_state(graph, cmp, s) for s in set(previous) | set(cmp.fresh) | set(graph.scopes)
+    }
+    index = cmp.fresh
+    write = cmp.bodies
+    previous_fp = cmp.previous_fp
+
+    # 1. stored items not fetched: deletion candidates (complete scope) or kept
+    candidates: dict[str, list[tuple[str, str]]] = {}  # _type -> [(key, scope)]
+    kept_items: dict[str, tuple[str, str]] = {}  # key -> (scope, _type)
+    missing_logon: list[tuple[str, str]] = []  # logon-user entities: decided by references
+    for key, scope, typ in cmp.missing:
+        if typ == LOGON_USER_TYPE:
+            missing_logon.append((key, scope))
+        elif states[scope].state is ScopeState.COMPLETE:
+            candidates.setdefault(typ, []).append((key, scope))
+        else:
+            kept_items[key] = (scope, typ)
+
+    # 2. deletion guard
+    prev_counts = _count_types(previous)
+    drops, new_guard = guard.evaluate(
+        previous=prev_counts,
+        current=_count_types(index),
+        deletions={t: len(v) for t, v in candidates.items()},
+        counts=guard_counts,
+        detect=detect,
+        accept_drop=accept_drop,
+    )
+    held_types = {t for t, d in drops.items() if d.held}
+    deletions: list[tuple[str, str, str]] = []  # (key, stored scope, _type)
+    held_entities: set[str] = set()
+    # entity types first: a relationship of a held entity is held with it (no phantom
+    # `resolved` for a machine whose disappearance is itself in doubt)
+    for typ in sorted(candidates, key=lambda t: t in schema.RELATIONSHIP_BY_TYPE):
+        cands = candidates[typ]
+        owner = guard.guarded_type(typ)
+        if owner is not None and owner in held_types:
+            for key, scope in cands:
+                kept_items[key] = (scope, typ)
+                if typ not in schema.RELATIONSHIP_BY_TYPE:
+                    held_entities.add(key)
+            continue
+        for key, scope in cands:
+            if held_entities and typ in schema.RELATIONSHIP_BY_TYPE:
+                src, dst = rel_endpoints(key, typ)
+                if src in held_entities or dst in held_entities:
+                    kept_items[key] = (scope, typ)
+                    continue
+            deletions.append((key, scope, typ))
+    if held_entities:
+        # the other ends of held relationships stay too (a CVE only on held machines)
+        held_targets = {
+            dst
+            for key, (_s, typ) in kept_items.items()
+            if typ in schema.RELATIONSHIP_BY_TYPE
+            for dst in (rel_endpoints(key, typ)[1],)
+            if dst is not None
+        }
+        still: list[tuple[str, str, str]] = []
+        for key, scope, typ in deletions:
+            if typ in schema.RELATIONSHIP_BY_TYPE:
+                keep = rel_endpoints(key, typ)[0] in held_targets  # e.g. the CVE's IS cve
+            else:
+                keep = key in held_targets
+            if keep:
+                kept_items[key] = (scope, typ)
+            else:
+                still.append((key, scope, typ))
+        deletions = still
+
+    # 3. entities after the merge (logon users aside); relationships need both ends
+    fetched_entities = graph.entities
+    kept_entities = {k for k, (_s, t) in kept_items.items() if t not in schema.RELATIONSHIP_BY_TYPE}
+
+    def exists(key: str | None) -> bool:
+        return key is None or key in fetched_entities or key in kept_entities
+
+    dropped: list[tuple[str, str]] = []  # removed silently
+    for key, (_scope, typ) in list(kept_items.items()):
+        if typ in schema.RELATIONSHIP_BY_TYPE:
+            src, dst = rel_endpoints(key, typ)
+            if not exists(src) or (typ != LOGON_REL_TYPE and not exists(dst)):
+                del kept_items[key]
+                dropped.append((key, typ))
+    referenced: set[str] = set()  # logon users some machine HAS after the merge
+    rels = graph.relationships
+    entity_keys = fetched_entities.keys() | kept_entities
+    for types in index.values():
+        for typ, items in types.items():
+            if typ not in _DIRECT_REL_TYPES:
+                continue
+            if typ == LOGON_REL_TYPE:
+                bad = [
+                    k
+                    for k in items
+                    if (r := rels.get(k)) is not None and r.get("_fromEntityKey") not in entity_keys
+                ]
+            else:
+                bad = [
+                    k
+                    for k in items
+                    if (r := rels.get(k)) is not None
+                    and (
+                        r.get("_fromEntityKey") not in entity_keys
+                        or r.get("_toEntityKey") not in entity_keys
+                    )
+                ]
+            for key in bad:  # a relationship to nothing: not stored
+                del items[key]
+                write.pop(key, None)
+                if key in previous_fp:
+                    dropped.append((key, typ))
+            if typ == LOGON_REL_TYPE:
+                referenced.update(rels[k].get("_toEntityKey") or "" for k in items if k in rels)
+    for key, (_scope, typ) in kept_items.items():
+        if typ == LOGON_REL_TYPE:
+            dst = rel_endpoints(key, typ)[1]
+            if dst is not None:
+                referenced.add(dst)
+
+    # 4. logon-user entities exist while some machine HAS them
+    for scope, types in index.items():
+        logon_items = types.get(LOGON_USER_TYPE)
+        if not logon_items:
+            continue
+        for key in [k for k in logon_items if k not in referenced]:
+            del logon_items[key]
+            write.pop(key, None)
+            if key in previous_fp:
+                deletions.append((key, scope, LOGON_USER_TYPE))
+    for key, scope in missing_logon:
+        if key in referenced:
+            kept_items[key] = (scope, LOGON_USER_TYPE)
+        else:
+            deletions.append((key, scope, LOGON_USER_TYPE))
+
+    # 5. the new index: fetched items plus kept ones
+    fetched_counts = {
+        s: {t: len(items) for t, items in types.items() if items} for s, types in index.items()
+    }
+    for key, (scope, typ) in kept_items.items():
+        index.setdefault(scope, {}).setdefault(typ, {})[key] = previous_fp[key]
+    gone = {k for k, _s, _t in deletions} | {k for k, _t in dropped}
+
+    # 6. scopes: baseline, known, degraded
+    machines_after = {
+        k.split(":", 1)[1] for types in index.values() for k in types.get(schema.MACHINE.type, ())
+    }
+
+    def machine_gone(scope: str) -> bool:
+        mid = logon_scope_machine(scope)
+        return mid is not None and mid not in machines_after
+
+    completed = {s for s, st in states.items() if st.state is ScopeState.COMPLETE}
+    new_known = {s for s in known | completed if not machine_gone(s)}
+    for s in list(index):
+        for t in [t for t, items in index[s].items() if not items]:
+            del index[s][t]
+        if not index[s] and s not in new_known:
+            del index[s]
+    for s in new_known:
+        index.setdefault(s, {})  # an empty scope stays known
+    baseline_scopes = sorted(s for s, c in fetched_counts.items() if s not in known and c)
+    baseline_scopes_set = set(baseline_scopes)
+    baseline_counts: Counter[str] = Counter()
+    for s in baseline_scopes:
+        baseline_counts.update(fetched_counts[s])
+
+    incomplete: dict[str, ScopeStatus] = {}
+    budget_skipped = 0
+    for s, st in sorted(states.items()):
+        if st.state is ScopeState.COMPLETE or machine_gone(s):
+            continue
+        if st.state is ScopeState.SKIPPED and st.error is None:
+            budget_skipped += s.startswith(LOGON_PREFIX)
+            continue
+        incomplete[s] = st
+
+    # 7. changes that become events
+    fresh_scope: dict[str, str] = {}
+    for s in baseline_scopes:
+        for items in index[s].values():
+            for k in items:
+                fresh_scope[k] = s
+    created: list[str] = []
+    if not first_sync:
+        logon_seen_in_known_scope: set[str] = set()
+        for scope, types in index.items():
+            if scope in baseline_scopes_set:
+                continue
+            for key in types.get(LOGON_REL_TYPE, ()):
+                rel = rels.get(key)
+                if rel is not None and rel.get("_fromEntityKey") in entity_keys:
+                    logon_seen_in_known_scope.add(rel.get("_toEntityKey") or "")
+        for key in cmp.added:
+            if key in gone or (key in fresh_scope and not _is_logon_user(graph, key)):
+                continue
+            if _is_logon_user(graph, key):
+                if key in referenced and key in logon_seen_in_known_scope:
+                    created.append(key)
+            elif key not in fresh_scope:
+                created.append(key)
+    created.sort()
+    updated = sorted(k for k in cmp.changed if k not in gone)
+    deleted = sorted(
+        (k, t) for k, s, t in deletions if not first_sync and (t == LOGON_USER_TYPE or s in known)
+    )
+    kept = Counter(t for _s, t in kept_items.values())
+
+    return MergePlan(
+        index=index,
+        write=write,
+        delete=sorted(gone),
+        created=created,
+        updated=updated,
+        deleted=deleted,
+        dropped=sorted(dropped),
+        kept=dict(sorted(kept.items())),
+        incomplete=incomplete,
+        budget_skipped=budget_skipped,
+        baseline=first_sync,
+        baseline_scopes=baseline_scopes,
+        baseline_counts=dict(sorted(baseline_counts.items())),
+        known_scopes=new_known,
+        drops=drops,
+        guard_counts=new_guard,
+        scope_states=states,
+    )
+
+
+def _count_types(index: Index) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for types in index.values():
+        for typ, items in types.items():
+            counts[typ] += len(items)
+    return dict(sorted(counts.items()))
+
+
+def _is_logon_user(graph: Graph, key: str) -> bool:
+    item = graph.entities.get(key)
+    return item is not None and item.get("_type") == LOGON_USER_TYPE

@@ -1,0 +1,344 @@
+"""The latest graph of each tenant in Redis: a fingerprint index, item bodies and sync metadata.
+
+Layout per tenant (`<prefix>:snap:<tenant>:...`):
+
+- `gen`     the snapshot generation (int), bumped by every committed sync.
+- `idx`     hash chunk-number -> consecutive pieces (16 MB) of one orjson document
+            `{scope: {_type: {_key: fingerprint}}}`. Loading the whole index is a handful of
+            large bulk replies (no per-item parsing in redis-py) and one orjson.loads; it is
+            rewritten whole by every commit that changes anything (empty scopes included: they
+            stay "known").
+- `body`    hash `_key` -> the item as canonical JSON (orjson, sorted keys, `_rawData` kept),
+            zlib-compressed (first byte `z`) from `compress_min_bytes` (default 256) up;
+            None or 0 stores plain JSON. Both forms are read back.
+            Only new and changed bodies are written; HMGET reads only the bodies a diff needs.
+- `scopes`  orjson list of the scopes that were COMPLETE at least once (baseline detection).
+- `guard`   orjson `{_type: consecutive syncs a large drop was held}`.
+- `meta`    orjson of the last sync's metadata; `history` a bounded list of recent ones.
+
+A fingerprint is 16 hex chars (blake2b-64 of the canonical JSON) for items without volatile
+fields or `_rawData`; otherwise 32: the "significant" hash (volatile fields and `_rawData`
+removed) followed by the full-body hash. The first 16 chars decide whether an item changed
+(and is diffed field by field); the whole string decides whether its body must be rewritten.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+import redis
+
+from monitor.events.stream import decode, stream_key
+from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
+
+Index = dict[str, dict[str, dict[str, str]]]  # scope -> _type -> _key -> fingerprint
+
+HISTORY_LENGTH = 50
+# zlib (level 1) for bodies of at least this many bytes: bench/diff.py measured ~30% less Redis
+# memory per item (a machine-vulnerability pair: 475 -> 216 bytes) for ~10 us per written body.
+DEFAULT_COMPRESS_MIN_BYTES = 256
+INDEX_CHUNK_BYTES = 16 << 20
+BODY_BATCH = 5_000
+_COMPRESSED = b"z"
+
+
+class StoreError(Exception):
+    """The stored snapshot cannot be read or written as expected."""
+
+
+class StreamingTransaction:
+    """MULTI/EXEC on one dedicated connection, queuing commands in chunks as they are built.
+
+    WATCHed keys are set first; commands are sent in batches so the client never holds the
+    whole transaction in memory. Nothing is applied until `execute()`; if the connection
+    dies before EXEC (process killed), Redis discards the queued commands.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        watch: Iterable[str],
+        batch: int = 2_000,
+        max_bytes: int = 8 << 20,
+    ) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = self._pool.get_connection()
+        self._buffer: list[tuple[Any, ...]] = []
+        self._bytes = 0
+        self._batch = batch
+        self._max_bytes = max_bytes
+        self._in_multi = False
+        self.queued = 0
+        try:
+            keys = list(watch)
+            if keys:
+                self._call("WATCH", *keys)
+        except BaseException:
+            self.close(broken=True)
+            raise
+
+    def _call(self, *args: Any) -> Any:
+        self._conn.send_command(*args)
+        return self._conn.read_response()
+
+    def get(self, key: str) -> bytes | None:
+        """A read before MULTI (on the watching connection)."""
+        if self._in_multi:
+            raise StoreError("reads are not possible inside MULTI")
+        value: bytes | None = self._call("GET", key)
+        return value
+
+    def multi(self) -> None:
+        self._call("MULTI")
+        self._in_multi = True
+
+    def queue(self, *args: Any, size: int | None = None) -> None:
+        """Queue one command (sent with the next batch: by count or by about 8 MB).
+
+        `size`: the bytes of its arguments when the caller knows them (saves a pass).
+        """
+        self._buffer.append(args)
+        if size is None:
+            size = sum(len(a) for a in args if isinstance(a, bytes | str))
+        self._bytes += size
+        if len(self._buffer) >= self._batch or self._bytes >= self._max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        conn = self._conn
+        conn.send_packed_command([b"".join(_pack(args) for args in self._buffer)])
+        n, self._buffer, self._bytes = len(self._buffer), [], 0
+        for _ in range(n):
+            reply = conn.read_response()
+            if reply not in (b"QUEUED", "QUEUED"):
+                raise StoreError(f"command not queued: {reply!r}")
+        self.queued += n
+
+    def execute(self) -> list[Any] | None:
+        """EXEC: the replies, or None when a WATCHed key changed (nothing applied)."""
+        self.flush()
+        try:
+            result: list[Any] | None = self._call("EXEC")
+        finally:
+            self._in_multi = False
+        return result
+
+    def close(self, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if broken or self._in_multi:
+            conn.disconnect()  # drops MULTI state and WATCHes
+        else:
+            try:
+                conn.send_command("UNWATCH")
+                conn.read_response()
+            except (redis.RedisError, OSError):
+                conn.disconnect()
+        self._pool.release(conn)
+
+    def __enter__(self) -> StreamingTransaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(broken=exc_type is not None)
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP (what redis-py's packer does, without its per-argument overhead)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int | float):
+            a = repr(a).encode()
+        elif not isinstance(a, bytes | bytearray | memoryview):
+            raise StoreError(f"cannot send a {type(a).__name__} to Redis")
+        parts.append(b"$%d\r\n" % len(a))
+        parts.append(a)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _chunks(seq: list[str], n: int) -> Iterator[list[str]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+class SnapshotStore:
+    """Read access to the stored snapshots, and the key names and encoders commits use."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        compress_min_bytes: int | None = DEFAULT_COMPRESS_MIN_BYTES,
+        index_chunk_bytes: int = INDEX_CHUNK_BYTES,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.compress_min_bytes = compress_min_bytes
+        self.index_chunk_bytes = index_chunk_bytes
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore(prefix={self.prefix!r})"
+
+    # -- key names ---------------------------------------------------------------------------
+    def key(self, tenant: str, part: str) -> str:
+        """`<prefix>:snap:<tenant>:<part>`."""
+        return f"{self.prefix}:snap:{tenant}:{part}"
+
+    def tenant_keys(self, tenant: str) -> list[str]:
+        parts = ("gen", "idx", "body", "scopes", "guard", "meta", "history")
+        return [self.key(tenant, p) for p in parts]
+
+    # -- bodies ------------------------------------------------------------------------------
+    def encode_body(self, body_json: bytes) -> bytes:
+        """Stored form of a canonical JSON body (zlib when long enough and configured)."""
+        if self.compress_min_bytes and len(body_json) >= self.compress_min_bytes:
+            return _COMPRESSED + zlib.compress(body_json, 1)
+        return body_json
+
+    @staticmethod
+    def decode_body(raw: bytes) -> Item:
+        if raw[:1] == _COMPRESSED:
+            raw = zlib.decompress(raw[1:])
+        item: Item = orjson.loads(raw)
+        return item
+
+    def load_bodies(self, tenant: str, keys: Iterable[str]) -> dict[str, Item]:
+        """Stored bodies of `keys` (missing ones are left out), read with batched HMGET."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, Item] = {}
+        if not wanted:
+            return out
+        hkey = self.key(tenant, "body")
+        pipe = self.client.pipeline(transaction=False)
+        batches = list(_chunks(wanted, BODY_BATCH))
+        for batch in batches:
+            pipe.hmget(hkey, batch)
+        for batch, values in zip(batches, pipe.execute(), strict=True):
+            for k, raw in zip(batch, values, strict=True):
+                if raw is not None:
+                    out[k] = self.decode_body(raw)
+        return out
+
+    # -- index -------------------------------------------------------------------------------
+    def load_index(self, tenant: str) -> Index | None:
+        """`{scope: {_type: {_key: fingerprint}}}`, or None when there is no snapshot."""
+        raw: Any = self.client.hgetall(self.key(tenant, "idx"))
+        if not raw:
+            return None
+        try:
+            blob = b"".join(raw[n] for n in sorted(raw, key=int))
+            index: Index = orjson.loads(blob)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            raise StoreError(f"tenant {tenant!r}: stored index is unreadable: {exc}") from None
+        return index
+
+    def index_chunks(self, index: Index) -> Iterator[bytes]:
+        """The index as JSON, cut in pieces of `index_chunk_bytes` (a Redis value is < 512 MB)."""
+        blob = orjson.dumps(index)
+        step = self.index_chunk_bytes
+        view = memoryview(blob)
+        for i in range(0, max(1, len(blob)), step):
+            yield bytes(view[i : i + step])
+
+    # -- small keys --------------------------------------------------------------------------
+    def generation(self, tenant: str) -> int:
+        """The current snapshot generation (0: none yet)."""
+        raw: Any = self.client.get(self.key(tenant, "gen"))
+        return int(raw) if raw else 0
+
+    def last_event_generation(self, tenant: str) -> int:
+        """The generation carried by the tenant's newest stored event (0: none)."""
+        last: Any = self.client.xrevrange(stream_key(self.prefix, tenant), count=1)
+        if not last:
+            return 0
+        fields = last[0][1]
+        raw = fields.get(b"e", fields.get("e"))
+        try:
+            return int(decode(raw).get("data", {}).get("generation") or 0)
+        except (ValueError, TypeError, AttributeError):
+            return 0
+
+    def known_scopes(self, tenant: str) -> set[str]:
+        """Scopes that were fetched completely at least once."""
+        raw: Any = self.client.get(self.key(tenant, "scopes"))
+        return set(orjson.loads(raw)) if raw else set()
+
+    def guard_counts(self, tenant: str) -> dict[str, int]:
+        """`_type` -> consecutive syncs whose large drop of that type was held."""
+        raw: Any = self.client.get(self.key(tenant, "guard"))
+        data: dict[str, int] = orjson.loads(raw) if raw else {}
+        return data
+
+    def meta(self, tenant: str) -> dict[str, Any] | None:
+        """The last sync's metadata (status, times, per-scope status, requests), or None."""
+        raw: Any = self.client.get(self.key(tenant, "meta"))
+        if not raw:
+            return None
+        data: dict[str, Any] = orjson.loads(raw)
+        return data
+
+    def history(self, tenant: str, limit: int = HISTORY_LENGTH) -> list[dict[str, Any]]:
+        """Metadata of recent syncs, newest first."""
+        raw: Any = self.client.lrange(self.key(tenant, "history"), 0, max(0, limit - 1))
+        return [orjson.loads(r) for r in raw]
+
+    def tenants(self) -> list[str]:
+        """Tenants that have sync metadata stored."""
+        found = set()
+        pat = f"{self.prefix}:snap:*:meta"
+        for k in self.client.scan_iter(match=pat, count=1000):
+            name = k.decode() if isinstance(k, bytes) else str(k)
+            found.add(name[len(self.prefix) + len(":snap:") : -len(":meta")])
+        return sorted(found)
+
+    # -- whole graph -------------------------------------------------------------------------
+    def load_graph(self, tenant: str) -> Graph | None:
+        """The stored snapshot as a Graph (scope statuses from the last sync's metadata)."""
+        index = self.load_index(tenant)
+        if index is None:
+            return None
+        graph = Graph()
+        meta = self.meta(tenant) or {}
+        for scope, status in (meta.get("scopes") or {}).items():
+            graph.scopes[scope] = ScopeStatus(
+                ScopeState(status["state"]), status.get("count", 0), status.get("error")
+            )
+        scope_of: dict[str, str] = {}
+        for scope, types in index.items():
+            graph.scopes.setdefault(scope, ScopeStatus(ScopeState.COMPLETE))
+            for items in types.values():
+                for k in items:
+                    scope_of[k] = scope
+        hkey = self.key(tenant, "body")
+        cursor = 0
+        while True:
+            cursor, part = self.client.hscan(hkey, cursor, count=5_000)  # type: ignore[misc]
+            for raw_key, raw in part.items():
+                k = raw_key.decode()
+                if k not in scope_of:
+                    continue
+                item = self.decode_body(raw)
+                if "_fromEntityKey" in item or "_mapping" in item:
+                    graph.add_relationship(item, scope_of[k])
+                else:
+                    graph.add_entity(item, scope_of[k])
+            if cursor == 0:
+                break
+        for scope, status in graph.scopes.items():
+            if status.count == 0:
+                status.count = sum(len(v) for v in index.get(scope, {}).values())
+        return graph
+
+    def drop(self, tenant: str) -> None:
+        """Remove the tenant's snapshot, metadata and guard state (not its events)."""
+        self.client.delete(*self.tenant_keys(tenant))

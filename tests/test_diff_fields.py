@@ -1,0 +1,106 @@
+"""Field-level changes, fingerprints and derived transitions (pure functions)."""
+
+from __future__ import annotations
+
+from monitor.config import DetectSettings
+from monitor.model import schema
+from monitor.snapshot import diff
+
+
+def test_scalar_nested_and_list_membership() -> None:
+    old = {
+        "riskScore": "Low",
+        "machineTags": ["a", "b"],
+        "vmMetadata": {"cloudProvider": None, "vmId": "1"},
+        "gone": 1,
+    }
+    new = {
+        "riskScore": "High",
+        "machineTags": ["b", "a", "prod"],
+        "vmMetadata": {"cloudProvider": "Azure", "vmId": "1"},
+        "fresh": True,
+    }
+    ch = diff.field_changes(old, new)
+    assert ch == {
+        "riskScore": {"old": "Low", "new": "High"},
+        "machineTags": {
+            "old": ["a", "b"],
+            "new": ["b", "a", "prod"],
+            "added": ["prod"],
+            "removed": [],
+        },
+        "vmMetadata.cloudProvider": {"old": None, "new": "Azure"},
+        "gone": {"old": 1, "new": None},
+        "fresh": {"old": None, "new": True},
+    }
+
+
+def test_order_of_scalar_lists_and_ignored_fields_are_no_change() -> None:
+    old = {"ipAddress": ["10.0.0.1", "10.0.0.2"], "lastSeenOn": 1, "_rawData": [{"x": 1}]}
+    new = {"ipAddress": ["10.0.0.2", "10.0.0.1"], "lastSeenOn": 2, "_rawData": [{"x": 2}]}
+    assert diff.field_changes(old, new, {"_rawData", "lastSeenOn"}) == {}
+
+
+def test_list_of_objects_reported_as_a_whole() -> None:
+    old = {"ips": [{"ip": "1", "mac": "a"}]}
+    new = {"ips": [{"ip": "1", "mac": "b"}]}
+    ch = diff.field_changes(old, new)
+    assert list(ch) == ["ips"]
+    assert ch["ips"]["new"] == [{"ip": "1", "mac": "b"}]
+    assert diff.field_changes({"ips": [{"a": 1}, {"b": 2}]}, {"ips": [{"b": 2}, {"a": 1}]}) == {}
+
+
+def test_fingerprint_significant_part_ignores_volatile_and_raw() -> None:
+    ign = diff.ignored_fields(None)[schema.MACHINE.type]
+    a = {"_key": "k", "_type": schema.MACHINE.type, "riskScore": "Low", "lastSeenOn": 1}
+    b = {**a, "lastSeenOn": 2, "_rawData": [{"name": "default", "rawData": {}}]}
+    c = {**a, "riskScore": "High"}
+    fa, fb, fc = (diff.fingerprint(x, ign)[0] for x in (a, b, c))
+    assert len(fa) == 32 and fa[:16] == fb[:16] and fa != fb
+    assert fa[:16] != fc[:16]
+    # no ignored field present: one hash, equal to the significant one
+    rel = {"_key": "r", "_type": "x", "_fromEntityKey": "a", "_toEntityKey": "b"}
+    assert len(diff.fingerprint(rel)[0]) == 16
+    # key order does not matter
+    assert diff.fingerprint(dict(reversed(list(a.items()))), ign)[0] == fa
+
+
+def test_volatile_override_from_settings() -> None:
+    ign = diff.ignored_fields(DetectSettings(volatile_fields={schema.USER.type: ["jobTitle"]}))
+    assert ign[schema.USER.type] == {"jobTitle", "_rawData"}
+    assert ign[schema.MACHINE.type] == {"lastSeenOn", "lastSeen", "_rawData"}
+
+
+def test_transitions() -> None:
+    t = diff.transitions
+    m = schema.MACHINE.short
+
+    def changes(**kw: tuple[object, object]) -> diff.Changes:
+        return {k: {"old": a, "new": b} for k, (a, b) in kw.items()}
+
+    assert [x.change for x in t(m, changes(riskScore=("Low", "High")))] == ["risk_raised"]
+    assert [x.change for x in t(m, changes(riskScore=("High", "None")))] == ["risk_lowered"]
+    assert [x.change for x in t(m, changes(exposureLevel=("Medium", "Low")))] == [
+        "exposure_lowered"
+    ]
+    assert [x.change for x in t(m, changes(healthStatus=("Active", "Inactive")))] == [
+        "health_degraded"
+    ]
+    assert [x.change for x in t(m, changes(healthStatus=("NoSensorData", "Active")))] == [
+        "health_recovered"
+    ]
+    assert [x.change for x in t(m, changes(onboardingStatus=("Onboarded", "Offboarded")))] == [
+        "onboarding_changed"
+    ]
+    assert [x.change for x in t(m, changes(defenderAvStatus=("Updated", "NotUpdated")))] == [
+        "av_status_changed"
+    ]
+    assert [x.change for x in t(m, changes(machineTags=([], ["x"])))] == ["tags_changed"]
+    assert t(m, changes(riskScore=("Low", "Weird"))) == []
+    u = schema.USER.short
+    assert [x.change for x in t(u, changes(accountEnabled=(True, False)))] == ["disabled"]
+    assert [x.change for x in t(u, changes(accountEnabled=(False, True)))] == ["enabled"]
+    assert t(u, changes(accountEnabled=(None, True))) == []
+    v = schema.VULNERABILITY.short
+    assert [x.change for x in t(v, changes(publicExploit=(False, True)))] == ["exploit_published"]
+    assert t(v, changes(publicExploit=(True, False))) == []
