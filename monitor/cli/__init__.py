@@ -10,8 +10,14 @@ from monitor.cli import (  # noqa: F401  (each module registers its commands on 
     simulate,
     sync,
 )
-from monitor.cli.app import app
+from monitor.cli.app import ExitCode, app, console
+from monitor.config import ConfigError
 
 
 def main() -> None:
-    app()
+    """Entry point of the `mde-monitor` console script."""
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[red]config error[/red]: {exc}", highlight=False)
+        raise SystemExit(ExitCode.USAGE) from None

@@ -1,5 +1,219 @@
-"""`mde-monitor` commands: sync."""
+"""`mde-monitor sync`, `check` and `export`: run a sync now, probe permissions, dump a snapshot."""
 
 from __future__ import annotations
 
-from monitor.cli.app import app  # noqa: F401
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.collect.check import check_tenant
+from monitor.collect.progress import Progress as ProgressFn
+from monitor.collect.progress import no_progress
+from monitor.config import TenantConfig
+from monitor.redis_conn import connect
+from monitor.snapshot.lock import TenantBusy
+from monitor.snapshot.store import SnapshotStore
+from monitor.sync import SyncSummary, run_sync
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[ProgressFn]:
+    """A live progress display on a terminal; silent otherwise."""
+    if not enabled:
+        yield no_progress
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def report(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield report
+
+
+def _tenants(name: str | None, all_tenants: bool) -> list[TenantConfig]:
+    settings = state.settings()
+    if name:
+        return [settings.tenant(name)]
+    if all_tenants or len(settings.tenants) == 1:
+        return list(settings.tenants)
+    names = ", ".join(t.name for t in settings.tenants) or "none configured"
+    console.print(f"choose a tenant with --tenant NAME or --all (configured: {names})")
+    raise typer.Exit(ExitCode.USAGE)
+
+
+def _print_summary(s: SyncSummary) -> None:
+    colour = {"ok": "green", "degraded": "yellow", "failed": "red"}.get(s.status, "white")
+    out.print(
+        f"[bold]{s.tenant}[/bold]: [{colour}]{s.status}[/{colour}]"
+        f"  generation {s.generation}  {s.duration_seconds:.1f}s"
+        + ("  (baseline)" if s.baseline else "")
+    )
+    if s.error:
+        out.print(f"  error: {s.error}", markup=False)
+    if s.counts:
+        t = Table("type", "items", box=None, pad_edge=False)
+        for typ, n in s.counts.items():
+            t.add_row(typ, f"{n:,}")
+        out.print(t)
+    req = s.requests
+    if req:
+        t = Table("endpoint", "requests", "retries", "429s", box=None, pad_edge=False)
+        for ep, n in req.get("requests", {}).items():
+            t.add_row(ep, str(n), str(req["retries"].get(ep, 0)), str(req["throttled"].get(ep, 0)))
+        out.print(t)
+        out.print(
+            f"  {req.get('requests_total', 0)} requests, {req.get('retries_total', 0)} retries,"
+            f" {req.get('throttled_total', 0)} throttled"
+        )
+    if s.events:
+        out.print("  events: " + ", ".join(f"{k} x{v}" for k, v in s.events.items()), markup=False)
+    for scope, err in s.scopes_incomplete.items():
+        out.print(
+            f"  [yellow]kept previous data[/yellow] for {scope}: {err or 'not refreshed'}",
+            highlight=False,
+        )
+
+
+@app.command()
+def sync(
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name from the config."),
+    all_tenants: bool = typer.Option(False, "--all", help="Sync every configured tenant in turn."),
+    accept_drop: bool = typer.Option(
+        False, "--accept-drop", help="Apply deletions held back by the suspicious-drop guard rail."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Sync now: collect, diff against the last snapshot, save the snapshot and its change events.
+
+    Exit 0 ok, 1 failed, 3 degraded (a resource kept its previous data), 4 tenant busy.
+    """
+    settings = state.settings()
+    client = connect(settings.redis_url)
+    summaries: list[SyncSummary] = []
+    busy = False
+    for t in _tenants(tenant, all_tenants):
+        try:
+            with _progress(sys.stderr.isatty() and not as_json) as progress:
+                summaries.append(
+                    run_sync(
+                        settings,
+                        t.name,
+                        redis_client=client,
+                        accept_drop=accept_drop,
+                        progress=progress,
+                    )
+                )
+        except TenantBusy as exc:
+            busy = True
+            console.print(f"[yellow]{t.name}: busy[/yellow]: {exc}", highlight=False)
+            if as_json:
+                summaries.append(SyncSummary(t.name, "busy", None, 0.0, error=str(exc)))
+            continue
+        if not as_json:
+            _print_summary(summaries[-1])
+    if as_json:
+        print_json([s.to_dict() for s in summaries] if all_tenants else summaries[0].to_dict())
+    statuses = {s.status for s in summaries}
+    if "failed" in statuses:
+        raise typer.Exit(ExitCode.FAILED)
+    if busy:
+        raise typer.Exit(ExitCode.BUSY)
+    if "degraded" in statuses:
+        raise typer.Exit(ExitCode.DEGRADED)
+
+
+@app.command()
+def check(
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the probes as JSON."),
+) -> None:
+    """Sign in and probe each API permission with one cheap call; exit 5 if any is missing."""
+    settings = state.settings()
+    tenants = [settings.tenant(tenant)] if tenant else list(settings.tenants)
+    results = {t.name: check_tenant(settings, t) for t in tenants}
+    problems = _alert_file_problems()
+    if as_json:
+        print_json(
+            {
+                "tenants": {
+                    name: [p.to_dict() for p in probes] for name, probes in results.items()
+                },
+                "alert_files": problems,
+            }
+        )
+    else:
+        for name, probes in results.items():
+            table = Table(
+                "permission", "API", "result", title=f"tenant {name}", title_justify="left"
+            )
+            for p in probes:
+                mark = {
+                    True: "[green]ok[/green]",
+                    False: "[red]error[/red]",
+                    None: "[yellow]unknown[/yellow]",
+                }[p.ok]
+                table.add_row(p.permission, p.api, mark if p.ok else f"{mark} {p.detail}")
+            out.print(table)
+        for problem in problems:
+            out.print(f"[red]alert file error[/red]: {problem}", highlight=False)
+    if any(p.ok is False for probes in results.values() for p in probes):
+        raise typer.Exit(ExitCode.MISSING_PERMISSION)
+    if problems:
+        raise typer.Exit(ExitCode.USAGE)
+
+
+def _alert_file_problems() -> list[str]:
+    """Rule and sink file errors, so `check` reports a bad rule file too."""
+    try:
+        from monitor.alerts.rules import load_rules
+    except ImportError:  # pragma: no cover - alerts stage not installed
+        return []
+    settings = state.settings()
+    if not settings.alerts_dir.is_dir():
+        return []
+    ruleset = load_rules(settings.alerts_dir)
+    return [str(e) for e in ruleset.errors]
+
+
+@app.command()
+def export(
+    tenant: str = typer.Option(..., "--tenant", "-t", help="Tenant name."),
+    fmt: str = typer.Option("json", "--format", help="Output format (json)."),
+) -> None:
+    """Print the tenant's latest snapshot: {entities, relationships, mappedRelationships}."""
+    if fmt != "json":
+        console.print(f"unsupported --format {fmt!r} (supported: json)")
+        raise typer.Exit(ExitCode.USAGE)
+    settings = state.settings()
+    settings.tenant(tenant)
+    graph = SnapshotStore(connect(settings.redis_url), settings.redis_prefix).load_graph(tenant)
+    if graph is None:
+        console.print(
+            f"no snapshot for tenant {tenant!r} yet: run `mde-monitor sync --tenant {tenant}`"
+        )
+        raise typer.Exit(ExitCode.FAILED)
+    print_json(graph.export())
