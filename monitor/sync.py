@@ -20,7 +20,7 @@ from monitor.snapshot.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL_SECONDS = 15 * 60  # renewed while held; a dead worker's lock frees itself
+LOCK_TTL_SECONDS = 90  # renewed every TTL/3 while held; a dead worker's lock frees itself in 90 s
 
 
 @dataclass
