@@ -187,16 +187,19 @@ def check(
 
 
 def _alert_file_problems() -> list[str]:
-    """Rule and sink file errors, so `check` reports a bad rule file too."""
-    try:
-        from monitor.alerts.rules import load_rules
-    except ImportError:  # pragma: no cover - alerts stage not installed
-        return []
+    """Rule and sink file errors, so `check` reports a bad rule or sink file too."""
+    from monitor.alerts.rules import build_sinks, load_rules
+
     settings = state.settings()
-    if not settings.alerts_dir.is_dir():
+    if not settings.alerts_dir.is_dir():  # alerting is optional
         return []
     ruleset = load_rules(settings.alerts_dir)
-    return [str(e) for e in ruleset.errors]
+    sinks, sink_errors = build_sinks(ruleset, ca_bundle=settings.ca_bundle)
+    for sink in sinks.values():
+        close = getattr(sink, "close", None)
+        if callable(close):
+            close()
+    return [str(e) for e in (*ruleset.errors, *sink_errors) if getattr(e, "level", "error") == "error"]
 
 
 @app.command()
