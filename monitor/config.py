@@ -302,7 +302,8 @@ def _interpolate(value: Any, where: str, missing: list[str]) -> Any:
     return value
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as `tenants[0].client_secret`."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -330,7 +331,7 @@ def parse_settings(data: Any, source: str) -> Settings:
         lines = []
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+            lines.append(f"{source}: {field_path(err['loc'])}: {msg}")
         raise ConfigError("\n".join(lines)) from None
     if settings.ca_bundle is not None and not settings.ca_bundle.is_file():
         raise ConfigError(f"{source}: ca_bundle: file not found: {settings.ca_bundle}")

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from simulator_helpers import get, token, token_response
 
+from monitor.auth import MsalHttpClient
 from monitor.config import parse_settings
 from monitor.simulator import (
     AdminError,
@@ -196,25 +197,6 @@ def test_msal_acquires_a_token_with_a_secret(sim: Simulator, rec: SimTenant) -> 
     assert resp.json()["value"][0]["id"] == rec.tenant_id
 
 
-class BytesSafeHttpx:
-    """MSAL hands the client assertion over as bytes; httpx would send it as "b'...'" (which
-    Entra ID, and the simulator, refuse as malformed). Decode bytes form values first."""
-
-    def __init__(self, client: httpx.Client) -> None:
-        self._client = client
-
-    def post(self, url: str, data: Any = None, **kwargs: Any) -> httpx.Response:
-        if isinstance(data, dict):
-            data = {k: v.decode() if isinstance(v, bytes) else v for k, v in data.items()}
-        return self._client.post(url, data=data, **kwargs)
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self._client.get(url, **kwargs)
-
-    def close(self) -> None:
-        self._client.close()
-
-
 def test_msal_acquires_a_token_with_a_certificate(
     sim: Simulator, client: httpx.Client, gen: SimTenant
 ) -> None:
@@ -233,7 +215,7 @@ def test_msal_acquires_a_token_with_a_certificate(
         )
         broken = bare.acquire_token_for_client(scopes=[f"{sim.defender_url}/.default"])
         assert broken.get("error_codes") == [50027]
-        http = BytesSafeHttpx(raw)
+        http = MsalHttpClient(raw)  # decodes MSAL's bytes assertion
         # RS256 + x5t (thumbprint given), as our config's pem_path/thumbprint form makes MSAL send
         app = msal.ConfidentialClientApplication(
             gen.client_id,

@@ -24,7 +24,7 @@ from monitor.alerts.sinks.slack import SlackSettings, SlackSink
 from monitor.alerts.sinks.stdout import StdoutSettings, StdoutSink
 from monitor.alerts.sinks.teams import TeamsSettings, TeamsSink
 from monitor.alerts.sinks.webhook import WebhookSettings, WebhookSink
-from monitor.config import ConfigError
+from monitor.config import ConfigError, field_path
 
 if TYPE_CHECKING:
     import redis
@@ -97,16 +97,6 @@ def sink_types() -> list[str]:
     return sorted(SINK_TYPES)
 
 
-def _field(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
 def parse_sink_settings(name: str, type: str, settings: dict[str, Any], source: str) -> BaseModel:
     """The validated settings model; SinkConfigError naming source, sink and field otherwise."""
     where = f"{source}: sink {name!r}"
@@ -134,7 +124,7 @@ def parse_sink_settings(name: str, type: str, settings: dict[str, Any], source: 
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_input=False, include_url=False):
-            field = _field(err["loc"]) or "(settings)"
+            field = field_path(err["loc"]) or "(settings)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown setting"
