@@ -1,16 +1,16 @@
 """The `mde-monitor` command line: one module per command group."""
 
+# isort: skip_file
+# Each module registers its commands on `app`; --help lists them in this (workflow) order.
 from __future__ import annotations
 
-from monitor.cli import (  # noqa: F401  (each module registers its commands on `app`)
-    alerts,
-    document,
-    events,
-    run,
-    simulate,
-    sync,
-)
 from monitor.cli.app import ExitCode, app, console
+from monitor.cli import sync  # noqa: F401  sync, check, export
+from monitor.cli import events  # noqa: F401  events, history
+from monitor.cli import alerts  # noqa: F401  dispatch, rules, deliveries, silence, sinks
+from monitor.cli import run  # noqa: F401  worker, beat, trigger, status, metrics, demo
+from monitor.cli import simulate  # noqa: F401
+from monitor.cli import document  # noqa: F401
 from monitor.config import ConfigError
 
 
