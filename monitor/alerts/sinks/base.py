@@ -62,6 +62,14 @@ class Sink(Protocol):
 
     def send(self, notification: Notification) -> None: ...
 
+    def render(self, notification: Notification) -> str:
+        """What `send` would deliver, pretty-printed, without any secret; sends nothing.
+
+        JSON (indented) for the HTTP, file and stdout-json sinks; the full MIME text for e-mail.
+        Secrets are masked (`***`) or left out (webhook URLs, the signature value).
+        """
+        ...
+
     def describe(self) -> str:
         """Where it sends, without secrets (e.g. "slack webhook hooks.slack.com/…")."""
         ...

@@ -237,6 +237,10 @@ class EmailSink:
             s.host, s.effective_port, local_hostname=s.helo_name, timeout=s.timeout_seconds
         )
 
+    def render(self, notification: Notification) -> str:
+        """The full MIME text (headers, text and HTML parts) `send` would submit; no password."""
+        return build_message(notification, self.settings).as_string()
+
     def send(self, notification: Notification) -> None:
         """Connect, (STARTTLS,) (AUTH,) send, quit - one attempt."""
         msg = build_message(notification, self.settings)

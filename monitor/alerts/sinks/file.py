@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import orjson
 from pydantic import Field
 
 from monitor.alerts.sinks.base import DeliveryError, Notification
@@ -41,6 +42,12 @@ class FileSink:
 
     def describe(self) -> str:
         return f"file {self.settings.path} (JSON lines)"
+
+    def render(self, notification: Notification) -> str:
+        """The JSON document `send` appends as one line, indented here for reading."""
+        return orjson.dumps(
+            notification_document(notification), default=str, option=orjson.OPT_INDENT_2
+        ).decode()
 
     def send(self, notification: Notification) -> None:
         """Append one line; OSError -> DeliveryError (permission errors are not retryable)."""

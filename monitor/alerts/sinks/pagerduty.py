@@ -4,11 +4,16 @@
 the incident the `trigger` opened; hashed when longer than PagerDuty's 255 characters). The
 routing key is a secret: it is sent in the body only, never logged or shown. Severity mapping:
 critical -> critical, high -> error, medium -> warning, low/info -> info. PagerDuty answers 202.
+
+Groups share one incident: a `resolved` notification whose `extra["still_firing"]` (set by the
+dispatcher: subjects of the group still firing after this flush) is above zero sends nothing, so
+the incident stays open until the last subject of the group resolves.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Literal
 
 import orjson
@@ -25,9 +30,12 @@ from monitor.alerts.sinks.common import (
 )
 from monitor.alerts.sinks.http import HttpPoster, redact_url
 
+log = logging.getLogger(__name__)
+
 EVENTS_V2_URL = "https://events.pagerduty.com/v2/enqueue"
 SUMMARY_LIMIT = 1024
 DEDUP_KEY_LIMIT = 255
+MASK = "***"
 
 SEVERITY_MAP: dict[str, Literal["critical", "error", "warning", "info"]] = {
     "critical": "critical",
@@ -53,6 +61,22 @@ def dedup_key(group_key: str) -> str:
     if len(group_key) <= DEDUP_KEY_LIMIT:
         return group_key
     return "sha256:" + hashlib.sha256(group_key.encode()).hexdigest()
+
+
+def still_firing(notification: Notification) -> int:
+    """`extra["still_firing"]` as set by the dispatcher; 0 when absent or not a number."""
+    value = notification.extra.get("still_firing")
+    if isinstance(value, bool) or not isinstance(value, int | str | float):
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
+
+
+def keeps_incident_open(notification: Notification) -> bool:
+    """True for a `resolved` notification while other subjects of its group still fire."""
+    return notification.status == "resolved" and still_firing(notification) > 0
 
 
 def build_body(
@@ -125,8 +149,27 @@ class PagerDutySink:
     def describe(self) -> str:
         return f"pagerduty events v2 {self._target}"
 
+    def render(self, notification: Notification) -> str:
+        """The Events API v2 body, indented, with the routing key shown as `***`."""
+        if keeps_incident_open(notification):
+            return (
+                f"(nothing sent: {still_firing(notification)} subject(s) of the group still"
+                " firing; the PagerDuty incident stays open)"
+            )
+        body = build_body(notification, MASK, self.settings)
+        return orjson.dumps(body, default=str, option=orjson.OPT_INDENT_2).decode()
+
     def send(self, notification: Notification) -> None:
-        """One POST to the enqueue endpoint."""
+        """One POST to the enqueue endpoint; nothing for a resolve while the group still fires."""
+        if keeps_incident_open(notification):
+            log.info(
+                "pagerduty sink %r: not resolving dedup_key %s: %d subject(s) of the group"
+                " still firing, the incident stays open",
+                self.name,
+                safe_text(dedup_key(notification.group_key), single_line=True),
+                still_firing(notification),
+            )
+            return
         body = build_body(notification, self.settings.routing_key.get_secret_value(), self.settings)
         self._poster.post(orjson.dumps(body, default=str), {"content-type": "application/json"})
 

@@ -170,9 +170,17 @@ class SlackSink:
     def describe(self) -> str:
         return f"slack webhook {self._target}"
 
+    def payload(self, notification: Notification) -> dict[str, Any]:
+        """The JSON body `send` posts (and `render` shows)."""
+        return build_payload(notification, max_events=self.settings.max_events)
+
+    def render(self, notification: Notification) -> str:
+        """The Block Kit body, indented; the webhook URL (the secret) is not part of it."""
+        return orjson.dumps(self.payload(notification), option=orjson.OPT_INDENT_2).decode()
+
     def send(self, notification: Notification) -> None:
         """One POST; 429 holds the per-webhook limiter for Retry-After and raises retryable."""
-        body = orjson.dumps(build_payload(notification, max_events=self.settings.max_events))
+        body = orjson.dumps(self.payload(notification))
         self._limiter.acquire()
         try:
             self._poster.post(body, {"content-type": "application/json; charset=utf-8"})

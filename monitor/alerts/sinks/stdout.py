@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Literal, TextIO
 
+import orjson
 from pydantic import Field
 
 from monitor.alerts.sinks.base import DeliveryError, Notification
@@ -70,6 +71,14 @@ class StdoutSink:
 
     def describe(self) -> str:
         return f"stdout ({self.settings.format})"
+
+    def render(self, notification: Notification) -> str:
+        """The human text `send` writes, or (format json) its JSON document indented."""
+        if self.settings.format == "human":
+            return render_human(notification, self.settings.max_events)
+        return orjson.dumps(
+            notification_document(notification), default=str, option=orjson.OPT_INDENT_2
+        ).decode()
 
     def send(self, notification: Notification) -> None:
         """Write and flush one notification."""

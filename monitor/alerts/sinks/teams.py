@@ -179,14 +179,22 @@ class TeamsSink:
     def describe(self) -> str:
         return f"teams workflow webhook {self._target}"
 
-    def send(self, notification: Notification) -> None:
-        """One POST of the card (Workflows answers 202 Accepted)."""
-        payload = build_payload(
+    def payload(self, notification: Notification) -> dict[str, Any]:
+        """The JSON body `send` posts (and `render` shows)."""
+        return build_payload(
             notification,
             max_events=self.settings.max_events,
             max_bytes=self.settings.max_payload_bytes,
         )
-        self._poster.post(orjson.dumps(payload), {"content-type": "application/json"})
+
+    def render(self, notification: Notification) -> str:
+        """The message with its Adaptive Card, indented; the workflow URL is not part of it."""
+        return orjson.dumps(self.payload(notification), option=orjson.OPT_INDENT_2).decode()
+
+    def send(self, notification: Notification) -> None:
+        """One POST of the card (Workflows answers 202 Accepted)."""
+        body = orjson.dumps(self.payload(notification))
+        self._poster.post(body, {"content-type": "application/json"})
 
     def close(self) -> None:
         self._poster.close()

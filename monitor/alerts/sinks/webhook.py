@@ -18,6 +18,9 @@ retries, so receivers can de-duplicate), `webhook-timestamp` = unix seconds of t
 `webhook-signature` = `v1,` + base64(HMAC-SHA256(key, f"{id}.{timestamp}.{body}")), where the key is
 the base64-decoded part of the `whsec_...` secret. Without a `secret` the id and timestamp
 are still sent, with no signature.
+
+`render` (the `rules test` preview) shows the headers and the indented body; the URL is left out,
+custom header values are `***` and the signature reads `v1,<computed at send time>`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ _RESERVED_HEADERS = {
     "webhook-signature",
 }
 MIN_SECRET_BYTES = 24
+MASK = "***"
+SIGNATURE_PLACEHOLDER = "v1,<computed at send time>"
 
 
 def decode_secret(secret: str) -> bytes:
@@ -112,13 +117,19 @@ def alert_event(notification: Notification) -> dict[str, Any]:
     }
 
 
+def build_document(notification: Notification, *, batch: bool) -> tuple[Any, str]:
+    """(JSON document, content type) for this notification and mode (see the module docstring)."""
+    if not batch:
+        return alert_event(notification), SINGLE_CONTENT_TYPE
+    if len(notification.events) == 1:
+        return notification.events[0], SINGLE_CONTENT_TYPE
+    return list(notification.events), BATCH_CONTENT_TYPE
+
+
 def build_body(notification: Notification, *, batch: bool) -> tuple[bytes, str]:
     """(body, content type) for this notification and mode (see the module docstring)."""
-    if not batch:
-        return orjson.dumps(alert_event(notification), default=str), SINGLE_CONTENT_TYPE
-    if len(notification.events) == 1:
-        return orjson.dumps(notification.events[0], default=str), SINGLE_CONTENT_TYPE
-    return orjson.dumps(list(notification.events), default=str), BATCH_CONTENT_TYPE
+    document, content_type = build_document(notification, batch=batch)
+    return orjson.dumps(document, default=str), content_type
 
 
 def _header_value(text: str) -> str:
@@ -156,21 +167,38 @@ class WebhookSink:
         signed = "signed" if self._key else "unsigned"
         return f"webhook {self._target} ({signed}, {'batch' if self.settings.batch else 'alert'})"
 
-    def send(self, notification: Notification) -> None:
-        """One signed POST of the CloudEvents body."""
-        body, content_type = build_body(notification, batch=self.settings.batch)
-        headers = {
-            **self._extra,
+    def _headers(
+        self, notification: Notification, content_type: str, timestamp: int, *, masked: bool
+    ) -> dict[str, str]:
+        """Every request header but the signature; custom header values `***` when `masked`."""
+        extra = {k: MASK for k in self._extra} if masked else self._extra
+        return {
+            **extra,
             "content-type": content_type,
             "mde-rule": _header_value(notification.rule),
             "mde-status": notification.status,
             "mde-severity": notification.severity,
             "mde-group-key": _header_value(notification.group_key),
             "mde-total": str(max(notification.total, len(notification.events))),
+            "webhook-id": notification.id,
+            "webhook-timestamp": str(timestamp),
         }
+
+    def render(self, notification: Notification) -> str:
+        """The headers, a blank line and the indented body; no URL, secret or signature value."""
+        document, content_type = build_document(notification, batch=self.settings.batch)
+        headers = self._headers(notification, content_type, int(time.time()), masked=True)
+        if self._key is not None:
+            headers["webhook-signature"] = SIGNATURE_PLACEHOLDER
+        head = "".join(f"{k}: {v}\n" for k, v in headers.items())
+        body = orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2).decode()
+        return f"{head}\n{body}"
+
+    def send(self, notification: Notification) -> None:
+        """One signed POST of the CloudEvents body."""
+        body, content_type = build_body(notification, batch=self.settings.batch)
         timestamp = int(time.time())
-        headers["webhook-id"] = notification.id
-        headers["webhook-timestamp"] = str(timestamp)
+        headers = self._headers(notification, content_type, timestamp, masked=False)
         if self._key is not None:
             headers["webhook-signature"] = sign(self._key, notification.id, timestamp, body)
         self._poster.post(body, headers)
