@@ -39,6 +39,7 @@ bench: install redis
 	$(BIN)/python bench/collect.py
 	$(BIN)/python bench/diff.py
 	$(BIN)/python bench/alerts.py
+	$(BIN)/python bench/fleet.py --tenants 50 --minutes 1
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

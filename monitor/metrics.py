@@ -1,0 +1,280 @@
+"""Prometheus metrics, computed from Redis so every worker process and the CLI agree.
+
+Celery runs tasks in forked pool processes, so a counter incremented in a task is invisible to the
+HTTP server in the worker's main process. Instead:
+
+- counters the tasks produce (syncs, API requests, events, deliveries) are kept in Redis hashes
+  (`record_sync`, `record_delivery`: one pipelined HINCRBY batch per task), fleet-wide;
+- gauges (last sync, entity counts, stream lag, dead letters, API budget use, next run) are read from
+  Redis at scrape time by `RedisStateCollector`.
+
+Every worker therefore exposes the same fleet-wide numbers: scrape one of them (or aggregate with
+`max without (instance)`). Importing this module has no side effects (no registry, no connection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "mde"
+
+# Redis-held counters: metric name -> (help, label names)
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "syncs": ("Syncs run by workers, by outcome", ("tenant", "status")),
+    "api_requests": ("Requests sent to Microsoft APIs", ("tenant", "endpoint")),
+    "api_retries": ("Retried requests to Microsoft APIs", ("tenant", "endpoint")),
+    "api_throttled": ("429 answers from Microsoft APIs", ("tenant", "endpoint")),
+    "events": ("Change events produced", ("tenant", "type")),
+    "deliveries": ("Delivery attempts, by sink and outcome", ("sink", "outcome")),
+}
+
+
+def counter_key(prefix: str, metric: str) -> str:
+    """Redis hash holding one counter's series (field = JSON list of label values)."""
+    return f"{prefix}:metrics:{metric}"
+
+
+def duration_key(prefix: str) -> str:
+    """Redis hash of per-tenant sync duration sums and counts (`<tenant>:sum|count`)."""
+    return f"{prefix}:metrics:sync_duration"
+
+
+def _field(*labels: str) -> str:
+    return json.dumps(list(labels), separators=(",", ":"))
+
+
+def record_sync(client: redis.Redis, prefix: str, summary: Mapping[str, Any]) -> None:
+    """Count one sync (a `SyncSummary.to_dict()`, or {tenant, status} for busy/error) in Redis."""
+    tenant = str(summary["tenant"])
+    status = str(summary["status"])
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(counter_key(prefix, "syncs"), _field(tenant, status), 1)
+    duration = summary.get("duration_seconds")
+    if status in ("ok", "degraded", "failed") and isinstance(duration, int | float):
+        pipe.hincrbyfloat(duration_key(prefix), f"{tenant}:sum", float(duration))
+        pipe.hincrby(duration_key(prefix), f"{tenant}:count", 1)
+    requests = summary.get("requests") or {}
+    for stat, metric in (
+        ("requests", "api_requests"),
+        ("retries", "api_retries"),
+        ("throttled", "api_throttled"),
+    ):
+        for endpoint, n in (requests.get(stat) or {}).items():
+            if n:
+                pipe.hincrby(counter_key(prefix, metric), _field(tenant, endpoint), int(n))
+    for typ, n in (summary.get("events") or {}).items():
+        if n:
+            pipe.hincrby(counter_key(prefix, "events"), _field(tenant, typ), int(n))
+    pipe.execute()
+
+
+def record_delivery(client: redis.Redis, prefix: str, sink: str, outcome: str) -> None:
+    """Count one delivery attempt's outcome (sent, retry, dead, skipped, ...) for a sink."""
+    client.hincrby(counter_key(prefix, "deliveries"), _field(sink, outcome), 1)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class RedisStateCollector(Collector):
+    """Reads counters and current state from Redis at scrape time.
+
+    `tenants` returns the configured tenant names (re-evaluated per scrape, so config changes show).
+    `extra` are optional providers of more families (e.g. dead letters from the alert stage).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        tenants: Callable[[], Iterable[str]],
+        extra: Iterable[Callable[[], Iterable[Metric]]] = (),
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._tenants = tenants
+        self._extra = list(extra)
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 when Redis answered this scrape")
+        try:
+            families = list(self._families())
+        except (redis.RedisError, OSError) as exc:
+            log.warning("metrics: Redis unavailable", extra={"error": type(exc).__name__})
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> Iterator[Metric]:
+        from monitor.status import read_state
+
+        yield from self._counters()
+        state = read_state(self._client, self._prefix, list(self._tenants()))
+        last_status = GaugeMetricFamily(
+            f"{NAMESPACE}_sync_last_status",
+            "1 for the outcome of the tenant's last sync",
+            labels=["tenant", "status"],
+        )
+        last_finished = GaugeMetricFamily(
+            f"{NAMESPACE}_sync_last_finished_timestamp_seconds",
+            "When the tenant's last sync finished (unix time)",
+            labels=["tenant"],
+        )
+        last_duration = GaugeMetricFamily(
+            f"{NAMESPACE}_sync_last_duration_seconds",
+            "Duration of the tenant's last sync",
+            labels=["tenant"],
+        )
+        generation = GaugeMetricFamily(
+            f"{NAMESPACE}_snapshot_generation",
+            "Snapshot generation of the tenant",
+            labels=["tenant"],
+        )
+        entities = GaugeMetricFamily(
+            f"{NAMESPACE}_entities",
+            "Items per type in the tenant's latest snapshot",
+            labels=["tenant", "type"],
+        )
+        next_run = GaugeMetricFamily(
+            f"{NAMESPACE}_sync_next_run_timestamp_seconds",
+            "When beat will next enqueue the tenant's sync (unix time)",
+            labels=["tenant"],
+        )
+        for t in state.tenants:
+            last = t.last_completed
+            if last is not None:
+                last_status.add_metric([t.name, last.status], 1)
+                if last.finished_ts is not None:
+                    last_finished.add_metric([t.name], last.finished_ts)
+                if last.duration_seconds is not None:
+                    last_duration.add_metric([t.name], last.duration_seconds)
+                for typ, n in last.counts.items():
+                    entities.add_metric([t.name, typ], n)
+            if t.generation is not None:
+                generation.add_metric([t.name], t.generation)
+            if t.next_run_ts is not None:
+                next_run.add_metric([t.name], t.next_run_ts)
+        yield from (last_status, last_finished, last_duration, generation, entities, next_run)
+
+        length = GaugeMetricFamily(
+            f"{NAMESPACE}_event_stream_length", "Entries in the all-tenants event stream"
+        )
+        length.add_metric([], state.stream_length)
+        yield length
+        pending = GaugeMetricFamily(
+            f"{NAMESPACE}_event_consumer_pending",
+            "Events delivered to a consumer group but not acknowledged",
+            labels=["group"],
+        )
+        lag = GaugeMetricFamily(
+            f"{NAMESPACE}_event_consumer_lag",
+            "Events in the stream not yet read by a consumer group",
+            labels=["group"],
+        )
+        for g in state.groups:
+            pending.add_metric([g.name], g.pending)
+            if g.lag is not None:
+                lag.add_metric([g.name], g.lag)
+        yield pending
+        yield lag
+        if state.dead_letters is not None:
+            dead = GaugeMetricFamily(
+                f"{NAMESPACE}_dead_letters", "Deliveries that gave up (dead-letter entries)"
+            )
+            dead.add_metric([], state.dead_letters)
+            yield dead
+        budget = GaugeMetricFamily(
+            f"{NAMESPACE}_api_budget_used_ratio",
+            "Share of Microsoft's documented per-minute limit used in the last minute",
+            labels=["tenant", "endpoint"],
+        )
+        for (tenant, endpoint), ratio in state.budget_minute_ratio.items():
+            budget.add_metric([tenant, endpoint], ratio)
+        yield budget
+        for provider in self._extra:
+            yield from provider()
+
+    def _counters(self) -> Iterator[Metric]:
+        pipe = self._client.pipeline(transaction=False)
+        for metric in COUNTERS:
+            pipe.hgetall(counter_key(self._prefix, metric))
+        pipe.hgetall(duration_key(self._prefix))
+        results = pipe.execute()
+        for (metric, (help_text, labels)), raw in zip(COUNTERS.items(), results, strict=False):
+            fam = CounterMetricFamily(f"{NAMESPACE}_{metric}", help_text, labels=list(labels))
+            for field, value in sorted((_s(k), _s(v)) for k, v in raw.items()):
+                try:
+                    values = json.loads(field)
+                except ValueError:
+                    continue
+                if isinstance(values, list) and len(values) == len(labels):
+                    fam.add_metric([str(v) for v in values], float(value))
+            yield fam
+        durations: dict[str, dict[str, float]] = {}
+        for k, v in results[-1].items():
+            tenant, _, part = _s(k).rpartition(":")
+            durations.setdefault(tenant, {})[part] = float(_s(v))
+        summary = SummaryMetricFamily(
+            f"{NAMESPACE}_sync_duration_seconds",
+            "Duration of syncs run by workers",
+            labels=["tenant"],
+        )
+        for tenant, parts in sorted(durations.items()):
+            summary.add_metric(
+                [tenant], count_value=int(parts.get("count", 0)), sum_value=parts.get("sum", 0)
+            )
+        yield summary
+
+
+def build_registry(
+    client: redis.Redis,
+    prefix: str,
+    tenants: Callable[[], Iterable[str]],
+    extra: Iterable[Callable[[], Iterable[Metric]]] = (),
+) -> CollectorRegistry:
+    """A fresh registry holding only the Redis-backed collector (no process/platform metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisStateCollector(client, prefix, tenants, extra))
+    return registry
+
+
+def exposition(client: redis.Redis, prefix: str, tenants: Callable[[], Iterable[str]]) -> str:
+    """The Prometheus text exposition, computed from Redis once (`mde-monitor metrics`)."""
+    return generate_latest(build_registry(client, prefix, tenants)).decode()
+
+
+def start_metrics_server(
+    port: int,
+    client: redis.Redis,
+    prefix: str,
+    tenants: Callable[[], Iterable[str]],
+    addr: str = "0.0.0.0",
+) -> Any:
+    """Serve /metrics on `port` in a daemon thread; returns the server (call .shutdown())."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(
+        port, addr=addr, registry=build_registry(client, prefix, tenants)
+    )
+    log.info("metrics: serving", extra={"port": port, "since": time.time()})
+    return server
