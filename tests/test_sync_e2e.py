@@ -209,3 +209,35 @@ def test_sign_in_failure_is_one_failed_event(
     assert "rotated-by-someone-else" not in str(evs)
     store = SnapshotStore(redis_client, settings.redis_prefix)
     assert store.generation(name) == ok.generation
+
+
+def test_logon_user_rotation_invents_no_updates(
+    tmp_path: Path, redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    # Accounts seen on several machines, a budget that refreshes a few machines per sync: the
+    # per-machine facts of a shared account (first seen, logon types) differ between machines,
+    # and must not read as changes of the account when other machines are refreshed.
+    tenant = generate_tenant(
+        machines=30, users=8, vulns_per_machine=1, cves=5, logon_users_per_machine=2, seed=3
+    )
+    reports: dict[str, int] = Counter(lu["id"] for lus in tenant.logon_users.values() for lu in lus)
+    assert any(n > 1 for n in reports.values())
+    with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
+        data = yaml.safe_load(sim.config_yaml())
+        data.update(http=FAST_HTTP, redis_prefix=redis_prefix)
+        data["tenants"][0]["logon_user_budget"] = 7
+        settings = parse_settings(data, "test")
+        for _ in range(5):
+            summary = run_sync(settings, "sim", redis_client=redis_client)
+            assert summary.status == "ok"
+            # only the machines fetched for the first time: one baseline event, nothing else
+            assert set(summary.events) <= {"mde.sync.baseline"}, summary.events
+        graph = SnapshotStore(redis_client, redis_prefix).load_graph("sim")
+        assert graph is not None
+        rels = [
+            r
+            for r in graph.relationships.values()
+            if r["_type"] == "microsoft_defender_machine_has_logon_user"
+        ]
+        assert len(rels) == sum(len(v) for v in tenant.logon_users.values())
+        assert all("logonTypes" in r and r["firstSeenOn"] for r in rels)

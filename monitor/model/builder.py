@@ -143,7 +143,7 @@ class GraphBuilder:
             reports[machine_id] = item
             entity = merged_logon_user_entity(reports, account_tag=self._tag)
             self._graph.add_entity(entity, logon_users_scope(min(reports)))
-            rel = machine_logon_user_relationship(machine_key, key)
+            rel = machine_logon_user_relationship(machine_key, key, item)
             self._graph.add_relationship(rel, scope)
             n += 1
         return self._count(scope, n)

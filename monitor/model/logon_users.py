@@ -54,6 +54,17 @@ def merged_logon_user_entity(
     return entity
 
 
-def machine_logon_user_relationship(machine_key: str, logon_user_key: str) -> Item:
-    """machine HAS logon_user."""
-    return MACHINE_HAS_LOGON_USER.relationship(machine_key, logon_user_key)
+def machine_logon_user_relationship(
+    machine_key: str, logon_user_key: str, report: Mapping[str, Any] | None = None
+) -> Item:
+    """machine HAS logon_user, with what this machine reported: first/last seen, logon types."""
+    report = report or {}
+    return MACHINE_HAS_LOGON_USER.relationship(
+        machine_key,
+        logon_user_key,
+        {
+            "firstSeenOn": epoch_ms(report.get("firstSeen")),
+            "lastSeenOn": epoch_ms(report.get("lastSeen")),
+            "logonTypes": report.get("logonTypes"),
+        },
+    )

@@ -264,7 +264,10 @@ LOGON_USER = EntityType(
     "microsoft_defender_logon_user:{id}",
     SCOPE_LOGON_USERS,
     "logon_user",
-    volatile=("lastSeenOn", "lastSeen"),
+    # Per-machine facts (first/last seen on a machine, logon types there) live on the machine HAS
+    # logon_user relationship; the entity's copies come from whichever machines were refreshed
+    # this sync, so they must never make an event by themselves.
+    volatile=("lastSeenOn", "lastSeen", "firstSeenOn", "logonTypes"),
     properties=(
         "name",
         "displayName",
@@ -393,7 +396,12 @@ ENTITY_TYPES: tuple[EntityType, ...] = (ACCOUNT, DEVICE, LOGON_USER, MACHINE, US
 ACCOUNT_HAS_MACHINE = RelationshipType(ACCOUNT, "HAS", MACHINE, SCOPE_MACHINES, "account_machine")
 ACCOUNT_HAS_USER = RelationshipType(ACCOUNT, "HAS", USER, SCOPE_USERS, "account_user")
 MACHINE_HAS_LOGON_USER = RelationshipType(
-    MACHINE, "HAS", LOGON_USER, SCOPE_LOGON_USERS, "machine_logon_user"
+    MACHINE,
+    "HAS",
+    LOGON_USER,
+    SCOPE_LOGON_USERS,
+    "machine_logon_user",
+    properties=("firstSeenOn", "lastSeenOn", "logonTypes"),
 )
 MACHINE_IDENTIFIED_VULNERABILITY = RelationshipType(
     MACHINE,
