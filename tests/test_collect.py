@@ -300,3 +300,39 @@ def test_logon_user_budget_rotates_through_machines(
         sim.tenant(tenant.tenant_id).set_machine(moved, lastSeen="2030-01-01T00:00:00Z")
         third = collect_tenant(settings, t, redis_client=redis_client)
         assert third.logon is not None and moved in third.logon.refreshed
+
+
+def test_pfx_certificate_credentials(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    tenant = generate_tenant(machines=2, users=2, vulns_per_machine=1, cves=2, seed=12)
+    with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
+        pem_path, _ = sim.tenant(tenant.tenant_id).add_certificate()
+        pem = pem_path.read_bytes()
+        key = serialization.load_pem_private_key(pem, password=None)
+        cert = x509.load_pem_x509_certificate(pem)
+        pfx = tmp_path / "client.pfx"
+        pfx.write_bytes(
+            pkcs12.serialize_key_and_certificates(
+                b"client",
+                key,
+                cert,
+                None,  # type: ignore[arg-type]
+                serialization.BestAvailableEncryption(b"pfx-pass"),
+            )
+        )
+        data = yaml.safe_load(sim.config_yaml())
+        data["http"] = FAST_HTTP
+        t = data["tenants"][0]
+        t.pop("client_secret", None)
+        t["certificate"] = {"pfx_path": str(pfx), "pfx_password": "pfx-pass"}
+        settings = parse_settings(data, "test")
+        assert "pfx-pass" not in repr(settings)
+        result = collect_tenant(settings, settings.tenants[0])
+        assert result.auth_error is None, result.auth_error
+        assert (
+            result.graph is not None
+            and result.graph.count_by_type()["microsoft_defender_machine"] == 2
+        )
