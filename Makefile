@@ -21,6 +21,7 @@ redis: install
 
 lint: install
 	$(BIN)/ruff check monitor tests bench
+	$(BIN)/ruff format --check monitor tests bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -29,6 +30,7 @@ typecheck: install
 test: install redis
 	$(BIN)/pytest -q
 	$(BIN)/ruff check monitor tests bench
+	$(BIN)/ruff format --check monitor tests bench
 	$(BIN)/mypy
 
 ## Set up and run the main job against the simulator (nothing outside this machine is contacted).

@@ -66,7 +66,9 @@ def _fmt_duration(s: float) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--logon-budget", type=int, default=500)
     p.add_argument("--json", action="store_true")
@@ -74,8 +76,14 @@ def main() -> int:
     machines = int(10_000 * ns.scale)
     users = int(20_000 * ns.scale)
     cves = max(1, int(8_000 * ns.scale))
-    gen = {"machines": machines, "users": users, "vulns_per_machine": 30, "cves": cves,
-           "logon_users_per_machine": 2, "seed": 1}
+    gen = {
+        "machines": machines,
+        "users": users,
+        "vulns_per_machine": 30,
+        "cves": cves,
+        "logon_users_per_machine": 2,
+        "seed": 1,
+    }
 
     with tempfile.TemporaryDirectory() as state_dir:
         ready, stop = mp.Event(), mp.Event()
@@ -103,7 +111,9 @@ def main() -> int:
             stop.set()
             server.join(10)
     assert result.graph is not None
-    pairs = result.graph.count_by_type().get("microsoft_defender_machine_identified_vulnerability", 0)
+    pairs = result.graph.count_by_type().get(
+        "microsoft_defender_machine_identified_vulnerability", 0
+    )
 
     ours = dict(result.stats.requests)
     naive = {
@@ -116,16 +126,30 @@ def main() -> int:
 
     def limit_time(counts: dict[str, int]) -> float:
         # independent budgets per endpoint: the slowest endpoint bounds the sync
-        return max((seconds_under_limit(n, ENDPOINT_LIMITS.get(ep)) for ep, n in counts.items()), default=0.0)
+        return max(
+            (seconds_under_limit(n, ENDPOINT_LIMITS.get(ep)) for ep, n in counts.items()),
+            default=0.0,
+        )
 
     full_logon_syncs = math.ceil(machines / max(1, ns.logon_budget))
     report = {
-        "tenant": {"machines": machines, "users": users, "cves": cves, "machine_vulnerability_pairs": pairs},
-        "ours": {"requests": ours, "requests_total": sum(ours.values()),
-                 "seconds_under_rate_limits": limit_time(ours),
-                 "logon_users_full_refresh_syncs": full_logon_syncs},
-        "per_machine_approach": {"requests": naive, "requests_total": sum(naive.values()),
-                                 "seconds_under_rate_limits": limit_time(naive)},
+        "tenant": {
+            "machines": machines,
+            "users": users,
+            "cves": cves,
+            "machine_vulnerability_pairs": pairs,
+        },
+        "ours": {
+            "requests": ours,
+            "requests_total": sum(ours.values()),
+            "seconds_under_rate_limits": limit_time(ours),
+            "logon_users_full_refresh_syncs": full_logon_syncs,
+        },
+        "per_machine_approach": {
+            "requests": naive,
+            "requests_total": sum(naive.values()),
+            "seconds_under_rate_limits": limit_time(naive),
+        },
         "simulator_counted": sim_counts,
         "wall_seconds": round(wall, 2),
         "peak_rss_mb_delta": round((rss_after - rss_before) / 1024, 1),
@@ -134,15 +158,23 @@ def main() -> int:
     if ns.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"tenant: {machines:,} machines, {users:,} users, {pairs:,} machine-CVE pairs, {cves:,} CVEs")
+    print(
+        f"tenant: {machines:,} machines, {users:,} users, {pairs:,} machine-CVE pairs, {cves:,} CVEs"
+    )
     print(f"{'endpoint':<52}{'ours':>8}{'per-machine':>13}")
     for ep in sorted(set(ours) | set(naive)):
         print(f"{ep:<52}{ours.get(ep, 0):>8,}{naive.get(ep, 0):>13,}")
     print(f"{'total requests':<52}{sum(ours.values()):>8,}{sum(naive.values()):>13,}")
-    print(f"{'time under documented rate limits':<52}{_fmt_duration(limit_time(ours)):>8}"
-          f"{_fmt_duration(limit_time(naive)):>13}")
-    print(f"logon users: {ns.logon_budget} machines per sync; every machine refreshed within {full_logon_syncs} syncs")
-    print(f"our wall time (without rate-limit pacing) {wall:.1f} s, peak RSS {rss_after / 1024:.0f} MB (+{(rss_after - rss_before) / 1024:.0f} MB during collect)")
+    print(
+        f"{'time under documented rate limits':<52}{_fmt_duration(limit_time(ours)):>8}"
+        f"{_fmt_duration(limit_time(naive)):>13}"
+    )
+    print(
+        f"logon users: {ns.logon_budget} machines per sync; every machine refreshed within {full_logon_syncs} syncs"
+    )
+    print(
+        f"our wall time (without rate-limit pacing) {wall:.1f} s, peak RSS {rss_after / 1024:.0f} MB (+{(rss_after - rss_before) / 1024:.0f} MB during collect)"
+    )
     counted_ok = all(sim_counts.get(ep, 0) == n for ep, n in ours.items())
     print(f"simulator's own request counts agree with the client's: {counted_ok}")
     return 0

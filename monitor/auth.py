@@ -114,7 +114,9 @@ class TokenProvider:
             # MSAL only says "Unable to get authority configuration"; ask Entra for its own words.
             raise self._authority_error(authority) from None
         except (httpx.HTTPError, OSError) as exc:
-            raise AuthError(f"cannot reach the sign-in endpoint: {type(exc).__name__}: {exc}") from None
+            raise AuthError(
+                f"cannot reach the sign-in endpoint: {type(exc).__name__}: {exc}"
+            ) from None
         return self._msal
 
     def _authority_error(self, authority: str) -> AuthError:
@@ -122,7 +124,9 @@ class TokenProvider:
         try:
             body = self._http.get(url).json()
         except (httpx.HTTPError, OSError, ValueError) as exc:
-            return AuthError(f"sign-in endpoint metadata unavailable at {authority}: {type(exc).__name__}")
+            return AuthError(
+                f"sign-in endpoint metadata unavailable at {authority}: {type(exc).__name__}"
+            )
         if isinstance(body, dict) and ("error" in body or "error_codes" in body):
             return explain_auth_failure(body)
         return AuthError(f"sign-in endpoint metadata at {authority} is not usable")

@@ -199,7 +199,9 @@ def _alert_file_problems() -> list[str]:
         close = getattr(sink, "close", None)
         if callable(close):
             close()
-    return [str(e) for e in (*ruleset.errors, *sink_errors) if getattr(e, "level", "error") == "error"]
+    return [
+        str(e) for e in (*ruleset.errors, *sink_errors) if getattr(e, "level", "error") == "error"
+    ]
 
 
 @app.command()

@@ -33,7 +33,12 @@ def _probe(permission: str, api: str, call: Callable[[], Any]) -> Probe:
     try:
         call()
     except PermissionMissing as exc:
-        return Probe(permission, api, False, f"HTTP {exc.status} {exc.code or ''}: missing or not consented".replace("  ", " "))
+        return Probe(
+            permission,
+            api,
+            False,
+            f"HTTP {exc.status} {exc.code or ''}: missing or not consented".replace("  ", " "),
+        )
     except AuthError as exc:
         return Probe(permission, api, False, str(exc))
     except ApiError as exc:
@@ -67,28 +72,67 @@ def _probes(s: TenantSession) -> list[Probe]:
 
     def machines() -> None:
         body = d.get_json(
-            MACHINES, "/api/machines", {"$top": 1}, permission="Machine.Read.All",
+            MACHINES,
+            "/api/machines",
+            {"$top": 1},
+            permission="Machine.Read.All",
             empty_on_not_found_code=NO_MACHINES_CODE,
         )
-        first_machine.extend(m["id"] for m in body.get("value", [])[:1] if isinstance(m, dict) and "id" in m)
+        first_machine.extend(
+            m["id"] for m in body.get("value", [])[:1] if isinstance(m, dict) and "id" in m
+        )
 
     probes = [
-        _probe("Organization.Read.All", "Microsoft Graph",
-               lambda: g.get_json(ORGANIZATION, "/v1.0/organization", {"$select": "id"},
-                                  permission="Organization.Read.All")),
-        _probe("Directory.Read.All", "Microsoft Graph",
-               lambda: g.get_json(USERS, "/v1.0/users", {"$select": "id", "$top": 1},
-                                  permission="Directory.Read.All")),
+        _probe(
+            "Organization.Read.All",
+            "Microsoft Graph",
+            lambda: g.get_json(
+                ORGANIZATION,
+                "/v1.0/organization",
+                {"$select": "id"},
+                permission="Organization.Read.All",
+            ),
+        ),
+        _probe(
+            "Directory.Read.All",
+            "Microsoft Graph",
+            lambda: g.get_json(
+                USERS, "/v1.0/users", {"$select": "id", "$top": 1}, permission="Directory.Read.All"
+            ),
+        ),
         _probe("Machine.Read.All", "WindowsDefenderATP", machines),
     ]
     if first_machine:
-        probes.append(_probe("User.Read.All", "WindowsDefenderATP",
-                             lambda: d.get_json(LOGON_USERS, f"/api/machines/{first_machine[0]}/logonusers",
-                                                permission="User.Read.All")))
+        probes.append(
+            _probe(
+                "User.Read.All",
+                "WindowsDefenderATP",
+                lambda: d.get_json(
+                    LOGON_USERS,
+                    f"/api/machines/{first_machine[0]}/logonusers",
+                    permission="User.Read.All",
+                ),
+            )
+        )
     else:
-        probes.append(Probe("User.Read.All", "WindowsDefenderATP", None,
-                            "not probed: no machine to ask about (needs Machine.Read.All and one machine)"))
-    probes.append(_probe("Vulnerability.Read.All", "WindowsDefenderATP",
-                         lambda: d.get_json(VULNERABILITIES, "/api/vulnerabilities", {"$top": 1},
-                                            permission="Vulnerability.Read.All")))
+        probes.append(
+            Probe(
+                "User.Read.All",
+                "WindowsDefenderATP",
+                None,
+                "not probed: no machine to ask about (needs Machine.Read.All and one machine)",
+            )
+        )
+    probes.append(
+        _probe(
+            "Vulnerability.Read.All",
+            "WindowsDefenderATP",
+            lambda: d.get_json(
+                VULNERABILITIES,
+                "/api/vulnerabilities",
+                {"$top": 1},
+                permission="Vulnerability.Read.All",
+            ),
+        )
+    )
     return probes

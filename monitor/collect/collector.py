@@ -147,7 +147,13 @@ def collect_tenant(
             progress("sign-in", 2, 2)
         except AuthError as exc:
             return CollectResult(
-                tenant.name, None, s.stats, started, _now_iso(), time.monotonic() - t0, auth_error=exc
+                tenant.name,
+                None,
+                s.stats,
+                started,
+                _now_iso(),
+                time.monotonic() - t0,
+                auth_error=exc,
             )
         builder = GraphBuilder(tenant)
 
@@ -172,7 +178,12 @@ def collect_tenant(
             ledger = RefreshLedger(redis_client, settings.redis_prefix, tenant.name).load()
             plan = plan_refresh(machines.last_seen, ledger, tenant.logon_user_budget)
             logon = collect_logon_users(
-                s.defender, builder, machines.last_seen, plan, tenant.logon_user_concurrency, progress
+                s.defender,
+                builder,
+                machines.last_seen,
+                plan,
+                tenant.logon_user_concurrency,
+                progress,
             )
             timed("logon_users", t)
         return CollectResult(

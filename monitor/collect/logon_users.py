@@ -51,7 +51,10 @@ class RefreshLedger:
         now = time.time()
         pipe = self._client.pipeline(transaction=False)
         if refreshed:
-            pipe.hset(self._key, mapping={mid: f"{now:.3f}|{seen or ''}" for mid, seen in refreshed.items()})
+            pipe.hset(
+                self._key,
+                mapping={mid: f"{now:.3f}|{seen or ''}" for mid, seen in refreshed.items()},
+            )
         gone = list(gone)
         for i in range(0, len(gone), 1000):
             pipe.hdel(self._key, *gone[i : i + 1000])
@@ -109,7 +112,9 @@ def collect_logon_users(
             return mid, None, str(exc), False
 
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="logonusers") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, concurrency), thread_name_prefix="logonusers"
+    ) as pool:
         for mid, users, error, skipped in pool.map(fetch, plan):
             scope = logon_users_scope(mid)
             if users is not None:

@@ -22,7 +22,9 @@ class MachinesResult:
         return self.status.state is ScopeState.COMPLETE
 
 
-def collect_machines(defender: DefenderClient, builder: GraphBuilder, progress: Progress) -> MachinesResult:
+def collect_machines(
+    defender: DefenderClient, builder: GraphBuilder, progress: Progress
+) -> MachinesResult:
     """Fetch every machine; a page shorter than `$top` ends the list."""
     pages: list[list[dict]] = []
     fetched = 0

@@ -120,6 +120,8 @@ def read_group(
     return out
 
 
-def ack(client: redis.Redis | redis.client.Pipeline, prefix: str, group: str, ids: list[str]) -> None:
+def ack(
+    client: redis.Redis | redis.client.Pipeline, prefix: str, group: str, ids: list[str]
+) -> None:
     if ids:
         client.xack(stream_key(prefix), group, *ids)
