@@ -14,6 +14,8 @@ from monitor.collect.collector import CollectResult, collect_tenant
 from monitor.collect.logon_users import RefreshLedger
 from monitor.collect.progress import Progress, no_progress
 from monitor.config import Settings
+from monitor.model.graph import ScopeState
+from monitor.model.schema import SCOPE_LOGON_USERS
 from monitor.redis_conn import connect
 from monitor.snapshot.commit import CommitResult, detect_and_commit, record_failed_sync
 from monitor.snapshot.lock import TenantLock
@@ -116,10 +118,8 @@ def _record_logon_refresh(
     """After the commit: remember which machines' logon users were refreshed, forget gone ones."""
     if collected.logon is None or collected.machine_ids is None:
         return
-    ledger = RefreshLedger(client, settings.redis_prefix, tenant)
-    known = set(ledger.load())
-    gone = known - set(collected.machine_ids)
-    ledger.record(collected.logon.refreshed, gone)
+    gone = collected.ledger_machines - set(collected.machine_ids)
+    RefreshLedger(client, settings.redis_prefix, tenant).record(collected.logon.refreshed, gone)
 
 
 def _summary(collected: CollectResult, result: CommitResult) -> SyncSummary:
@@ -128,8 +128,9 @@ def _summary(collected: CollectResult, result: CommitResult) -> SyncSummary:
     incomplete = {
         scope: status.error
         for scope, status in graph.scopes.items()
-        if status.state.value != "complete"
-        and (status.error or not scope.startswith("logon_users:"))
+        # a planned logon-user rotation (skipped, no error) is not worth a line
+        if status.state is not ScopeState.COMPLETE
+        and (status.error or not scope.startswith(f"{SCOPE_LOGON_USERS}:"))
     }
     events = Counter(ev["type"] for ev in result.events)
     return SyncSummary(

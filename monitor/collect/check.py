@@ -13,7 +13,7 @@ from monitor.collect.defender_api import (
     NO_MACHINES_CODE,
     VULNERABILITIES,
 )
-from monitor.collect.errors import ApiError, AuthError, CollectError, PermissionMissing
+from monitor.collect.errors import AuthError, CollectError, PermissionMissing
 from monitor.collect.graph_api import ORGANIZATION, USERS
 from monitor.config import Settings, TenantConfig
 
@@ -33,17 +33,9 @@ def _probe(permission: str, api: str, call: Callable[[], Any]) -> Probe:
     try:
         call()
     except PermissionMissing as exc:
-        return Probe(
-            permission,
-            api,
-            False,
-            f"HTTP {exc.status} {exc.code or ''}: missing or not consented".replace("  ", " "),
-        )
-    except AuthError as exc:
-        return Probe(permission, api, False, str(exc))
-    except ApiError as exc:
-        return Probe(permission, api, False, str(exc))
-    except CollectError as exc:
+        code = f" {exc.code}" if exc.code else ""
+        return Probe(permission, api, False, f"HTTP {exc.status}{code}: missing or not consented")
+    except CollectError as exc:  # sign-in and API errors say what happened themselves
         return Probe(permission, api, False, str(exc))
     return Probe(permission, api, True, "ok")
 

@@ -99,6 +99,7 @@ class CollectResult:
     auth_error: AuthError | None = None
     logon: LogonUsersResult | None = None
     machine_ids: list[str] | None = None  # None when the machine list is not complete
+    ledger_machines: set[str] = field(default_factory=set)  # machines in the refresh ledger
     timings: dict[str, float] = field(default_factory=dict)
 
     def meta(self) -> dict[str, Any]:
@@ -173,6 +174,7 @@ def collect_tenant(
         collect_vulnerabilities(s.defender, builder, progress)
         timed("vulnerabilities", t)
         logon: LogonUsersResult | None = None
+        ledger: dict[str, tuple[float, str | None]] = {}
         if machines.complete:
             t = time.monotonic()
             ledger = RefreshLedger(redis_client, settings.redis_prefix, tenant.name).load()
@@ -195,5 +197,6 @@ def collect_tenant(
             time.monotonic() - t0,
             logon=logon,
             machine_ids=list(machines.last_seen) if machines.complete else None,
+            ledger_machines=set(ledger),
             timings=timings,
         )

@@ -6,22 +6,7 @@ from collections.abc import Iterator
 
 from monitor.collect.errors import PageError
 from monitor.collect.http import ApiClient, Json
-
-# Fields the user converter reads; `$select` keeps pages small and makes accountEnabled explicit.
-USER_FIELDS = (
-    "id",
-    "displayName",
-    "userPrincipalName",
-    "mail",
-    "givenName",
-    "surname",
-    "jobTitle",
-    "department",
-    "officeLocation",
-    "accountEnabled",
-    "userType",
-    "createdDateTime",
-)
+from monitor.model.users import GRAPH_USER_FIELDS
 
 ORGANIZATION = "graph:/organization"
 USERS = "graph:/users"
@@ -45,7 +30,7 @@ class GraphClient:
 
     def iter_user_pages(self, top: int = 999) -> Iterator[list[Json]]:
         """Users, a page at a time: `$select`, `$top=999`, following `@odata.nextLink`."""
-        params: dict[str, str | int] = {"$select": ",".join(USER_FIELDS), "$top": top}
+        params: dict[str, str | int] = {"$select": ",".join(GRAPH_USER_FIELDS), "$top": top}
         yield from self.api.iter_next_link_pages(
             USERS, "/v1.0/users", params, permission="Directory.Read.All"
         )

@@ -18,7 +18,7 @@ import orjson
 from monitor import __version__
 from monitor.auth import TokenProvider
 from monitor.collect.budget import Budget
-from monitor.collect.errors import ApiError, AuthError, PageError, PermissionMissing
+from monitor.collect.errors import ApiError, PageError, PermissionMissing
 from monitor.config import HttpSettings, Settings, origin
 
 Json = dict[str, Any]
@@ -52,6 +52,10 @@ class RequestStats:
     def count(self, counter: Counter[str], endpoint: str) -> None:
         with self._lock:
             counter[endpoint] += 1
+
+    def add_budget_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.budget_wait_seconds += seconds
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,8 +202,7 @@ class ApiClient:
         # BudgetExhausted propagates: the caller decides (logon users: skip the rest this sync)
         waited = self._budget.acquire(endpoint, max_wait=max(0.0, deadline - time.monotonic()))
         if waited:
-            with self.stats._lock:
-                self.stats.budget_wait_seconds += waited
+            self.stats.add_budget_wait(waited)
         token = self._tokens.token(self.scope)
         self.stats.count(self.stats.requests, endpoint)
         try:
@@ -294,12 +297,3 @@ def page_value(endpoint: str, body: Json) -> list[Json]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise PageError(endpoint, "page has no `value` list", status=200)
     return value
-
-
-__all__ = [
-    "ApiClient",
-    "ApiError",
-    "AuthError",
-    "RequestStats",
-    "build_http_client",
-]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from monitor.collect.defender_api import DefenderClient
-from monitor.collect.errors import CollectError
+from monitor.collect.pages import IncompleteList, read_all
 from monitor.collect.progress import Progress
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import ScopeState, ScopeStatus
@@ -26,24 +26,13 @@ def collect_machines(
     defender: DefenderClient, builder: GraphBuilder, progress: Progress
 ) -> MachinesResult:
     """Fetch every machine; a page shorter than `$top` ends the list."""
-    pages: list[list[dict]] = []
-    fetched = 0
     try:
-        for page in defender.iter_machine_pages():
-            pages.append(page)
-            fetched += len(page)
-            progress("machines", fetched, None)
-    except CollectError as exc:
-        status = ScopeStatus(ScopeState.FAILED, count=fetched, error=str(exc))
+        machines = read_all(defender.iter_machine_pages(), progress, "machines")
+    except IncompleteList as exc:
+        status = exc.status()
         builder.set_scope(SCOPE_MACHINES, status)
         return MachinesResult(status)
-    last_seen: dict[str, str | None] = {}
-    count = 0
-    for page in pages:
-        count += builder.add_machines(page)
-        for m in page:
-            if isinstance(m.get("id"), str):
-                last_seen[m["id"]] = m.get("lastSeen")
-    status = ScopeStatus(ScopeState.COMPLETE, count=count)
+    last_seen = {m["id"]: m.get("lastSeen") for m in machines if isinstance(m.get("id"), str)}
+    status = ScopeStatus(ScopeState.COMPLETE, count=builder.add_machines(machines))
     builder.set_scope(SCOPE_MACHINES, status)
     return MachinesResult(status, last_seen)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from monitor.collect.errors import CollectError
 from monitor.collect.graph_api import GraphClient
+from monitor.collect.pages import IncompleteList, read_all
 from monitor.collect.progress import Progress
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import ScopeState, ScopeStatus
@@ -12,17 +12,11 @@ from monitor.model.schema import SCOPE_USERS
 
 def collect_users(graph: GraphClient, builder: GraphBuilder, progress: Progress) -> ScopeStatus:
     """Fetch all users; the scope is complete only when the last page arrived."""
-    pages: list[list[dict]] = []
-    fetched = 0
     try:
-        for page in graph.iter_user_pages():
-            pages.append(page)
-            fetched += len(page)
-            progress("users", fetched, None)
-    except CollectError as exc:
-        status = ScopeStatus(ScopeState.FAILED, count=fetched, error=str(exc))
+        users = read_all(graph.iter_user_pages(), progress, "users")
+    except IncompleteList as exc:
+        status = exc.status()
     else:
-        count = sum(builder.add_users(page) for page in pages)
-        status = ScopeStatus(ScopeState.COMPLETE, count=count)
+        status = ScopeStatus(ScopeState.COMPLETE, count=builder.add_users(users))
     builder.set_scope(SCOPE_USERS, status)
     return status

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from monitor.collect.defender_api import DefenderClient
-from monitor.collect.errors import CollectError
+from monitor.collect.pages import IncompleteList, read_all
 from monitor.collect.progress import Progress
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import ScopeState, ScopeStatus
@@ -42,17 +42,13 @@ def collect_vulnerabilities(
     defender: DefenderClient, builder: GraphBuilder, progress: Progress
 ) -> ScopeStatus:
     """Fetch all pairs and all CVEs; any failure leaves the scope failed (nothing deleted)."""
-    pairs: list[dict] = []
-    cves: list[dict] = []
     try:
-        for page in defender.iter_machine_vulnerability_pages():
-            pairs.extend(_slim(p) for p in page)
-            progress("machine vulnerabilities", len(pairs), None)
-        for page in defender.iter_vulnerability_pages():
-            cves.extend(page)
-            progress("vulnerabilities", len(cves), None)
-    except CollectError as exc:
-        status = ScopeStatus(ScopeState.FAILED, count=len(pairs), error=str(exc))
+        pairs = read_all(
+            defender.iter_machine_vulnerability_pages(), progress, "machine vulnerabilities", _slim
+        )
+        cves = read_all(defender.iter_vulnerability_pages(), progress, "vulnerabilities")
+    except IncompleteList as exc:
+        status = exc.status()
     else:
         count = builder.add_machine_vulnerabilities(pairs, cves)
         status = ScopeStatus(ScopeState.COMPLETE, count=count)

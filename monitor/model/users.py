@@ -9,13 +9,29 @@ from monitor.model.schema import ACCOUNT_HAS_USER, USER, epoch_ms, require_str
 
 Item = dict[str, Any]
 
+# The Graph user fields this converter reads; the collector `$select`s exactly these (Graph's
+# default projection leaves out accountEnabled, department, userType and createdDateTime).
+GRAPH_USER_FIELDS = (
+    "id",
+    "displayName",
+    "userPrincipalName",
+    "mail",
+    "givenName",
+    "surname",
+    "jobTitle",
+    "department",
+    "officeLocation",
+    "accountEnabled",
+    "userType",
+    "createdDateTime",
+)
+
 
 def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
     """One Graph user as a `microsoft_defender_user` entity.
 
-    `active` is Graph's `accountEnabled` (None when it was not selected: Graph's default
-    projection leaves out accountEnabled, department, userType and createdDateTime, so the
-    collector asks for them with `$select`); `email` is `mail`.
+    `active` is Graph's `accountEnabled` (None when it was not selected, see
+    GRAPH_USER_FIELDS); `email` is `mail`.
     """
     user_id = require_str(user, "user")
     upn = user.get("userPrincipalName")
