@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from monitor.config import DetectSettings
 from monitor.model import schema
+from monitor.model.graph import Graph
 from monitor.snapshot import diff
 
 
@@ -63,6 +64,13 @@ def test_fingerprint_significant_part_ignores_volatile_and_raw() -> None:
     assert len(diff.fingerprint(rel)[0]) == 16
     # key order does not matter
     assert diff.fingerprint(dict(reversed(list(a.items()))), ign)[0] == fa
+    # compare() computes the same prints in bulk
+    g = Graph()
+    g.add_entity(b, schema.SCOPE_MACHINES)
+    g.add_relationship(rel, schema.SCOPE_MACHINES)
+    fresh = diff.compare(g, None, diff.ignored_fields(None)).fresh[schema.SCOPE_MACHINES]
+    assert fresh[schema.MACHINE.type]["k"] == fb
+    assert fresh["x"]["r"] == diff.fingerprint(rel)[0]
 
 
 def test_volatile_override_from_settings() -> None:

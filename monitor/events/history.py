@@ -3,7 +3,6 @@ and following the stream as events arrive."""
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import threading
 from collections import deque
@@ -129,15 +128,11 @@ def follow(
     last = after_id
     while stop is None or not stop.is_set():
         resp: Any = client.xread({key: last}, block=block_ms, count=500)
-        for _key, entries in resp or []:
-            for sid, fields in entries:
+        for _key, batch in resp or []:
+            if batch:
+                sid = batch[-1][0]
                 last = sid.decode() if isinstance(sid, bytes) else str(sid)
-                raw = fields.get(b"e", fields.get("e"))
-                if raw is None:
-                    continue
-                ev = stream.decode(raw)
-                if type_glob is None or fnmatch.fnmatchcase(ev["type"], type_glob):
-                    yield last, ev
+            yield from stream.entries(batch, type_glob)
 
 
 def involves(event: Event, key: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -63,6 +63,23 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def entry_event(fields: Mapping[Any, Any] | None) -> Event | None:
+    """The event of one stream entry's fields (None: no `e` field, e.g. trimmed while pending)."""
+    raw = fields.get(b"e", fields.get("e")) if fields else None
+    return None if raw is None else decode(raw)
+
+
+def entries(
+    batch: Iterable[tuple[Any, Any]], type_glob: str | None = None
+) -> Iterator[tuple[str, Event]]:
+    """(stream id, event) of raw XRANGE/XREAD entries, skipping those without an event or whose
+    type does not match `type_glob`."""
+    for sid, fields in batch:
+        ev = entry_event(fields)
+        if ev is not None and (type_glob is None or fnmatch.fnmatchcase(ev["type"], type_glob)):
+            yield _s(sid), ev
+
+
 def read_range(
     client: redis.Redis,
     prefix: str,
@@ -78,14 +95,10 @@ def read_range(
         batch: Any = client.xrange(key, min=start, max="+", count=count)
         if not batch:
             return
-        for sid, fields in batch:
-            ev = decode(fields[b"e"] if b"e" in fields else fields["e"])
-            if type_glob is None or fnmatch.fnmatchcase(ev["type"], type_glob):
-                yield _s(sid), ev
-        last = _s(batch[-1][0])
+        yield from entries(batch, type_glob)
         if len(batch) < count:
             return
-        start = "(" + last
+        start = "(" + _s(batch[-1][0])
 
 
 def ensure_group(client: redis.Redis, prefix: str, group: str, start: str = "0") -> None:
@@ -110,14 +123,7 @@ def read_group(
     resp: Any = client.xreadgroup(
         group, consumer, {stream_key(prefix): "0" if pending else ">"}, count=count, block=block_ms
     )
-    out: list[tuple[str, Event]] = []
-    for _stream, entries in resp or []:
-        for sid, fields in entries:
-            if not fields:  # trimmed away while pending
-                continue
-            raw = fields.get(b"e", fields.get("e"))
-            out.append((_s(sid), decode(raw)))
-    return out
+    return [pair for _stream, batch in resp or [] for pair in entries(batch)]
 
 
 def ack(

@@ -165,7 +165,7 @@ def detect_and_commit(
         prev_meta = store.meta(tenant) or {}
         return CommitResult(
             tenant,
-            store.generation(tenant),
+            event["data"]["generation"],
             "failed",
             [event],
             counts=dict(prev_meta.get("counts") or {}),

@@ -44,20 +44,22 @@ def ignored_fields(detect: DetectSettings | None) -> dict[str, frozenset[str]]:
     return {t: v | _RAW_ONLY for t, v in volatile_fields(detect).items()}
 
 
-def body_json(item: Item) -> bytes:
-    """Canonical JSON of an item (sorted keys): what is stored and fingerprinted."""
-    return orjson.dumps(item, option=_SORT)
+def _significant(item: Item, ignored: Collection[str]) -> str:
+    """The hash of the item without its ignored fields (the first half of a 32-char print)."""
+    kept = item.copy()
+    for name in ignored:
+        kept.pop(name, None)
+    return hashlib.blake2b(orjson.dumps(kept, option=_SORT), digest_size=8).hexdigest()
 
 
 def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, bytes]:
-    """(fingerprint, canonical JSON) of one item; see monitor.snapshot.store for the format."""
+    """(fingerprint, canonical JSON) of one item; see monitor.snapshot.store for the format.
+
+    `compare` computes the same prints in bulk."""
     body = orjson.dumps(item, option=_SORT)
     full = hashlib.blake2b(body, digest_size=8).hexdigest()
-    for name in ignored:
-        if name in item:
-            kept = {k: v for k, v in item.items() if k not in ignored}
-            sig = hashlib.blake2b(orjson.dumps(kept, option=_SORT), digest_size=8).hexdigest()
-            return sig + full, body
+    if any(name in item for name in ignored):
+        return _significant(item, ignored) + full, body
     return full, body
 
 
@@ -130,7 +132,6 @@ def _index_fresh(
     Items come in runs of one scope and type (collectors add them resource by resource), so
     the work is done per run with C-level groupby/update rather than item by item.
     """
-    blake, dumps = hashlib.blake2b, orjson.dumps
     scopes = [scope_of.get(k) for k in keys]
     if None in scopes:
         scopes = [s or default_scope(it) for s, it in zip(scopes, items, strict=True)]
@@ -143,10 +144,7 @@ def _index_fresh(
         for name in ign:
             need.update(i for i in range(start, end) if name in items[i])
         for i in need:  # significant hash first, then the full one
-            kept = items[i].copy()
-            for drop in ign:
-                kept.pop(drop, None)
-            fps[i] = blake(dumps(kept, option=_SORT), digest_size=8).hexdigest() + fps[i]
+            fps[i] = _significant(items[i], ign) + fps[i]
         bucket = fresh.setdefault(scope, {}).setdefault(typ, {})  # type: ignore[arg-type]
         bucket.update(zip(keys[start:end], fps[start:end], strict=True))
         start = end

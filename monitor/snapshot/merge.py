@@ -65,10 +65,8 @@ class MergePlan:
     created: list[str]  # items new in the snapshot, outside baseline scopes
     updated: list[str]  # items whose significant content changed
     deleted: list[tuple[str, str]]  # (key, _type) removed, outside baseline scopes
-    dropped: list[tuple[str, str]]  # (key, _type) removed silently (dangling kept relationships)
     kept: dict[str, int]  # _type -> stored items carried over (not fetched)
     incomplete: dict[str, ScopeStatus]  # scope -> status of degrading scopes
-    budget_skipped: int  # logon-user scopes skipped without error (normal)
     baseline: bool  # first sync of the tenant
     baseline_scopes: list[str]  # scopes seen complete for the first time, or new and incomplete
     baseline_counts: dict[str, int]  # _type -> items in baseline scopes
@@ -82,11 +80,8 @@ class MergePlan:
         return bool(self.incomplete) or any(d.held for d in self.drops.values())
 
     def item_counts(self) -> dict[str, int]:
-        counts: Counter[str] = Counter()
-        for types in self.index.values():
-            for typ, items in types.items():
-                counts[typ] += len(items)
-        return dict(sorted(counts.items()))
+        """`_type` -> items in the new snapshot."""
+        return _count_types(self.index)
 
 
 def scope_state(graph: Graph, cmp: Comparison, scope: str) -> ScopeStatus:
@@ -195,13 +190,13 @@ def plan(
     def exists(key: str | None) -> bool:
         return key is None or key in fetched_entities or key in kept_entities
 
-    dropped: list[tuple[str, str]] = []  # removed silently
+    dropped: set[str] = set()  # removed silently (dangling relationships)
     for key, (_scope, typ) in list(kept_items.items()):
         if typ in schema.RELATIONSHIP_BY_TYPE:
             src, dst = rel_endpoints(key, typ)
             if not exists(src) or (typ != LOGON_REL_TYPE and not exists(dst)):
                 del kept_items[key]
-                dropped.append((key, typ))
+                dropped.add(key)
     referenced: set[str] = set()  # logon users some machine HAS after the merge
     rels = graph.relationships
     entity_keys = fetched_entities.keys() | kept_entities
@@ -229,7 +224,7 @@ def plan(
                 del items[key]
                 write.pop(key, None)
                 if key in previous_fp:
-                    dropped.append((key, typ))
+                    dropped.add(key)
             if typ == LOGON_REL_TYPE:
                 referenced.update(rels[k].get("_toEntityKey") or "" for k in items if k in rels)
     for key, (_scope, typ) in kept_items.items():
@@ -260,7 +255,7 @@ def plan(
     }
     for key, (scope, typ) in kept_items.items():
         index.setdefault(scope, {}).setdefault(typ, {})[key] = previous_fp[key]
-    gone = {k for k, _s, _t in deletions} | {k for k, _t in dropped}
+    gone = {k for k, _s, _t in deletions} | dropped
 
     # 6. scopes: baseline, known, degraded
     machines_after = {
@@ -286,22 +281,16 @@ def plan(
     for s in baseline_scopes:
         baseline_counts.update(fetched_counts[s])
 
-    incomplete: dict[str, ScopeStatus] = {}
-    budget_skipped = 0
-    for s, st in sorted(states.items()):
-        if st.state is ScopeState.COMPLETE or machine_gone(s):
-            continue
-        if st.state is ScopeState.SKIPPED and st.error is None:
-            budget_skipped += s.startswith(LOGON_PREFIX)
-            continue
-        incomplete[s] = st
+    incomplete = {  # budget skips (SKIPPED without error) are normal
+        s: st
+        for s, st in sorted(states.items())
+        if st.state is not ScopeState.COMPLETE
+        and not machine_gone(s)
+        and not (st.state is ScopeState.SKIPPED and st.error is None)
+    }
 
     # 7. changes that become events
-    fresh_scope: dict[str, str] = {}
-    for s in baseline_scopes:
-        for items in index[s].values():
-            for k in items:
-                fresh_scope[k] = s
+    fresh_scope = {k for s in baseline_scopes for items in index[s].values() for k in items}
     created: list[str] = []
     if not first_sync:
         logon_seen_in_known_scope: set[str] = set()
@@ -313,7 +302,7 @@ def plan(
                 if rel is not None and rel.get("_fromEntityKey") in entity_keys:
                     logon_seen_in_known_scope.add(rel.get("_toEntityKey") or "")
         for key in cmp.added:
-            if key in gone or (key in fresh_scope and not _is_logon_user(graph, key)):
+            if key in gone:
                 continue
             if _is_logon_user(graph, key):
                 if key in referenced and key in logon_seen_in_known_scope:
@@ -334,10 +323,8 @@ def plan(
         created=created,
         updated=updated,
         deleted=deleted,
-        dropped=sorted(dropped),
         kept=dict(sorted(kept.items())),
         incomplete=incomplete,
-        budget_skipped=budget_skipped,
         baseline=first_sync,
         baseline_scopes=baseline_scopes,
         baseline_counts=dict(sorted(baseline_counts.items())),

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 import redis
 
-from monitor.events.stream import decode, stream_key
+from monitor.events.stream import entry_event, stream_key
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
 
 Index = dict[str, dict[str, dict[str, str]]]  # scope -> _type -> _key -> fingerprint
@@ -71,7 +71,6 @@ class StreamingTransaction:
         self._batch = batch
         self._max_bytes = max_bytes
         self._in_multi = False
-        self.queued = 0
         try:
             keys = list(watch)
             if keys:
@@ -117,7 +116,6 @@ class StreamingTransaction:
             reply = conn.read_response()
             if reply not in (b"QUEUED", "QUEUED"):
                 raise StoreError(f"command not queued: {reply!r}")
-        self.queued += n
 
     def execute(self) -> list[Any] | None:
         """EXEC: the replies, or None when a WATCHed key changed (nothing applied)."""
@@ -261,10 +259,9 @@ class SnapshotStore:
         last: Any = self.client.xrevrange(stream_key(self.prefix, tenant), count=1)
         if not last:
             return 0
-        fields = last[0][1]
-        raw = fields.get(b"e", fields.get("e"))
         try:
-            return int(decode(raw).get("data", {}).get("generation") or 0)
+            event = entry_event(last[0][1]) or {}
+            return int(event.get("data", {}).get("generation") or 0)
         except (ValueError, TypeError, AttributeError):
             return 0
 
