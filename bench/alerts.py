@@ -209,6 +209,27 @@ def _change(
     )
 
 
+def _pair(
+    kind: str, verb: str, m: dict[str, Any], target: dict[str, Any], tenant: str, gen: int
+) -> Event:
+    """A relationship event `mde.<kind>` of machine `m` and `target` (e.g. `m|has|user`)."""
+    key = f"{m['_key']}|{verb}|{target['_key']}"
+    return make_event(
+        tenant=tenant,
+        type=f"mde.{kind}",
+        subject=key,
+        generation=gen,
+        data={
+            "key": key,
+            "displayName": f"{m['displayName']} {verb.upper()} {target['displayName']}",
+            "changes": {},
+            "entity": {"_key": key},
+            "source": m,
+            "target": target,
+        },
+    )
+
+
 def make_events(n: int, seed: int = 7) -> list[Event]:
     """`n` events of a realistic mix (machines, vulnerabilities, logons, users) over 5 tenants."""
     rng = random.Random(seed)
@@ -274,22 +295,8 @@ def make_events(n: int, seed: int = 7) -> list[Event]:
                 "score": round(rng.uniform(2, 10), 1),
                 "public": rng.random() < 0.1,
             }
-            key = f"{m['_key']}|identified|{target['_key']}"
             out.append(
-                make_event(
-                    tenant=tenant,
-                    type="mde.machine_vulnerability.identified",
-                    subject=key,
-                    generation=gen,
-                    data={
-                        "key": key,
-                        "displayName": f"{m['displayName']} IDENTIFIED {cve}",
-                        "changes": {},
-                        "entity": {"_key": key},
-                        "source": m,
-                        "target": target,
-                    },
-                )
+                _pair("machine_vulnerability.identified", "identified", m, target, tenant, gen)
             )
         elif r < 0.92:
             user = f"user{rng.randrange(5000)}"
@@ -298,23 +305,7 @@ def make_events(n: int, seed: int = 7) -> list[Event]:
                 "displayName": user,
                 "isDomainAdmin": rng.random() < 0.05,
             }
-            key = f"{m['_key']}|has|{target['_key']}"
-            out.append(
-                make_event(
-                    tenant=tenant,
-                    type="mde.machine_logon_user.added",
-                    subject=key,
-                    generation=gen,
-                    data={
-                        "key": key,
-                        "displayName": f"{m['displayName']} HAS {user}",
-                        "changes": {},
-                        "entity": {"_key": key},
-                        "source": m,
-                        "target": target,
-                    },
-                )
-            )
+            out.append(_pair("machine_logon_user.added", "has", m, target, tenant, gen))
         elif r < 0.97:
             kind = rng.choice(("created", "deleted"))
             out.append(

@@ -264,14 +264,16 @@ class DeliveryQueue:
             self.client.zrem(self.index_key, *gone)
         return out
 
-    def log_entries(self, count: int = 100) -> list[dict[str, str]]:
-        """Newest delivery-log entries first."""
-        raw: Any = self.client.xrevrange(self.log_key, count=count)
+    def _newest(self, key: str, count: int) -> list[dict[str, str]]:
+        raw: Any = self.client.xrevrange(key, count=count)
         return [{"id": _s(i), **{_s(k): _s(v) for k, v in f.items()}} for i, f in raw]
 
+    def log_entries(self, count: int = 100) -> list[dict[str, str]]:
+        """Newest delivery-log entries first."""
+        return self._newest(self.log_key, count)
+
     def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
-        raw: Any = self.client.xrevrange(self.dead_key, count=count)
-        return [{"id": _s(i), **{_s(k): _s(v) for k, v in f.items()}} for i, f in raw]
+        return self._newest(self.dead_key, count)
 
     # one attempt ------------------------------------------------------------------------------
 
@@ -285,8 +287,41 @@ class DeliveryQueue:
             return True
         return False
 
-    def _release(self, pipe: Any, did: str) -> None:
+    def _settle(
+        self,
+        did: str,
+        rec: dict[str, str],
+        sink: str,
+        status: str,
+        attempt: int,
+        latency_ms: float | None,
+        record: dict[str, Any],
+        *,
+        due_at: float | None = None,
+        **log_fields: Any,
+    ) -> Any:
+        """A transaction recording an attempt's outcome: the record, the queue (due again at
+        `due_at`, else off it), the lease released, the log entry. The caller adds its own
+        writes and executes it."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.record_key(did), mapping={"status": status, **record})
+        if due_at is None:
+            pipe.zrem(self.queue_key, did)
+        else:
+            pipe.zadd(self.queue_key, {did: due_at})
         pipe.delete(self.lease_key(did))
+        self.log_entry(
+            pipe,
+            "attempt",
+            delivery=did,
+            sink=sink,
+            rule=rec.get("rule"),
+            status=status,
+            attempt=attempt,
+            latency_ms=latency_ms,
+            **log_fields,
+        )
+        return pipe
 
     def attempt(self, did: str, sinks: Mapping[str, Sink]) -> DeliveryOutcome:
         """Try one delivery once; on failure schedule the retry, dead-letter it or hold it."""
@@ -301,9 +336,10 @@ class DeliveryQueue:
         if not self._lease(did):
             return DeliveryOutcome(did, sink_name, "busy", error="another worker holds the lease")
         try:
-            return self._attempt(did, rec, sink_name, sinks)
-        finally:
+            return self._attempt(did, rec, sink_name, sinks)  # every outcome releases the lease
+        except BaseException:
             self.client.delete(self.lease_key(did))
+            raise
 
     def _attempt(
         self, did: str, rec: dict[str, str], sink_name: str, sinks: Mapping[str, Sink]
@@ -352,33 +388,25 @@ class DeliveryQueue:
         if error.retryable and attempt < self.policy.max_attempts:
             delay = retry_delay(attempt, self.policy, error.retry_after, self.rng)
             next_at = now + delay
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(
-                self.record_key(did),
-                mapping={
-                    "status": "retrying",
+            self._settle(
+                did,
+                rec,
+                sink_name,
+                "retrying",
+                attempt,
+                latency_ms,
+                {
                     "next_at": next_at,
                     "last_error": message,
                     "last_http_status": error.status or "",
                     "retry_after": "" if error.retry_after is None else error.retry_after,
                 },
-            )
-            pipe.zadd(self.queue_key, {did: next_at})
-            self.log_entry(
-                pipe,
-                "attempt",
-                delivery=did,
-                sink=sink_name,
-                rule=rec.get("rule"),
-                status="retrying",
-                attempt=attempt,
-                latency_ms=latency_ms,
+                due_at=next_at,
                 http_status=error.status,
                 error=message,
                 retry_after=error.retry_after,
                 next_at=f"{next_at:.3f}",
-            )
-            pipe.execute()
+            ).execute()
             log.warning(
                 "delivery failed, will retry",
                 extra={
@@ -407,23 +435,16 @@ class DeliveryQueue:
     def _sent(
         self, did: str, rec: dict[str, str], sink: str, attempt: int, latency_ms: float, now: float
     ) -> DeliveryOutcome:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(
-            self.record_key(did),
-            mapping={"status": "sent", "sent_at": now, "latency_ms": latency_ms, "last_error": ""},
+        pipe = self._settle(
+            did,
+            rec,
+            sink,
+            "sent",
+            attempt,
+            latency_ms,
+            {"sent_at": now, "latency_ms": latency_ms, "last_error": ""},
         )
-        pipe.zrem(self.queue_key, did)
         pipe.expire(self.record_key(did), int(self.policy.keep_sent))
-        self.log_entry(
-            pipe,
-            "attempt",
-            delivery=did,
-            sink=sink,
-            rule=rec.get("rule"),
-            status="sent",
-            attempt=attempt,
-            latency_ms=latency_ms,
-        )
         pipe.execute()
         log.info(
             "delivered",
@@ -442,17 +463,17 @@ class DeliveryQueue:
         http_status: int | None = None,
     ) -> DeliveryOutcome:
         sink = rec.get("sink", "")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(
-            self.record_key(did),
-            mapping={
-                "status": "dead",
-                "last_error": reason,
-                "last_http_status": http_status or "",
-                "dead_at": now,
-            },
+        pipe = self._settle(
+            did,
+            rec,
+            sink,
+            "dead",
+            attempt,
+            latency_ms,
+            {"last_error": reason, "last_http_status": http_status or "", "dead_at": now},
+            http_status=http_status,
+            error=reason,
         )
-        pipe.zrem(self.queue_key, did)
         pipe.xadd(
             self.dead_key,
             {
@@ -465,18 +486,6 @@ class DeliveryQueue:
             },
             maxlen=DEAD_MAXLEN,
             approximate=True,
-        )
-        self.log_entry(
-            pipe,
-            "attempt",
-            delivery=did,
-            sink=sink,
-            rule=rec.get("rule"),
-            status="dead",
-            attempt=attempt,
-            latency_ms=latency_ms,
-            http_status=http_status,
-            error=reason,
         )
         pipe.execute()
         log.error(
@@ -496,21 +505,10 @@ class DeliveryQueue:
         latency_ms: float | None = None,
     ) -> DeliveryOutcome:
         reason = f"sink {sink} is disabled: {why.get('reason', '')}".strip()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.record_key(did), mapping={"status": "held", "last_error": reason})
-        pipe.zrem(self.queue_key, did)
-        pipe.sadd(self.held_key(sink), did)
-        self.log_entry(
-            pipe,
-            "attempt",
-            delivery=did,
-            sink=sink,
-            rule=rec.get("rule"),
-            status="held",
-            attempt=attempt,
-            latency_ms=latency_ms,
-            error=reason,
+        pipe = self._settle(
+            did, rec, sink, "held", attempt, latency_ms, {"last_error": reason}, error=reason
         )
+        pipe.sadd(self.held_key(sink), did)
         pipe.execute()
         return DeliveryOutcome(did, sink, "held", attempt, latency_ms, reason)
 
@@ -538,11 +536,7 @@ class DeliveryQueue:
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(self.disabled_key, sink)
         for did in held:
-            d = _s(did)
-            pipe.hset(
-                self.record_key(d), mapping={"status": "queued", "attempts": 0, "next_at": now}
-            )
-            pipe.zadd(self.queue_key, {d: now})
+            self._queue_now(pipe, _s(did), now)
         pipe.delete(self.held_key(sink))
         self.log_entry(pipe, "sink_enabled", sink=sink, requeued=len(held))
         pipe.execute()
@@ -550,26 +544,39 @@ class DeliveryQueue:
 
     # manual retry -----------------------------------------------------------------------------
 
+    def _queue_now(self, pipe: Any, did: str, now: float) -> None:
+        """Queue a delivery again at `now` with a fresh retry budget (on the caller's `pipe`)."""
+        pipe.hset(self.record_key(did), mapping={"status": "queued", "attempts": 0, "next_at": now})
+        pipe.zadd(self.queue_key, {did: now})
+
+    def _requeue(self, pipe: Any, rec: dict[str, Any], now: float) -> None:
+        did = rec["id"]
+        self._queue_now(pipe, did, now)
+        pipe.srem(self.held_key(rec.get("sink", "")), did)
+        self.log_entry(pipe, "requeued", delivery=did, sink=rec.get("sink"), rule=rec.get("rule"))
+
     def requeue(self, did: str) -> bool:
         """Queue a failed (dead/held/retrying) delivery again now, with a fresh retry budget."""
         rec = self.get(did)
         if rec is None or rec.get("status") == "sent":
             return False
-        now = self.clock()
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.record_key(did), mapping={"status": "queued", "attempts": 0, "next_at": now})
-        pipe.zadd(self.queue_key, {did: now})
-        pipe.srem(self.held_key(rec.get("sink", "")), did)
-        self.log_entry(pipe, "requeued", delivery=did, sink=rec.get("sink"), rule=rec.get("rule"))
+        self._requeue(pipe, {**rec, "id": did}, self.clock())
         pipe.execute()
         return True
 
     def requeue_failed(self) -> list[str]:
         """Queue every dead or held delivery again (of sinks that are not disabled)."""
         disabled = self.disabled_sinks()
-        out = []
-        for rec in self.records(failed_only=True, limit=100_000):
-            failed = rec.get("status") in ("dead", "held") and rec.get("sink") not in disabled
-            if failed and self.requeue(rec["id"]):
-                out.append(rec["id"])
-        return out
+        recs = [
+            rec
+            for rec in self.records(failed_only=True, limit=100_000)
+            if rec.get("status") in ("dead", "held") and rec.get("sink") not in disabled
+        ]
+        now = self.clock()
+        for start in range(0, len(recs), 500):  # one transaction per 500, not per delivery
+            pipe = self.client.pipeline(transaction=True)
+            for rec in recs[start : start + 500]:
+                self._requeue(pipe, rec, now)
+            pipe.execute()
+        return [rec["id"] for rec in recs]

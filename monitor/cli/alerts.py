@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from monitor.alerts.deliver import DeliveryQueue
-from monitor.alerts.dispatch import Dispatcher
+from monitor.alerts.dispatch import Dispatcher, subject_of
 from monitor.alerts.group import group_key, group_labels, notification_id
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import render_notification
@@ -94,11 +94,6 @@ def _load(
         )
         errors += sink_errors
     return ruleset, sinks, errors
-
-
-def _redis() -> Any:
-    settings = state.settings()
-    return connect(settings.redis_url)
 
 
 # ------------------------------------------------------------------------------------- rules
@@ -317,7 +312,7 @@ def replay_events(ruleset: RuleSet, events: list[tuple[str, Event]]) -> dict[str
             if g["due"] is not None and g["due"] <= t:
                 flush(gid, g, g["due"])
         for rule, status in ruleset.evaluate(ev):
-            subject = f"{ev.get('data', {}).get('tenant')}\x1f{ev.get('subject')}"
+            subject = subject_of(ev)
             if status == "firing":
                 per_rule[rule.name]["matched"] += 1
                 labels = group_labels(rule, ev)
@@ -447,8 +442,7 @@ def _queue() -> DeliveryQueue:
     return DeliveryQueue(connect(settings.redis_url), settings.redis_prefix)
 
 
-def _disabled_banner(q: DeliveryQueue) -> dict[str, Any]:
-    disabled = q.disabled_sinks()
+def _disabled_banner(disabled: dict[str, dict[str, Any]]) -> None:
     for name, why in disabled.items():
         console.print(
             f"[bold red]SINK DISABLED[/bold red] {escape(name)} since"
@@ -458,7 +452,6 @@ def _disabled_banner(q: DeliveryQueue) -> dict[str, Any]:
             highlight=False,
             soft_wrap=True,
         )
-    return disabled
 
 
 @deliveries_app.command("list")
@@ -470,11 +463,11 @@ def deliveries_list(
     """Recent deliveries, newest first (disabled sinks are called out)."""
     q = _queue()
     rows = q.records(failed_only=failed, limit=limit)
+    disabled = q.disabled_sinks()
     if json_out:
-        disabled = q.disabled_sinks()
         print_json({"disabled_sinks": disabled, "deliveries": rows})
         return
-    _disabled_banner(q)
+    _disabled_banner(disabled)
     table = Table(title="deliveries" + (" (failed)" if failed else ""))
     for col in ("id", "sink", "rule", "status", "tries", "created", "title / last error"):
         table.add_column(col, overflow="fold")
@@ -643,7 +636,7 @@ def sinks_list(json_out: bool = JSON_OPT) -> None:
     if json_out:
         print_json(rows)
         return
-    _disabled_banner(q)
+    _disabled_banner(disabled)
     table = Table(title="sinks")
     for col in ("name", "type", "target", "state", "rules"):
         table.add_column(col, overflow="fold")

@@ -214,6 +214,11 @@ def to_json_line(document: Any) -> bytes:
     return orjson.dumps(document, default=str, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def pretty_json(document: Any) -> str:
+    """Indented JSON for reading (the `render` previews)."""
+    return orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2).decode()
+
+
 def compact_event(event: Event) -> dict[str, Any]:
     """A small view of an event (id, type, subject, name, changes) for size-limited payloads."""
     data = event.get("data") or {}

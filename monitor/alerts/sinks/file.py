@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import orjson
 from pydantic import Field
 
 from monitor.alerts.sinks.base import DeliveryError, Notification
-from monitor.alerts.sinks.common import SinkSettings, notification_document, to_json_line
+from monitor.alerts.sinks.common import (
+    SinkSettings,
+    notification_document,
+    pretty_json,
+    to_json_line,
+)
 
 
 class FileSettings(SinkSettings):
@@ -45,9 +49,7 @@ class FileSink:
 
     def render(self, notification: Notification) -> str:
         """The JSON document `send` appends as one line, indented here for reading."""
-        return orjson.dumps(
-            notification_document(notification), default=str, option=orjson.OPT_INDENT_2
-        ).decode()
+        return pretty_json(notification_document(notification))
 
     def send(self, notification: Notification) -> None:
         """Append one line; OSError -> DeliveryError (permission errors are not retryable)."""

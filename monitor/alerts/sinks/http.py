@@ -27,6 +27,8 @@ from monitor.alerts.sinks.base import DeliveryError
 if TYPE_CHECKING:
     import redis
 
+    from monitor.alerts.sinks.common import HttpSinkSettings
+
 log = logging.getLogger(__name__)
 
 USER_AGENT = "mde-monitor-alerts/1"
@@ -258,6 +260,39 @@ class HttpPoster:
 
     def close(self) -> None:
         self._client.close()
+
+
+class HttpSink:
+    """Base of the HTTP sinks: one HttpPoster for `url`, a repr without secrets, `close`."""
+
+    type: str
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        settings: HttpSinkSettings,
+        *,
+        secret_url: bool = True,
+        secrets: Iterable[str] = (),
+    ) -> None:
+        self.name = name
+        self._poster = HttpPoster(
+            sink_type=self.type,
+            name=name,
+            url=url,
+            timeout_seconds=settings.timeout_seconds,
+            ca_bundle=settings.ca_bundle,
+            secret_url=secret_url,
+            secrets=secrets,
+        )
+        self._target = self._poster.target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, target={self._target!r})"
+
+    def close(self) -> None:
+        self._poster.close()
 
 
 class RateLimiter:

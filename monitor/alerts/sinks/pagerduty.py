@@ -25,10 +25,11 @@ from monitor.alerts.sinks.common import (
     PlainUrl,
     compact_event,
     more_text,
+    pretty_json,
     safe_text,
     shorten,
 )
-from monitor.alerts.sinks.http import HttpPoster, redact_url
+from monitor.alerts.sinks.http import HttpSink
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +125,20 @@ def build_body(
     return body
 
 
-class PagerDutySink:
+class PagerDutySink(HttpSink):
     """Triggers and resolves PagerDuty alerts through Events API v2."""
 
     type = "pagerduty"
 
     def __init__(self, name: str, settings: PagerDutySettings) -> None:
-        self.name = name
-        self.settings = settings
-        self._poster = HttpPoster(
-            sink_type=self.type,
-            name=name,
-            url=settings.url,
-            timeout_seconds=settings.timeout_seconds,
-            ca_bundle=settings.ca_bundle,
+        super().__init__(
+            name,
+            settings.url,
+            settings,
             secret_url=False,
             secrets=[settings.routing_key.get_secret_value()],
         )
-        self._target = redact_url(settings.url)
-
-    def __repr__(self) -> str:
-        return f"PagerDutySink(name={self.name!r}, target={self._target!r})"
+        self.settings = settings
 
     def describe(self) -> str:
         return f"pagerduty events v2 {self._target}"
@@ -157,7 +151,7 @@ class PagerDutySink:
                 " firing; the PagerDuty incident stays open)"
             )
         body = build_body(notification, MASK, self.settings)
-        return orjson.dumps(body, default=str, option=orjson.OPT_INDENT_2).decode()
+        return pretty_json(body)
 
     def send(self, notification: Notification) -> None:
         """One POST to the enqueue endpoint; nothing for a resolve while the group still fires."""
@@ -172,6 +166,3 @@ class PagerDutySink:
             return
         body = build_body(notification, self.settings.routing_key.get_secret_value(), self.settings)
         self._poster.post(orjson.dumps(body, default=str), {"content-type": "application/json"})
-
-    def close(self) -> None:
-        self._poster.close()

@@ -33,9 +33,10 @@ from monitor.alerts.sinks.common import (
     event_name,
     fit,
     more_text,
+    pretty_json,
     safe_text,
 )
-from monitor.alerts.sinks.http import HttpPoster, RateLimiter, redact_url
+from monitor.alerts.sinks.http import HttpSink, RateLimiter
 
 if TYPE_CHECKING:
     import redis
@@ -131,7 +132,7 @@ def build_payload(notification: Notification, *, max_events: int = 10) -> dict[s
     return {"text": fallback, "blocks": blocks, "unfurl_links": False, "unfurl_media": False}
 
 
-class SlackSink:
+class SlackSink(HttpSink):
     """Posts one Block Kit message per notification to a Slack incoming webhook."""
 
     type = "slack"
@@ -144,16 +145,9 @@ class SlackSink:
         redis_client: redis.Redis | None = None,
         redis_prefix: str = "mde",
     ) -> None:
-        self.name = name
-        self.settings = settings
         url = settings.url.get_secret_value()
-        self._poster = HttpPoster(
-            sink_type=self.type,
-            name=name,
-            url=url,
-            timeout_seconds=settings.timeout_seconds,
-            ca_bundle=settings.ca_bundle,
-        )
+        super().__init__(name, url, settings)
+        self.settings = settings
         self._limiter = RateLimiter(
             url,
             settings.min_interval_seconds,
@@ -162,10 +156,6 @@ class SlackSink:
             redis_prefix=redis_prefix,
             max_wait=settings.max_wait_seconds,
         )
-        self._target = redact_url(url)
-
-    def __repr__(self) -> str:
-        return f"SlackSink(name={self.name!r}, target={self._target!r})"
 
     def describe(self) -> str:
         return f"slack webhook {self._target}"
@@ -176,7 +166,7 @@ class SlackSink:
 
     def render(self, notification: Notification) -> str:
         """The Block Kit body, indented; the webhook URL (the secret) is not part of it."""
-        return orjson.dumps(self.payload(notification), option=orjson.OPT_INDENT_2).decode()
+        return pretty_json(self.payload(notification))
 
     def send(self, notification: Notification) -> None:
         """One POST; 429 holds the per-webhook limiter for Retry-After and raises retryable."""
@@ -188,6 +178,3 @@ class SlackSink:
             if exc.status == 429:
                 self._limiter.hold(exc.retry_after if exc.retry_after is not None else 1.0)
             raise
-
-    def close(self) -> None:
-        self._poster.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from typing import Literal, TextIO
 
-import orjson
 from pydantic import Field
 
 from monitor.alerts.sinks.base import DeliveryError, Notification
@@ -22,6 +21,7 @@ from monitor.alerts.sinks.common import (
     event_name,
     more_text,
     notification_document,
+    pretty_json,
     safe_text,
     shorten,
     to_json_line,
@@ -76,9 +76,7 @@ class StdoutSink:
         """The human text `send` writes, or (format json) its JSON document indented."""
         if self.settings.format == "human":
             return render_human(notification, self.settings.max_events)
-        return orjson.dumps(
-            notification_document(notification), default=str, option=orjson.OPT_INDENT_2
-        ).decode()
+        return pretty_json(notification_document(notification))
 
     def send(self, notification: Notification) -> None:
         """Write and flush one notification."""

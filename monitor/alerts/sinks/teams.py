@@ -29,10 +29,11 @@ from monitor.alerts.sinks.common import (
     event_kind,
     event_name,
     more_text,
+    pretty_json,
     safe_text,
     shorten,
 )
-from monitor.alerts.sinks.http import HttpPoster, redact_url
+from monitor.alerts.sinks.http import HttpSink
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 _MD_SPECIAL = re.compile(r"([\\`*_~\[\]<>#|{}!])")
@@ -155,26 +156,14 @@ def build_payload(
             return payload  # nothing left to drop: title and facts are bounded
 
 
-class TeamsSink:
+class TeamsSink(HttpSink):
     """Posts one Adaptive Card per notification to a Teams Workflows webhook."""
 
     type = "teams"
 
     def __init__(self, name: str, settings: TeamsSettings) -> None:
-        self.name = name
+        super().__init__(name, settings.url.get_secret_value(), settings)
         self.settings = settings
-        url = settings.url.get_secret_value()
-        self._poster = HttpPoster(
-            sink_type=self.type,
-            name=name,
-            url=url,
-            timeout_seconds=settings.timeout_seconds,
-            ca_bundle=settings.ca_bundle,
-        )
-        self._target = redact_url(url)
-
-    def __repr__(self) -> str:
-        return f"TeamsSink(name={self.name!r}, target={self._target!r})"
 
     def describe(self) -> str:
         return f"teams workflow webhook {self._target}"
@@ -189,12 +178,9 @@ class TeamsSink:
 
     def render(self, notification: Notification) -> str:
         """The message with its Adaptive Card, indented; the workflow URL is not part of it."""
-        return orjson.dumps(self.payload(notification), option=orjson.OPT_INDENT_2).decode()
+        return pretty_json(self.payload(notification))
 
     def send(self, notification: Notification) -> None:
         """One POST of the card (Workflows answers 202 Accepted)."""
         body = orjson.dumps(self.payload(notification))
         self._poster.post(body, {"content-type": "application/json"})
-
-    def close(self) -> None:
-        self._poster.close()

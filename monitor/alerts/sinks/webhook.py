@@ -36,8 +36,13 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from monitor.alerts.sinks.base import Notification
-from monitor.alerts.sinks.common import HttpSinkSettings, SecretUrl, notification_fields
-from monitor.alerts.sinks.http import HttpPoster, redact_url
+from monitor.alerts.sinks.common import (
+    HttpSinkSettings,
+    SecretUrl,
+    notification_document,
+    pretty_json,
+)
+from monitor.alerts.sinks.http import HttpSink
 from monitor.events.envelope import SPEC_VERSION, utc_now_iso
 
 SINGLE_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
@@ -113,7 +118,7 @@ def alert_event(notification: Notification) -> dict[str, Any]:
         "subject": n.rule,
         "time": utc_now_iso(),
         "datacontenttype": "application/json",
-        "data": {**notification_fields(n), "events": list(n.events)},
+        "data": notification_document(n),
     }
 
 
@@ -136,32 +141,19 @@ def _header_value(text: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() else "?" for c in text)[:200]
 
 
-class WebhookSink:
+class WebhookSink(HttpSink):
     """POSTs CloudEvents JSON, signed with Standard Webhooks headers when a secret is set."""
 
     type = "webhook"
 
     def __init__(self, name: str, settings: WebhookSettings) -> None:
-        self.name = name
         self.settings = settings
-        url = settings.url.get_secret_value()
         self._key = decode_secret(settings.secret.get_secret_value()) if settings.secret else None
         self._extra = {k: v.get_secret_value() for k, v in settings.headers.items()}
         secrets = list(self._extra.values())
         if settings.secret:
             secrets.append(settings.secret.get_secret_value())
-        self._poster = HttpPoster(
-            sink_type=self.type,
-            name=name,
-            url=url,
-            timeout_seconds=settings.timeout_seconds,
-            ca_bundle=settings.ca_bundle,
-            secrets=secrets,
-        )
-        self._target = redact_url(url)
-
-    def __repr__(self) -> str:
-        return f"WebhookSink(name={self.name!r}, target={self._target!r})"
+        super().__init__(name, settings.url.get_secret_value(), settings, secrets=secrets)
 
     def describe(self) -> str:
         signed = "signed" if self._key else "unsigned"
@@ -191,8 +183,7 @@ class WebhookSink:
         if self._key is not None:
             headers["webhook-signature"] = SIGNATURE_PLACEHOLDER
         head = "".join(f"{k}: {v}\n" for k, v in headers.items())
-        body = orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2).decode()
-        return f"{head}\n{body}"
+        return f"{head}\n{pretty_json(document)}"
 
     def send(self, notification: Notification) -> None:
         """One signed POST of the CloudEvents body."""
@@ -202,6 +193,3 @@ class WebhookSink:
         if self._key is not None:
             headers["webhook-signature"] = sign(self._key, notification.id, timestamp, body)
         self._poster.post(body, headers)
-
-    def close(self) -> None:
-        self._poster.close()
