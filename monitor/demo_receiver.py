@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
-import hashlib
 import hmac
 import json
 import os
@@ -22,6 +20,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
+
+from monitor.alerts.sinks.webhook import decode_secret, sign
 
 SECRET_ENV = "DEMO_WEBHOOK_SECRET"
 TOLERANCE_SECONDS = 300  # Standard Webhooks: reject timestamps this far from now
@@ -48,17 +48,9 @@ def verify(key: bytes, headers: dict[str, str], body: bytes, now: float | None =
             return False
     except ValueError:
         return False
-    expected = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
-    for part in headers.get("webhook-signature", "").split():
-        version, _, sig = part.partition(",")
-        if version != "v1":
-            continue
-        try:
-            if hmac.compare_digest(base64.b64decode(sig), expected):
-                return True
-        except (binascii.Error, ValueError):
-            continue
-    return False
+    expected = sign(key, msg_id, int(ts), body).encode()
+    signatures = headers.get("webhook-signature", "").split()
+    return any(hmac.compare_digest(part.encode(), expected) for part in signatures)
 
 
 def new_secret() -> str:
@@ -103,7 +95,7 @@ class WebhookReceiver:
         port: int = 0,
         echo: TextIO | None = None,
     ) -> None:
-        self._key = base64.b64decode(secret.removeprefix("whsec_")) if secret else None
+        self._key = decode_secret(secret) if secret else None
         self._host = host
         self._port = port
         self._echo = echo

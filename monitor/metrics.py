@@ -89,6 +89,10 @@ def record_delivery(client: redis.Redis, prefix: str, sink: str, outcome: str) -
     client.hincrby(counter_key(prefix, "deliveries"), _field(sink, outcome), 1)
 
 
+def _gauge(name: str, help_text: str, *labels: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", help_text, labels=list(labels))
+
+
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -113,7 +117,7 @@ class RedisStateCollector(Collector):
         self._extra = list(extra)
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 when Redis answered this scrape")
+        up = _gauge("redis_up", "1 when Redis answered this scrape")
         try:
             families = list(self._families())
         except (redis.RedisError, OSError) as exc:
@@ -130,35 +134,25 @@ class RedisStateCollector(Collector):
 
         yield from self._counters()
         state = read_state(self._client, self._prefix, list(self._tenants()))
-        last_status = GaugeMetricFamily(
-            f"{NAMESPACE}_sync_last_status",
-            "1 for the outcome of the tenant's last sync",
-            labels=["tenant", "status"],
+        last_status = _gauge(
+            "sync_last_status", "1 for the outcome of the tenant's last sync", "tenant", "status"
         )
-        last_finished = GaugeMetricFamily(
-            f"{NAMESPACE}_sync_last_finished_timestamp_seconds",
+        last_finished = _gauge(
+            "sync_last_finished_timestamp_seconds",
             "When the tenant's last sync finished (unix time)",
-            labels=["tenant"],
+            "tenant",
         )
-        last_duration = GaugeMetricFamily(
-            f"{NAMESPACE}_sync_last_duration_seconds",
-            "Duration of the tenant's last sync",
-            labels=["tenant"],
+        last_duration = _gauge(
+            "sync_last_duration_seconds", "Duration of the tenant's last sync", "tenant"
         )
-        generation = GaugeMetricFamily(
-            f"{NAMESPACE}_snapshot_generation",
-            "Snapshot generation of the tenant",
-            labels=["tenant"],
+        generation = _gauge("snapshot_generation", "Snapshot generation of the tenant", "tenant")
+        entities = _gauge(
+            "entities", "Items per type in the tenant's latest snapshot", "tenant", "type"
         )
-        entities = GaugeMetricFamily(
-            f"{NAMESPACE}_entities",
-            "Items per type in the tenant's latest snapshot",
-            labels=["tenant", "type"],
-        )
-        next_run = GaugeMetricFamily(
-            f"{NAMESPACE}_sync_next_run_timestamp_seconds",
+        next_run = _gauge(
+            "sync_next_run_timestamp_seconds",
             "When beat will next enqueue the tenant's sync (unix time)",
-            labels=["tenant"],
+            "tenant",
         )
         for t in state.tenants:
             last = t.last_completed
@@ -176,20 +170,16 @@ class RedisStateCollector(Collector):
                 next_run.add_metric([t.name], t.next_run_ts)
         yield from (last_status, last_finished, last_duration, generation, entities, next_run)
 
-        length = GaugeMetricFamily(
-            f"{NAMESPACE}_event_stream_length", "Entries in the all-tenants event stream"
-        )
+        length = _gauge("event_stream_length", "Entries in the all-tenants event stream")
         length.add_metric([], state.stream_length)
         yield length
-        pending = GaugeMetricFamily(
-            f"{NAMESPACE}_event_consumer_pending",
+        pending = _gauge(
+            "event_consumer_pending",
             "Events delivered to a consumer group but not acknowledged",
-            labels=["group"],
+            "group",
         )
-        lag = GaugeMetricFamily(
-            f"{NAMESPACE}_event_consumer_lag",
-            "Events in the stream not yet read by a consumer group",
-            labels=["group"],
+        lag = _gauge(
+            "event_consumer_lag", "Events in the stream not yet read by a consumer group", "group"
         )
         for g in state.groups:
             pending.add_metric([g.name], g.pending)
@@ -198,15 +188,14 @@ class RedisStateCollector(Collector):
         yield pending
         yield lag
         if state.dead_letters is not None:
-            dead = GaugeMetricFamily(
-                f"{NAMESPACE}_dead_letters", "Deliveries that gave up (dead-letter entries)"
-            )
+            dead = _gauge("dead_letters", "Deliveries that gave up (dead-letter entries)")
             dead.add_metric([], state.dead_letters)
             yield dead
-        budget = GaugeMetricFamily(
-            f"{NAMESPACE}_api_budget_used_ratio",
+        budget = _gauge(
+            "api_budget_used_ratio",
             "Share of Microsoft's documented per-minute limit used in the last minute",
-            labels=["tenant", "endpoint"],
+            "tenant",
+            "endpoint",
         )
         for (tenant, endpoint), ratio in state.budget_minute_ratio.items():
             budget.add_metric([tenant, endpoint], ratio)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis
 
 from monitor.collect.budget import ENDPOINT_LIMITS
@@ -48,6 +49,11 @@ def run_history(
 ) -> list[dict[str, Any]]:
     """The tenant's recent sync task records, newest first."""
     raw: Any = client.lrange(history_key(prefix, tenant), 0, limit - 1)
+    return _records(raw)
+
+
+def _records(raw: list[bytes | str]) -> list[dict[str, Any]]:
+    """The JSON records of a history list (unreadable ones skipped)."""
     out = []
     for item in raw:
         try:
@@ -183,20 +189,6 @@ def _from_meta(meta: dict[str, Any]) -> LastSync | None:
     )
 
 
-def _snapshot_views(
-    client: redis.Redis, prefix: str, tenant: str
-) -> tuple[int | None, LastSync | None]:
-    """(generation, last sync) from the snapshot store, when that stage is installed."""
-    try:
-        from monitor.snapshot.store import SnapshotStore
-    except ImportError:  # pragma: no cover - detect stage not installed
-        return None, None
-    store = SnapshotStore(client, prefix)
-    generation = store.generation(tenant)
-    meta = store.meta(tenant)
-    return (int(generation) if generation else None), (_from_meta(meta) if meta else None)
-
-
 def _groups(client: redis.Redis, prefix: str) -> tuple[int, list[GroupState]]:
     key = stream_key(prefix)
     try:
@@ -266,23 +258,24 @@ def read_state(
 ) -> State:
     """Everything `status` and the metrics show, read from Redis."""
     from monitor.schedule import schedule_key, sync_entry_key
-    from monitor.snapshot.lock import read_holder
+    from monitor.snapshot.lock import lock_key, read_holder
+    from monitor.snapshot.store import SnapshotStore
 
+    store = SnapshotStore(client, prefix)
     pipe = client.pipeline(transaction=False)
     for t in tenants:
         pipe.lrange(history_key(prefix, t), 0, 20)
         pipe.zscore(schedule_key(prefix), sync_entry_key(prefix, t))
+        pipe.get(store.key(t, "gen"))  # SnapshotStore.generation / .meta, in one round trip
+        pipe.get(store.key(t, "meta"))
+        pipe.exists(lock_key(prefix, t))
     results = pipe.execute() if tenants else []
     states: list[TenantState] = []
     for i, t in enumerate(tenants):
-        records = []
-        for raw in results[2 * i]:
-            try:
-                records.append(json.loads(_s(raw)))
-            except ValueError:
-                continue
-        score = results[2 * i + 1]
-        generation, meta_last = _snapshot_views(client, prefix, t)
+        history, score, gen, meta, locked = results[5 * i : 5 * i + 5]
+        records = _records(history)
+        generation = int(gen or 0) or None
+        meta_last = _from_meta(orjson.loads(meta)) if meta else None
         last = _from_record(records[0]) if records else None
         completed = next((_from_record(r) for r in records if r.get("status") != "busy"), None)
         if meta_last is not None and (
@@ -301,7 +294,7 @@ def read_state(
                 if generation is not None
                 else (completed.generation if completed else None),
                 next_run_ts=float(score) if score is not None and float(score) > 0 else None,
-                running=read_holder(client, prefix, t),
+                running=read_holder(client, prefix, t) if locked else None,
             )
         )
     length, groups = _groups(client, prefix)

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import yaml
 
-from monitor.simulator import Simulator
+from monitor.simulator import SimTenant, Simulator, generate_tenant
 from monitor.status import iso_to_ts, run_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,19 @@ _BOOT = (
     "sys.argv = ['celery', '-A', 'monitor.celery_app', *sys.argv[1:]]\n"
     "sys.exit(main())\n"
 )
+
+
+def small(name: str, seed: int) -> SimTenant:
+    """A small simulated tenant (6 machines, 6 users): fast to sync, still every entity type."""
+    return generate_tenant(
+        machines=6,
+        users=6,
+        vulns_per_machine=2,
+        cves=20,
+        logon_users_per_machine=1,
+        seed=seed,
+        name=name,
+    )
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

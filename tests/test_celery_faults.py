@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 from celery_helpers import (
     fleet,
+    small,
     start_redis_server,
     synced_after,
     syncs,
@@ -30,22 +31,10 @@ from monitor.config import load_settings
 from monitor.demo_receiver import new_secret
 from monitor.events import stream
 from monitor.redis_conn import free_port, redis_answers
-from monitor.simulator import Fault, SimTenant, Simulator, generate_tenant
+from monitor.simulator import Fault, Simulator
 from monitor.status import iso_to_ts, run_history
 
 VISIBILITY = 3.0
-
-
-def small(name: str, seed: int) -> SimTenant:
-    return generate_tenant(
-        machines=6,
-        users=6,
-        vulns_per_machine=2,
-        cves=20,
-        logon_users_per_machine=1,
-        seed=seed,
-        name=name,
-    )
 
 
 def _env(cfg: Path, redis_url: str, secret: str, **extra: str) -> dict[str, str]:

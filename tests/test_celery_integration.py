@@ -9,7 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from celery_helpers import fleet, synced_after, syncs, wait_until, write_alerts, write_config
+from celery_helpers import (
+    fleet,
+    small,
+    synced_after,
+    syncs,
+    wait_until,
+    write_alerts,
+    write_config,
+)
 from sink_receivers import Receiver
 from standardwebhooks.webhooks import Webhook
 from typer.testing import CliRunner
@@ -17,20 +25,8 @@ from typer.testing import CliRunner
 from monitor.cli import app as cli_app
 from monitor.demo_receiver import new_secret
 from monitor.redis_conn import free_port
-from monitor.simulator import SimTenant, Simulator, generate_tenant
+from monitor.simulator import Simulator
 from monitor.status import run_history
-
-
-def small(name: str, seed: int) -> SimTenant:
-    return generate_tenant(
-        machines=6,
-        users=6,
-        vulns_per_machine=2,
-        cves=20,
-        logon_users_per_machine=1,
-        seed=seed,
-        name=name,
-    )
 
 
 def test_scheduled_syncs_events_and_deliveries(

@@ -203,3 +203,39 @@ def test_metrics_report_redis_down(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     res = CliRunner().invoke(app, ["--config", str(_config(tmp_path, "x")), "metrics"])
     assert res.exit_code == 0
     assert "mde_redis_up 0.0" in res.stdout
+
+
+def test_read_state_snapshot_meta_and_running_sync(
+    redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """A CLI sync (snapshot meta only) and a sync holding the tenant's lock show up."""
+    from monitor.snapshot.lock import lock_key
+    from monitor.snapshot.store import SnapshotStore
+
+    store = SnapshotStore(redis_client, redis_prefix)
+    redis_client.set(store.key("beta", "gen"), 7)
+    redis_client.set(
+        store.key("beta", "meta"),
+        json.dumps(
+            {
+                "status": "degraded",
+                "finished": "2026-01-01T11:00:00Z",
+                "duration_seconds": 1.5,
+                "generation": 7,
+                "counts": {"microsoft_defender_machine": 4, "bogus": "x"},
+            }
+        ),
+    )
+    redis_client.set(store.key("gamma", "gen"), 0)
+    redis_client.set(
+        lock_key(redis_prefix, "beta"),
+        json.dumps({"host": "w1", "pid": 42, "since": "2026-01-01T11:00:01Z", "token": "secret"}),
+    )
+    alpha, beta, gamma = read_state(redis_client, redis_prefix, ["alpha", "beta", "gamma"]).tenants
+    assert alpha.last is None and alpha.generation is None and alpha.running is None
+    assert beta.generation == 7
+    assert beta.last is not None and beta.last == beta.last_completed
+    assert (beta.last.status, beta.last.source) == ("degraded", "snapshot")
+    assert beta.last.counts == {"microsoft_defender_machine": 4}
+    assert beta.running == {"host": "w1", "pid": 42, "since": "2026-01-01T11:00:01Z"}
+    assert gamma.generation is None and gamma.running is None

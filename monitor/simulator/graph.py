@@ -22,9 +22,8 @@ CONTENT_TYPE = (
 MAX_TOP = 999
 DEFAULT_TOP = 100
 
-# microsoft.graph.user properties a client may $select (unknown names -> 400 like Graph).
-USER_PROPERTIES = [
-    "id",
+# The properties Graph returns for a user without $select (the recorded ones, in their order).
+_DEFAULT_USER_FIELDS = (
     "businessPhones",
     "displayName",
     "givenName",
@@ -35,6 +34,11 @@ USER_PROPERTIES = [
     "preferredLanguage",
     "surname",
     "userPrincipalName",
+    "id",
+)
+# microsoft.graph.user properties a client may $select (unknown names -> 400 like Graph).
+USER_PROPERTIES = [
+    *_DEFAULT_USER_FIELDS,
     "accountEnabled",
     "userType",
     "createdDateTime",
@@ -253,21 +257,6 @@ class GraphApi:
             doc["@odata.nextLink"] = f"{req.base_url}{req.path}?{qs}"
         doc["value"] = items
         return json_response(200, doc, CONTENT_TYPE)
-
-
-_DEFAULT_USER_FIELDS = (
-    "businessPhones",
-    "displayName",
-    "givenName",
-    "jobTitle",
-    "mail",
-    "mobilePhone",
-    "officeLocation",
-    "preferredLanguage",
-    "surname",
-    "userPrincipalName",
-    "id",
-)
 
 
 def _default(user: dict[str, Any]) -> dict[str, Any]:

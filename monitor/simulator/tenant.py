@@ -259,21 +259,27 @@ class SimTenant:
 
     # ---- machines ------------------------------------------------------------------------
 
-    def _machine(self, machine_id: str) -> Json:
+    def _get(self, items: dict[str, Json], kind: str, item_id: str) -> Json:
         try:
-            return self.machines[machine_id]
+            return items[item_id]
         except KeyError:
-            raise KeyError(f"tenant {self.tenant_id}: no machine {machine_id!r}") from None
+            raise KeyError(f"tenant {self.tenant_id}: no {kind} {item_id!r}") from None
+
+    def _update(self, items: dict[str, Json], kind: str, item_id: str, fields: Json) -> Json:
+        with self.lock:
+            old = self._get(items, kind, item_id)
+            if "id" in fields and fields["id"] != item_id:
+                raise ValueError(f"a {kind}'s id cannot be changed")
+            items[item_id] = new = {**old, **fields}
+            self.changed(vulns=False)
+            return new
+
+    def _machine(self, machine_id: str) -> Json:
+        return self._get(self.machines, "machine", machine_id)
 
     def set_machine(self, machine_id: str, **fields: Any) -> Json:
         """Change some fields of a machine (e.g. healthStatus='Inactive'); returns the machine."""
-        with self.lock:
-            old = self._machine(machine_id)
-            if "id" in fields and fields["id"] != machine_id:
-                raise ValueError("a machine's id cannot be changed")
-            self.machines[machine_id] = new = {**old, **fields}
-            self.changed(vulns=False)
-            return new
+        return self._update(self.machines, "machine", machine_id, fields)
 
     def add_machine(self, machine: Json | None = None) -> Json:
         """Add a machine (generated in the tenant's style when None); returns it."""
@@ -318,20 +324,11 @@ class SimTenant:
     # ---- users ---------------------------------------------------------------------------
 
     def _user(self, user_id: str) -> Json:
-        try:
-            return self.users[user_id]
-        except KeyError:
-            raise KeyError(f"tenant {self.tenant_id}: no user {user_id!r}") from None
+        return self._get(self.users, "user", user_id)
 
     def set_user(self, user_id: str, **fields: Any) -> Json:
         """Change some fields of a user (e.g. accountEnabled=False); returns the user."""
-        with self.lock:
-            old = self._user(user_id)
-            if "id" in fields and fields["id"] != user_id:
-                raise ValueError("a user's id cannot be changed")
-            self.users[user_id] = new = {**old, **fields}
-            self.changed(vulns=False)
-            return new
+        return self._update(self.users, "user", user_id, fields)
 
     def add_user(self, user: Json | None = None) -> Json:
         """Add a directory user (generated when None); returns it."""
