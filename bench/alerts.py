@@ -31,7 +31,7 @@ from monitor.alerts.rules import load_rules
 from monitor.config import Settings
 from monitor.events import stream
 from monitor.events.envelope import Event, make_event
-from monitor.redis_conn import connect, ensure_redis
+from monitor.redis_conn import connect, delete_prefix, ensure_redis
 
 TENANTS = ("contoso", "fabrikam", "northwind", "tailspin", "woodgrove")
 LEVELS = ("None", "Informational", "Low", "Medium", "High", "Critical")
@@ -371,17 +371,6 @@ class _Handler(BaseHTTPRequestHandler):
 # ------------------------------------------------------------------------------------- bench
 
 
-def _cleanup(client: Any, prefix: str) -> None:
-    batch = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=5000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            client.unlink(*batch)
-            batch = []
-    if batch:
-        client.unlink(*batch)
-
-
 def run(n_events: int, n_rules: int, redis_url: str) -> dict[str, Any]:
     events = make_events(n_events)
     with tempfile.TemporaryDirectory(prefix="mde-alert-bench-") as tmp:
@@ -434,7 +423,7 @@ def run(n_events: int, n_rules: int, redis_url: str) -> dict[str, Any]:
             final = d.queue.records(limit=100_000)
             sent = sum(1 for r in final if r.get("status") == "sent")
         finally:
-            _cleanup(client, prefix)
+            delete_prefix(client, prefix)
             server.shutdown()
             server.server_close()
     e2e_s = ingest_s + deliver_s

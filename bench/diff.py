@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monitor.config import DetectSettings, EventSettings
 from monitor.model import schema
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
+from monitor.redis_conn import delete_prefix
 from monitor.snapshot import diff as snapdiff
 from monitor.snapshot.commit import detect_and_commit
 from monitor.snapshot.store import SnapshotStore
@@ -309,8 +310,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             snapdiff.field_changes(old[k], new[k], ign[schema.MACHINE.type])
         out["our_diff_slice_s"] = time.perf_counter() - t
     finally:
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            client.unlink(key)
+        delete_prefix(client, prefix)
     return out
 
 

@@ -35,7 +35,7 @@ import redis
 import yaml
 
 from monitor.collect.budget import ENDPOINT_LIMITS
-from monitor.redis_conn import connect, free_port, redis_answers, start_embedded
+from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
 from monitor.simulator import Simulator, generate_tenant
 from monitor.status import budget_minute_ratios, iso_to_ts, run_history
 
@@ -60,8 +60,7 @@ def redis_for_bench(workdir: Path) -> Iterator[tuple[str, str]]:
             yield url, prefix
         finally:
             client = connect(url)
-            for key in client.scan_iter(match=f"{prefix}:*", count=2000):
-                client.delete(key)
+            delete_prefix(client, prefix)
         return
     url = start_embedded(f"redis://127.0.0.1:{free_port()}/0", workdir / "redis", appendonly=False)
     try:

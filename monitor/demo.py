@@ -33,7 +33,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from monitor.demo_receiver import SECRET_ENV, WebhookReceiver, new_secret
-from monitor.redis_conn import connect, free_port, redis_answers, start_embedded
+from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
 from monitor.status import run_history
 
 TENANT = "contoso"
@@ -315,8 +315,7 @@ def _redis_for_demo(data_dir: Path) -> Iterator[tuple[str, str, bool]]:
         finally:
             with contextlib.suppress(redis.RedisError):
                 client = connect(url)
-                for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-                    client.delete(key)
+                delete_prefix(client, prefix)
         return
     redis_dir = data_dir / "demo-redis"
     shutil.rmtree(redis_dir, ignore_errors=True)  # a fresh AOF: no state from an earlier demo

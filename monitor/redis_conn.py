@@ -22,6 +22,20 @@ def connect(url: str, **kwargs: object) -> redis.Redis:
     return redis.Redis.from_url(url, **kwargs)
 
 
+def delete_prefix(client: redis.Redis, prefix: str, batch: int = 1000) -> int:
+    """UNLINK every key under `<prefix>:`, in batches; returns how many were removed."""
+    removed = 0
+    keys: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}:*", count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            removed += int(client.unlink(*keys))  # type: ignore[arg-type]
+            keys = []
+    if keys:
+        removed += int(client.unlink(*keys))  # type: ignore[arg-type]
+    return removed
+
+
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """True when a server at `url` answers PING."""
     try:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from monitor.redis_conn import ensure_redis
+from monitor.redis_conn import delete_prefix, ensure_redis
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:8]
@@ -26,9 +26,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are removed afterwards."""
     prefix = f"mdetest-{RUN_ID}-{uuid.uuid4().hex[:6]}"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        client.delete(key)
+    delete_prefix(redis.Redis.from_url(redis_url), prefix)
 
 
 @pytest.fixture

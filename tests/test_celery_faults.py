@@ -242,7 +242,7 @@ def test_two_workers_two_beats_no_duplicate_syncs(
             cfg,
             redis_url,
             new_secret(),
-            MDE_MONITOR_SYNC_EVERY="2",
+            MDE_MONITOR_SYNC_EVERY="4",
             MDE_MONITOR_VISIBILITY_TIMEOUT="600",
         )
         with fleet(tmp_path, env) as f:
@@ -280,9 +280,7 @@ def test_two_workers_two_beats_no_duplicate_syncs(
         assert set(statuses) == {"ok"}, statuses
         starts = [iso_to_ts(r["started"]) or 0 for r in history]
         # The first sync may wait in the queue while the workers start, so it can begin late and
-        # close to the second; from then on one scheduler means a sync every ~2 s, while a second
+        # close to the second; from then on one scheduler means a sync every ~4 s, while a second
         # scheduler would put syncs side by side all along.
         gaps = [b - a for a, b in itertools.pairwise(starts[1:])]
-        assert min(gaps) > 1.0, f"{n}: syncs {json.dumps(gaps)} s apart"
-        workers = {r["worker"] for r in history}
-        assert len(workers) >= 1
+        assert min(gaps) > 2.0, f"{n}: syncs {json.dumps(gaps)} s apart"
