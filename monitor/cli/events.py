@@ -12,7 +12,7 @@ from rich.markup import escape
 from monitor.cli.app import ExitCode, app, console, out, print_json, state
 from monitor.events import history
 from monitor.events.envelope import Event
-from monitor.redis_conn import connect
+from monitor.redis_conn import connect, describe_error
 
 JSON_OPT = typer.Option(False, "--json", help="Machine-readable output on stdout.")
 
@@ -83,7 +83,7 @@ def events_cmd(
     except KeyboardInterrupt:
         return
     except redis.RedisError as exc:
-        console.print(f"[red]redis error[/red]: {escape(str(exc))}", markup=True, highlight=False)
+        console.print(f"[red]error[/red]: {escape(describe_error(exc))}", highlight=False)
         raise typer.Exit(ExitCode.FAILED) from None
 
 
@@ -100,7 +100,7 @@ def history_cmd(
     try:
         events = history.entity_history(client, prefix, key, tenant=tenant, since_ms=since_ms)
     except redis.RedisError as exc:
-        console.print(f"[red]redis error[/red]: {escape(str(exc))}", markup=True, highlight=False)
+        console.print(f"[red]error[/red]: {escape(describe_error(exc))}", highlight=False)
         raise typer.Exit(ExitCode.FAILED) from None
     if as_json:
         print_json(events)

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from monitor.cli.app import ExitCode, app, console, out, print_json, state
 from monitor.config import CONFIG_ENV, Settings
+from monitor.redis_conn import describe_error, is_redis_error
 
 
 def _redis(settings: Settings) -> redis.Redis:
@@ -31,9 +32,30 @@ def _export_config_env(settings: Settings) -> None:
 
 
 def _celery_main(argv: list[str]) -> None:
+    """Run Celery; exit with its status (non-zero when it failed, so supervisors restart it)."""
+    import click
+    from celery.bin.celery import celery as celery_cmd
+
     from monitor.celery_app import app as celery_app
 
-    celery_app.start(argv)
+    # `Celery.start` drops the exit status click returns; call the command the same way, keep it
+    celery_cmd.params[0].default = celery_app
+    try:
+        result = celery_cmd.main(args=argv, standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except (SystemExit, typer.Exit):
+        raise
+    except Exception as exc:  # beat re-raises what stopped it (after logging it)
+        why = describe_error(exc) if is_redis_error(exc) else f"{type(exc).__name__}: {exc}"
+        console.print(f"[red]{argv[0]} stopped[/red]: {why}", highlight=False, soft_wrap=True)
+        raise typer.Exit(ExitCode.FAILED) from None
+    finally:
+        celery_cmd.params[0].default = None
+    if code:
+        console.print(f"[red]{argv[0]} exited with status {code}[/red]", highlight=False)
+    raise typer.Exit(int(code or 0))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
