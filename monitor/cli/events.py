@@ -9,12 +9,12 @@ import redis
 import typer
 from rich.markup import escape
 
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.events import history
 from monitor.events.envelope import Event
 from monitor.redis_conn import connect, describe_error
 
-JSON_OPT = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+JSON_OPT = json_option()
 
 
 def _client() -> tuple[redis.Redis, str]:

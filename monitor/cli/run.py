@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.config import CONFIG_ENV, Settings
 from monitor.redis_conn import describe_error, is_redis_error
 
@@ -108,7 +108,7 @@ def trigger(
     all_tenants: bool = typer.Option(False, "--all", help="Every configured tenant."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the sync(s) to finish."),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait with --wait."),
-    as_json: bool = typer.Option(False, "--json", help="Print task ids (and results) as JSON."),
+    as_json: bool = json_option("Print task ids (and results) as JSON."),
 ) -> None:
     """Enqueue a sync now (also for DISABLED tenants); workers pick it up from the `sync` queue."""
     from monitor.celery_app import SYNC_QUEUE, SYNC_TASK, build_app
@@ -179,7 +179,7 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+def status(as_json: bool = json_option("Print the status as JSON.")) -> None:
     """Per tenant: last sync (when, status, counts), next run; event backlog; dead letters.
 
     Exit 0, or 1 when some tenant's last sync failed or dispatch is blocked (rules not loaded).
@@ -266,7 +266,7 @@ def demo(
     live: bool | None = typer.Option(
         None, "--live/--no-live", help="Live view (default: on a terminal)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = json_option("Print the summary as JSON."),
 ) -> None:
     """The whole product on this machine: simulator, Redis, worker, beat, alerts, webhook receiver.
 
