@@ -112,8 +112,13 @@ def json_option(help: str = "Machine-readable output on stdout (and nothing else
     return typer.Option(False, "--json", help=help, callback=_json_mode)
 
 
+def json_stream() -> Any:
+    """Where machine-readable output goes: the real stdout (also while --json diverts it)."""
+    return _json_stdout[0] if _json_stdout else sys.stdout
+
+
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout."""
-    stream = _json_stdout[0] if _json_stdout else sys.stdout
+    stream = json_stream()
     stream.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     stream.flush()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import orjson
 import redis
 import typer
 from rich.markup import escape
 
-from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, json_stream, out, print_json, state
 from monitor.events import history
 from monitor.events.envelope import Event
 from monitor.redis_conn import connect, describe_error
@@ -48,8 +46,9 @@ def _line(ev: Event) -> str:
 
 def _emit(ev: Event, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(orjson.dumps(ev).decode() + "\n")
-        sys.stdout.flush()
+        stream = json_stream()
+        stream.write(orjson.dumps(ev).decode() + "\n")
+        stream.flush()
     else:
         out.print(_line(ev), markup=False, highlight=False, soft_wrap=True)
 
