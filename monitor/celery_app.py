@@ -31,7 +31,9 @@ from monitor.config import (
     Settings,
     config_path,
     load_settings,
+    redis_url_with_tls,
 )
+from monitor.redis_conn import tls_options
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +219,13 @@ def build_app(
     env = os.environ if env is None else env
     options = options or RunOptions.from_env(env)
     url = env.get("REDIS_URL") or (settings.redis_url if settings else DEFAULT_REDIS_URL)
+    if settings is not None:
+        url = redis_url_with_tls(settings, url)
     prefix = settings.redis_prefix if settings else "mde"
-    urls = redis_urls(url)
+    # rediss://: one set of TLS options for kombu, the result backend and redbeat (kombu alone
+    # would otherwise fall back to CERT_NONE); our own clients re-read them from the full URL
+    plain, tls = tls_options(url)
+    urls = redis_urls(plain)
     keyprefix = f"{prefix}:celery:"
     app = Celery("mde-monitor", include=["monitor.tasks"])
     tcp = not urls.broker.startswith("redis+socket")
@@ -270,9 +277,15 @@ def build_app(
             }
         },
         mde_prefix=prefix,
-        mde_redis_url=urls.client,
+        mde_redis_url=url if tls else urls.client,
         mde_options=options,
     )
+    if tls:
+        app.conf.update(
+            broker_use_ssl=dict(tls),
+            redis_backend_use_ssl=dict(tls),
+            redbeat_redis_use_ssl=dict(tls),
+        )
     return app
 
 

@@ -40,8 +40,10 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-console = Console(stderr=True)
-out = Console()
+# Messages (stderr) never hard-wrap: a long path or error stays one greppable line. Output on
+# stdout wraps only on a terminal (piped into a file or another program, lines stay whole).
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=not sys.stdout.isatty())
 
 
 @dataclass

@@ -121,6 +121,7 @@ def trigger(
     else:
         console.print("choose a tenant with --tenant NAME or --all")
         raise typer.Exit(ExitCode.USAGE)
+    _redis(settings).ping()  # Redis away: one line now, not Celery's minute of retries
     celery_app = build_app(settings)
     sent = {
         name: celery_app.send_task(
