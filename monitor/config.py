@@ -247,11 +247,27 @@ class EventSettings(_Model):
     retention_days: float = Field(default=30.0, gt=0)
 
 
+class RedisTlsSettings(_Model):
+    """TLS for `rediss://` URLs (every client: CLI, worker, beat, result backend, redbeat).
+
+    Without `ca_bundle` the server certificate is checked against the system CAs (what Azure Cache
+    for Redis and ElastiCache need). Values given in the URL's query win over these.
+    """
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ssl_cert_reqs: str | None = Field(
+        default=None, pattern=r"(?i)^(cert_)?(required|optional|none)$"
+    )
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
     redis_url: str = DEFAULT_REDIS_URL
     redis_prefix: str = "mde"
+    redis: RedisTlsSettings = Field(default_factory=RedisTlsSettings)
     ca_bundle: Path | None = None
     alerts_dir: Path = Path("alerts")
     tenants: list[TenantConfig] = Field(default_factory=list)
@@ -335,7 +351,21 @@ def parse_settings(data: Any, source: str) -> Settings:
         raise ConfigError("\n".join(lines)) from None
     if settings.ca_bundle is not None and not settings.ca_bundle.is_file():
         raise ConfigError(f"{source}: ca_bundle: file not found: {settings.ca_bundle}")
+    for name in ("ca_bundle", "client_cert", "client_key"):
+        path = getattr(settings.redis, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{source}: redis.{name}: file not found: {path}")
     return settings
+
+
+def redis_url_with_tls(settings: Settings, url: str | None = None) -> str:
+    """`url` (default: the config's) with the `redis:` TLS files as query parameters."""
+    from monitor.redis_conn import with_tls
+
+    tls = settings.redis
+    return with_tls(
+        url or settings.redis_url, tls.ca_bundle, tls.client_cert, tls.client_key, tls.ssl_cert_reqs
+    )
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
@@ -360,5 +390,6 @@ def load_settings(path: str | Path | None = None) -> Settings:
     settings = parse_settings(data, str(p))
     if os.environ.get("REDIS_URL"):
         settings.redis_url = os.environ["REDIS_URL"]
+    settings.redis_url = redis_url_with_tls(settings)
     settings.source_path = p
     return settings
