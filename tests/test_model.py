@@ -26,7 +26,7 @@ from monitor.model.schema import (
     epoch_ms,
     logon_users_scope,
 )
-from monitor.model.vulnerabilities import pairs_from_machine_vulnerabilities
+from monitor.model.vulnerabilities import pairs_from_machine_vulnerabilities, vulnerability_entity
 
 RECORDED = Path(__file__).resolve().parents[1] / "monitor" / "simulator" / "recorded"
 VULN_MACHINE = "6dd3f7ce1291c2ccd7a1da22f0934bca93ee2e24"
@@ -582,3 +582,10 @@ def test_good_items_beside_a_bad_one_are_kept() -> None:
 )
 def test_epoch_ms(text: object, expected: int | None) -> None:
     assert epoch_ms(text) == expected
+
+
+def test_vulnerability_maps_epss_when_defender_sends_it() -> None:
+    cve = {**machine_cves()[0], "epss": 0.00123}
+    assert vulnerability_entity(cve)["epss"] == 0.00123
+    assert "epss" not in vulnerability_entity({**cve, "epss": None})
+    assert "epss" not in vulnerability_entity({**cve, "epss": "high"})  # not a number: left out
