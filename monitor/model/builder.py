@@ -44,6 +44,7 @@ from monitor.model.schema import (
 )
 from monitor.model.users import account_user_relationship, user_entity
 from monitor.model.vulnerabilities import (
+    LIST_SEPARATOR,
     machine_vulnerability_relationship,
     pair_product,
     vulnerability_cve_relationship,
@@ -77,6 +78,11 @@ def _severity_order(value: str | None) -> tuple[int, str]:
     return (-1 if rank is None else rank, value)
 
 
+def _joined(value: object) -> list[str]:
+    """The members of a relationship property joined with LIST_SEPARATOR."""
+    return value.split(LIST_SEPARATOR) if isinstance(value, str) and value else []
+
+
 def _item(obj: object) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise ModelError(f"expected a JSON object, got {type(obj).__name__}")
@@ -97,12 +103,11 @@ class GraphBuilder:
         # vulnerabilities: CVE id (upper) -> worst severity among its pairs; CVEs with details
         self._pair_severity: dict[str, str | None] = {}
         self._detailed: set[str] = set()
-        # IDENTIFIED relationship key -> (products, fixing KB ids) accumulated over calls
-        self._identified: dict[str, tuple[set[str], set[str]]] = {}
         self.rejected: list[Rejected] = []
 
     def _reject(self, scope: str, resource: str, index: int, exc: Exception) -> None:
-        item = Rejected(scope, resource, index, str(exc))
+        reason = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+        item = Rejected(scope, resource, index, reason[:300])
         self.rejected.append(item)
         log.warning(
             "item rejected",
@@ -125,7 +130,7 @@ class GraphBuilder:
         """The account entity from Graph `/organization` value[0] (scope "account")."""
         try:
             entity = account_entity(self.tenant, organization)
-        except ModelError as exc:
+        except Exception as exc:  # an unconvertible organization: rejected, not a crash
             self._reject(SCOPE_ACCOUNT, "organization", 0, exc)
             return
         self._graph.add_entity(entity, SCOPE_ACCOUNT)
@@ -137,7 +142,7 @@ class GraphBuilder:
         for i, raw in enumerate(users):
             try:
                 entity = user_entity(_item(raw), account_tag=self._tag)
-            except (ModelError, TypeError, ValueError) as exc:
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
                 self._reject(SCOPE_USERS, "users", i, exc)
                 continue
             self._graph.add_entity(entity, SCOPE_USERS)
@@ -154,7 +159,7 @@ class GraphBuilder:
                 machine = _item(raw)
                 agent = machine_entity(machine, account_tag=self._tag)
                 device = device_entity(machine, account_tag=self._tag)
-            except (ModelError, TypeError, ValueError) as exc:
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
                 self._reject(SCOPE_MACHINES, "machines", i, exc)
                 continue
             g = self._graph
@@ -187,7 +192,7 @@ class GraphBuilder:
                 reports = {**self._logon_reports.get(key, {}), machine_id: item}
                 entity = merged_logon_user_entity(reports, account_tag=self._tag)
                 rel = machine_logon_user_relationship(machine_key, key, item)
-            except (ModelError, TypeError, ValueError) as exc:
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
                 self._reject(scope, "logonusers", i, exc)
                 continue
             self._logon_reports[key] = reports
@@ -216,7 +221,7 @@ class GraphBuilder:
             try:
                 cve = _item(raw)
                 cve_id = require_str(cve, "vulnerability").upper()
-            except (ModelError, TypeError, ValueError) as exc:
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
                 self._reject(SCOPE_VULNERABILITIES, "vulnerabilities", i, exc)
                 continue
             details[cve_id] = (i, cve)
@@ -228,7 +233,7 @@ class GraphBuilder:
                 machine_id = require_str(pair, "machine vulnerability", "machineId")
                 cve_id = require_str(pair, "machine vulnerability", "cveId").upper()
                 product = pair_product(pair)
-            except (ModelError, TypeError, ValueError) as exc:
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
                 self._reject(SCOPE_VULNERABILITIES, "machinesVulnerabilities", i, exc)
                 continue
             key = (sys.intern(machine_id), sys.intern(cve_id))
@@ -257,7 +262,7 @@ class GraphBuilder:
             if detail is not None:
                 try:
                     entity = vulnerability_entity(detail[1], on_machine=True, account_tag=self._tag)
-                except (ModelError, TypeError, ValueError) as exc:
+                except Exception as exc:  # any unconvertible item: rejected, not a crash
                     self._reject(SCOPE_VULNERABILITIES, "vulnerabilities", detail[0], exc)
                     broken.add(cve_id)
                     continue
@@ -278,11 +283,13 @@ class GraphBuilder:
             if cve_id in broken:
                 continue
             machine_key, vuln_key = MACHINE.key(machine_id), VULNERABILITY.key(cve_id)
-            rel_key = MACHINE_IDENTIFIED_VULNERABILITY.key(machine_key, vuln_key)
-            seen_products, seen_kbs = self._identified.setdefault(rel_key, (set(), set()))
-            seen_products.update(products)  # a repeated call merges the products and KBs
-            seen_kbs.update(kbs)
-            rel = machine_vulnerability_relationship(machine_key, vuln_key, seen_products, seen_kbs)
+            earlier = g.relationships.get(
+                MACHINE_IDENTIFIED_VULNERABILITY.key(machine_key, vuln_key)
+            )
+            if earlier is not None:  # a repeated call: merge the products and KBs
+                products += _joined(earlier.get("products"))
+                kbs += _joined(earlier.get("fixingKbIds"))
+            rel = machine_vulnerability_relationship(machine_key, vuln_key, products, kbs)
             g.add_relationship(rel, SCOPE_VULNERABILITIES)
         return self._count(SCOPE_VULNERABILITIES, added)
 
