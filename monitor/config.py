@@ -11,7 +11,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
 CONFIG_ENV = "MDE_MONITOR_CONFIG"
@@ -151,6 +159,34 @@ class CustomEndpoints(_Model):
         return self
 
 
+# Separators people paste thumbprints with (`AA:BB:..`, `AA BB ..`, `AA-BB-..`) and the invisible
+# marks Windows' certificate dialog copies along (LRM/RLM, BOM, no-break space).
+_THUMBPRINT_NOISE = str.maketrans("", "", ": -\t\u200e\u200f\ufeff\u00a0")
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def normalize_thumbprint(value: str) -> str:
+    """A certificate's SHA-1 thumbprint as 40 upper-case hex digits (separators removed).
+
+    ValueError, saying what is wrong, for anything else (a SHA-256 thumbprint included)."""
+    digits = value.translate(_THUMBPRINT_NOISE).upper()
+    if not digits:
+        raise ValueError("the thumbprint is empty")
+    if not set(digits) <= _HEX:
+        bad = sorted(set(digits) - _HEX)[:3]
+        raise ValueError(
+            f"a thumbprint is hex digits (0-9, A-F), found {', '.join(map(repr, bad))}"
+        )
+    if len(digits) == 64:
+        raise ValueError(
+            "this is a SHA-256 thumbprint (64 hex digits); Entra ID needs the certificate's SHA-1"
+            " thumbprint (40 hex digits, the 'Thumbprint' column of the app's Certificates & secrets)"
+        )
+    if len(digits) != 40:
+        raise ValueError(f"a SHA-1 thumbprint has 40 hex digits, got {len(digits)}")
+    return digits
+
+
 class Certificate(_Model):
     """Certificate credential: a PEM private key + certificate with its thumbprint, or a PFX."""
 
@@ -158,6 +194,11 @@ class Certificate(_Model):
     thumbprint: str | None = None
     pfx_path: Path | None = None
     pfx_password: SecretStr | None = None
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha1_thumbprint(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_thumbprint(value)
 
     @model_validator(mode="after")
     def _one_form(self) -> Certificate:

@@ -32,7 +32,11 @@ def collect_machines(
         status = exc.status()
         builder.set_scope(SCOPE_MACHINES, status)
         return MachinesResult(status)
-    last_seen = {m["id"]: m.get("lastSeen") for m in machines if isinstance(m.get("id"), str)}
+    last_seen = {
+        m["id"]: m.get("lastSeen")
+        for m in machines
+        if isinstance(m, dict) and isinstance(m.get("id"), str)
+    }
     status = ScopeStatus(ScopeState.COMPLETE, count=builder.add_machines(machines))
     builder.set_scope(SCOPE_MACHINES, status)
     return MachinesResult(status, last_seen)

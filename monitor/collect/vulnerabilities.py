@@ -30,7 +30,9 @@ _PAIR_FIELDS = (
 )
 
 
-def _slim(pair: dict[str, Any]) -> dict[str, Any]:
+def _slim(pair: Any) -> Any:
+    if not isinstance(pair, dict):
+        return pair  # not an object: the builder rejects it by its index
     return {
         k: sys.intern(v) if isinstance(v, str) else v
         for k in _PAIR_FIELDS
