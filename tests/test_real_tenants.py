@@ -214,13 +214,18 @@ def test_logon_users_only_for_onboarded_machines_and_404_is_skipped(world: World
     assert ledger.not_found() == {gone}
     meta = world.meta()
     assert meta["logon_users"]["not_found"] == 1 and meta["logon_users"]["refreshed"] == 16
-    # the 404 machine is at the back of the rotation, not first in line every sync
-    world.tenant_overrides = {"logon_user_budget": 4}
+    # the 404 machine went to the back of the rotation: a new machine (never fetched) comes first,
+    # and with a budget of one the 404 machine is not asked again (before, a machine that never
+    # answered stayed "never fetched" and took the budget every sync)
+    world.tenant_overrides = {"logon_user_budget": 1}
     world.sim.reset_counts()
     world.sim.clear_faults()
-    world.t.touch_all_machines()  # every machine moved: all are due, oldest refresh first
-    world.sync()
-    assert gone in ledger.not_found()  # not asked again: others came first
+    new = world.t.add_machine({**world.t.machines[ids[5]], "id": "f" * 40})
+    second = world.sync()
+    assert second.status == "ok"
+    assert world.sim.counts()[LOGON] == 1
+    assert ledger.not_found() == {gone}
+    assert new["id"] in RefreshLedger(world.client, world.prefix, "sim").load()
 
 
 # ---- 7. 429 stops the batch --------------------------------------------------------------------
@@ -331,3 +336,69 @@ def test_a_held_drop_applied_after_persisting_says_so(world: World) -> None:
     )
     assert ev["data"]["reason"] == "persisted" and ev["data"]["held"] is False
     assert ev["data"]["deleted"] == 15 and ev["data"]["heldSyncs"] == 2
+
+
+# ---- the CLI: exit codes of a sign-in failure --------------------------------------------------
+
+
+def test_cli_sync_exits_1_and_check_does_not_crash_when_sign_in_is_down(
+    world: World, redis_url: str
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from monitor.cli.app import ExitCode
+
+    config = world.sim.state_dir / "monitor.yaml"
+    data = yaml.safe_load(world.sim.config_yaml())
+    data.update({"http": FAST_HTTP, "redis_prefix": world.prefix, "redis_url": redis_url})
+    config.write_text(yaml.safe_dump(data))
+    world.sim.add_fault(Fault(endpoint="login:/token", status=500, retry_after=None))
+    env = {**os.environ, "MDE_MONITOR_CONFIG": str(config)}
+    env.pop("REDIS_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-c", "from monitor.cli import main; main()", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    done = cli("sync", "--tenant", "sim", "--json")
+    assert done.returncode == ExitCode.FAILED, done.stderr
+    assert "Traceback" not in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "failed" and summary["events"] == {"mde.sync.failed": 1}
+    checked = cli("check", "--json")
+    assert "Traceback" not in checked.stderr, checked.stderr
+    assert checked.returncode == ExitCode.MISSING_PERMISSION
+    rows = json.loads(checked.stdout)["tenants"]["sim"]
+    assert rows and all(r["reason"] == "sign_in" and "/.default" in r["permission"] for r in rows)
+
+
+# ---- config: regions and clouds ----------------------------------------------------------------
+
+
+def _tenant(**extra: Any) -> Any:
+    base = {"name": "t", "tenant_id": "x", "client_id": "y", "client_secret": "s", **extra}
+    return parse_settings({"tenants": [base]}, "test").tenants[0]
+
+
+@pytest.mark.parametrize("region", ["swa", "ina"])
+def test_regions_swa_and_ina(region: str) -> None:
+    ep = _tenant(region=region).cloud_endpoints()
+    assert ep.defender.base_url == f"https://{region}.api.security.microsoft.com"
+
+
+def test_government_defender_scopes_and_the_override() -> None:
+    gov = "https://securitycenter.onmicrosoft.us/windowsatpservice/.default"
+    assert _tenant(cloud="gcc-high").cloud_endpoints().defender.scope == gov
+    assert _tenant(cloud="dod").cloud_endpoints().defender.scope == gov
+    gcc = _tenant(cloud="gcc").cloud_endpoints()
+    assert gcc.defender.base_url == "https://api-gcc.securitycenter.microsoft.us"
+    assert gcc.defender.scope.endswith("/windowsatpservice/.default")
+    own = "https://example.invalid/windowsatpservice/.default"
+    assert _tenant(cloud="gcc-high", defender_scope=own).cloud_endpoints().defender.scope == own
+    from monitor.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"defender_scope.*/\.default"):
+        _tenant(defender_scope="https://securitycenter.onmicrosoft.us/windowsatpservice")
