@@ -91,12 +91,23 @@ def scope_for(url: str) -> str:
 
 
 _DEFENDER_RESOURCE = "https://api.securitycenter.microsoft.com/.default"
+# Token audiences of the WindowsDefenderATP app in the US government clouds. Microsoft's
+# "Defender for Endpoint for US Government customers" page lists only the hosts
+# (api-gcc.securitycenter.microsoft.us, api-gov.securitycenter.microsoft.us); the app ID URIs
+# are those the Defender docs use in token requests (.../windowsatpservice) in the cloud's own
+# Entra ID: GCC signs in to the commercial Entra ID (login.microsoftonline.com), GCC High and DoD
+# to login.microsoftonline.us. A tenant's `defender_scope` overrides these.
+_DEFENDER_GCC_SCOPE = "https://securitycenter.onmicrosoft.com/windowsatpservice/.default"
+_DEFENDER_GOV_SCOPE = "https://securitycenter.onmicrosoft.us/windowsatpservice/.default"
+# Regional API hosts (Defender API docs, "Supported Microsoft Defender for Endpoint APIs").
 _DEFENDER_PUBLIC_HOSTS = {
     None: "https://api.security.microsoft.com",
     "us": "https://us.api.security.microsoft.com",
     "eu": "https://eu.api.security.microsoft.com",
     "uk": "https://uk.api.security.microsoft.com",
     "au": "https://au.api.security.microsoft.com",
+    "swa": "https://swa.api.security.microsoft.com",
+    "ina": "https://ina.api.security.microsoft.com",
 }
 
 
@@ -122,7 +133,7 @@ def _known_cloud(cloud: Cloud, region: str | None) -> CloudEndpoints:
         return CloudEndpoints(
             "https://login.microsoftonline.com",
             ApiEndpoint(graph, scope_for(graph)),
-            ApiEndpoint(defender, scope_for(defender)),
+            ApiEndpoint(defender, _DEFENDER_GCC_SCOPE),
         )
     graph = (
         "https://graph.microsoft.us"
@@ -133,7 +144,7 @@ def _known_cloud(cloud: Cloud, region: str | None) -> CloudEndpoints:
     return CloudEndpoints(
         "https://login.microsoftonline.us",
         ApiEndpoint(graph, scope_for(graph)),
-        ApiEndpoint(defender, scope_for(defender)),
+        ApiEndpoint(defender, _DEFENDER_GOV_SCOPE),
     )
 
 
@@ -219,8 +230,11 @@ class TenantConfig(_Model):
     certificate: Certificate | None = None
     polling_interval: PollingInterval = PollingInterval.ONE_HOUR
     cloud: Cloud = Cloud.PUBLIC
-    region: Literal["us", "eu", "uk", "au"] | None = None
+    region: Literal["us", "eu", "uk", "au", "swa", "ina"] | None = None
     endpoints: CustomEndpoints | None = None
+    # The Defender token audience when the cloud's default is not the tenant's
+    # (e.g. "https://securitycenter.onmicrosoft.us/windowsatpservice/.default").
+    defender_scope: str | None = None
     tag_with_account_name: bool = False
     logon_user_budget: int = Field(default=500, ge=0)
     logon_user_concurrency: int = Field(default=8, ge=1, le=64)
@@ -241,6 +255,20 @@ class TenantConfig(_Model):
             raise ValueError("endpoints are only used with cloud: custom")
         if self.region is not None and self.cloud is not Cloud.PUBLIC:
             raise ValueError("region is only used with cloud: public")
+        if self.defender_scope is not None:
+            scope = self.defender_scope.strip()
+            try:
+                origin(scope)
+            except ValueError:
+                raise ValueError(
+                    "defender_scope must be an absolute URI ending in /.default, e.g."
+                    " https://securitycenter.onmicrosoft.us/windowsatpservice/.default"
+                ) from None
+            if not scope.endswith("/.default"):
+                raise ValueError(
+                    f"defender_scope must end in /.default (client credentials), got {scope!r}"
+                )
+            self.defender_scope = scope
         return self
 
     def secret(self) -> str | None:
@@ -252,17 +280,25 @@ class TenantConfig(_Model):
         return None
 
     def cloud_endpoints(self) -> CloudEndpoints:
-        """Authority, Graph and Defender URLs with their scopes."""
+        """Authority, Graph and Defender URLs with their scopes (`defender_scope` wins)."""
         if self.cloud is Cloud.CUSTOM:
             assert self.endpoints is not None
             ep = self.endpoints
             graph, defender = ep.graph.rstrip("/"), ep.defender.rstrip("/")
-            return CloudEndpoints(
+            known = CloudEndpoints(
                 ep.authority.rstrip("/"),
                 ApiEndpoint(graph, scope_for(graph)),
                 ApiEndpoint(defender, scope_for(defender)),
             )
-        return _known_cloud(self.cloud, self.region)
+        else:
+            known = _known_cloud(self.cloud, self.region)
+        if self.defender_scope is None:
+            return known
+        return CloudEndpoints(
+            known.authority,
+            known.graph,
+            ApiEndpoint(known.defender.base_url, self.defender_scope),
+        )
 
 
 class HttpSettings(_Model):

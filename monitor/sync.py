@@ -194,7 +194,9 @@ def _record_logon_refresh(
     if collected.logon is None or collected.machine_ids is None:
         return
     gone = collected.ledger_machines - set(collected.machine_ids)
-    RefreshLedger(client, settings.redis_prefix, tenant).record(collected.logon.refreshed, gone)
+    RefreshLedger(client, settings.redis_prefix, tenant).record(
+        collected.logon.refreshed, gone, collected.logon.not_found
+    )
 
 
 def _summary(collected: CollectResult, result: CommitResult) -> SyncSummary:
