@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from monitor import safe_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
 CONFIG_ENV = "MDE_MONITOR_CONFIG"
@@ -349,14 +350,12 @@ def config_path(explicit: str | Path | None = None) -> Path:
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read and validate the YAML config; REDIS_URL in the environment wins over the file."""
     p = config_path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
+    if not p.exists():
         raise ConfigError(f"{p}: config file not found (use --config or ${CONFIG_ENV})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    try:  # bounded: no alias bombs, deep nesting or non-UTF-8 surprises (monitor.safe_yaml)
+        data = safe_yaml.load_file(p)
+    except safe_yaml.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     settings = parse_settings(data, str(p))
     if os.environ.get("REDIS_URL"):
         settings.redis_url = os.environ["REDIS_URL"]
