@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from monitor import safe_yaml
+from monitor.redact import register_secrets, secrets_in
 
 DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
 CONFIG_ENV = "MDE_MONITOR_CONFIG"
@@ -357,6 +358,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
     except safe_yaml.YamlFileError as exc:
         raise ConfigError(str(exc)) from None
     settings = parse_settings(data, str(p))
+    register_secrets(secrets_in(settings))  # masked everywhere by exact value
     if os.environ.get("REDIS_URL"):
         settings.redis_url = os.environ["REDIS_URL"]
     settings.source_path = p

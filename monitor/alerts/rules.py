@@ -743,6 +743,9 @@ def load_rules(directory: str | Path, extra_sinks: Iterable[str] = ()) -> RuleSe
     return ruleset
 
 
+_SECRET_SETTING = re.compile(r"(?i)url|key|secret|token|password|passphrase")
+
+
 def build_sinks(
     ruleset: RuleSet,
     *,
@@ -751,8 +754,8 @@ def build_sinks(
     ca_bundle: Path | None = None,
 ) -> tuple[dict[str, Sink], list[LoadError]]:
     """Build the declared sinks through the sink registry; failures become LoadErrors."""
-    from monitor.alerts.deliver import scrub
     from monitor.alerts.sinks.registry import build_sink
+    from monitor.redact import register_secret, register_secrets, scrub, secrets_in
 
     sinks: dict[str, Sink] = {}
     errors: list[LoadError] = []
@@ -760,6 +763,9 @@ def build_sinks(
         if cfg.error:
             continue
         source = f"{cfg.file}:{cfg.line}"
+        for key, value in cfg.settings.items():  # before building: its errors are masked too
+            if isinstance(value, str) and _SECRET_SETTING.search(str(key)):
+                register_secret(value)
         try:
             sinks[cfg.name] = build_sink(
                 cfg.name,
@@ -770,6 +776,7 @@ def build_sinks(
                 redis_prefix=redis_prefix,
                 ca_bundle=ca_bundle,
             )
+            register_secrets(secrets_in(getattr(sinks[cfg.name], "settings", None)))
         except Exception as exc:
             lines = [
                 scrub(line.removeprefix(f"{source}: ").strip())

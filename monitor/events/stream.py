@@ -15,6 +15,7 @@ import orjson
 import redis
 
 from monitor.events.envelope import Event
+from monitor.redact import redact_bytes
 
 ALL = "_all"
 
@@ -48,7 +49,7 @@ def append(
     """
     n = 0
     for ev in events:
-        body = encode(ev)
+        body = redact_bytes(encode(ev))  # a configured secret never enters the stream
         pipe.xadd(stream_key(prefix, tenant), {"e": body}, maxlen=maxlen, approximate=True)
         pipe.xadd(stream_key(prefix), {"e": body}, maxlen=maxlen, approximate=True)
         n += 1
