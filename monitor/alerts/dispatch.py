@@ -153,6 +153,7 @@ class Dispatcher:
         self.claim_idle_s = claim_idle_s
         self._reported_at: float | None = None
         self._quarantined: list[tuple[str, Event, str]] = []
+        self._deployment_id: str | None = None
         self.clock = clock
         self.sleep = sleep
         injected = dict(sinks or {})
@@ -538,6 +539,14 @@ class Dispatcher:
                     continue
         log.warning("group %s:%s kept changing; will flush on the next run", key, status)
 
+    def _deployment(self) -> str:
+        if self._deployment_id is None:
+            self._deployment_id = groups.deployment_id(self.client, self.prefix)
+        return self._deployment_id
+
+    def _next_counter(self) -> int:
+        return int(self.client.incr(groups.notification_counter_key(self.prefix)))  # type: ignore[arg-type]
+
     def _notification(self, rule: Rule, state: groups.GroupState) -> Notification:
         seq = state.seq + 1
         title, summary = render_notification(
@@ -552,7 +561,7 @@ class Dispatcher:
         if state.headlines:
             extra["headlines"] = state.headlines
         return Notification(
-            id=groups.notification_id(rule.name, state.key, state.status, seq),
+            id=groups.notification_id(self._deployment(), self._next_counter()),
             rule=rule.name,
             description=rule.description,
             severity=rule.severity,
