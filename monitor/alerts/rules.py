@@ -476,7 +476,7 @@ def compile_rule(
     raw: Any, file: str, index: int, known_sinks: Iterable[str]
 ) -> tuple[Rule | None, list[LoadError]]:
     """Validate and compile one rule mapping; errors name file, line and rule."""
-    from monitor.alerts.render import TemplateError, compile_template
+    from monitor.alerts.render import TemplateError, compile_template, trial_render
 
     base_line = raw.line if isinstance(raw, LineDict) else 0
     name = raw.get("name") if isinstance(raw, dict) else None
@@ -572,6 +572,13 @@ def compile_rule(
                 templates[part] = compile_template(text)
             except TemplateError as exc:
                 err(("template", part), f"template.{part}: {exc}")
+                continue
+            over = trial_render(templates[part], types[0] if types else "mde.machine.updated")
+            if over is not None:
+                err(
+                    ("template", part),
+                    f"template.{part}: over the render budget on a sample event ({over})",
+                )
     if any(e.level == "error" for e in errors):
         return None, errors
     rule = Rule(
