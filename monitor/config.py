@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,6 +19,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from monitor import safe_yaml
+from monitor.redact import register_secrets, secrets_in
 
 DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
 CONFIG_ENV = "MDE_MONITOR_CONFIG"
@@ -456,15 +458,14 @@ def config_path(explicit: str | Path | None = None) -> Path:
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read and validate the YAML config; REDIS_URL in the environment wins over the file."""
     p = config_path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
+    if not p.exists():
         raise ConfigError(f"{p}: config file not found (use --config or ${CONFIG_ENV})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    try:  # bounded: no alias bombs, deep nesting or non-UTF-8 surprises (monitor.safe_yaml)
+        data = safe_yaml.load_file(p)
+    except safe_yaml.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     settings = parse_settings(data, str(p))
+    register_secrets(secrets_in(settings))  # masked everywhere by exact value
     if os.environ.get("REDIS_URL"):
         settings.redis_url = os.environ["REDIS_URL"]
     settings.redis_url = redis_url_with_tls(settings)

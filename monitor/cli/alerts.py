@@ -235,7 +235,7 @@ def rules_test(
         key = group_key(rule.name, labels)
         title, summary = render_notification(rule, status, labels, [event], 1)
         n = Notification(
-            id=notification_id(rule.name, key, status, 0),
+            id=notification_id("preview", 0),
             rule=rule.name,
             description=rule.description,
             severity=rule.severity,
