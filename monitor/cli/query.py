@@ -1,0 +1,107 @@
+"""`mde-monitor query` (J1QL over the latest snapshots) and `mde-monitor questions`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.query import QueryError, QuerySyntaxError, run_query
+from monitor.redis_conn import connect
+
+questions_app = typer.Typer(
+    help="The question library: Defender questions in J1's managed-question format.",
+    no_args_is_help=True,
+)
+app.add_typer(questions_app, name="questions")
+
+LIST_COLUMNS = ("_tenant", "displayName", "_type", "_key")
+FORMATS = ("table", "json", "csv")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, default=str)
+
+
+def _columns(doc: dict[str, Any]) -> list[str]:
+    if doc["type"] == "list":
+        return list(LIST_COLUMNS)
+    cols: dict[str, None] = {}
+    for row in doc["data"]:
+        cols.update(dict.fromkeys(row))
+    return list(cols)
+
+
+def print_result(doc: dict[str, Any], fmt: str, title: str | None = None) -> None:
+    """The result document as a Rich table, J1 JSON, or CSV on stdout."""
+    if fmt == "json":
+        print_json(doc)
+        return
+    cols = _columns(doc)
+    if fmt == "csv":
+        all_cols = cols
+        if doc["type"] == "list":
+            seen: dict[str, None] = {}
+            for item in doc["data"]:
+                seen.update(dict.fromkeys(item))
+            all_cols = list(seen)
+        w = csv.writer(sys.stdout)
+        w.writerow(all_cols)
+        for row in doc["data"]:
+            w.writerow([_cell(row.get(c)) for c in all_cols])
+        return
+    table = Table(*cols, title=title, title_justify="left", box=None, pad_edge=False)
+    for row in doc["data"]:
+        table.add_row(*(escape(_cell(row.get(c))) for c in cols))
+    out.print(table)
+    note = f"{doc['count']:,} {'entities' if doc['type'] == 'list' else 'rows'}"
+    if doc.get("truncated"):
+        note += f" [yellow](truncated: {escape(str(doc.get('message', '')))})[/yellow]"
+    console.print(note, highlight=False)
+
+
+def query_error(exc: QueryError, text: str) -> None:
+    """The message, the offending line and a caret under the column; exit 2."""
+    kind = "syntax error" if isinstance(exc, QuerySyntaxError) else "query error"
+    console.print(f"[red]{kind}[/red]: {escape(str(exc))}", highlight=False)
+    lines = text.splitlines()
+    if 1 <= exc.line <= len(lines) and exc.column >= 1:
+        console.print("  " + escape(lines[exc.line - 1]), highlight=False, markup=True)
+        console.print("  " + " " * (exc.column - 1) + "^", highlight=False)
+    raise typer.Exit(ExitCode.USAGE)
+
+
+@app.command("query")
+def query_cmd(
+    text: str = typer.Argument(..., help='The J1QL query, e.g. "FIND HostAgent WITH ...".'),
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="One tenant (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="J1's result document on stdout."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Return at most N rows."),
+    raw: bool = typer.Option(False, "--raw", help="Include each entity's _rawData."),
+) -> None:
+    """Run a J1QL query over the latest committed snapshot (see docs/query.md).
+
+    Exit 0 (an empty result too), 2 for a syntax or query error (line and column shown).
+    """
+    if fmt not in FORMATS:
+        console.print(f"unsupported --format {fmt!r} (supported: {', '.join(FORMATS)})")
+        raise typer.Exit(ExitCode.USAGE)
+    settings = state.settings()
+    client = connect(settings.redis_url)
+    try:
+        doc = run_query(client, settings, text, tenant, include_raw=raw, limit=limit)
+    except QueryError as exc:
+        query_error(exc, text)
+        return
+    print_result(doc, "json" if as_json else fmt)
