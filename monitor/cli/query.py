@@ -105,3 +105,56 @@ def query_cmd(
         query_error(exc, text)
         return
     print_result(doc, "json" if as_json else fmt)
+
+
+@questions_app.command("list")
+def questions_list(
+    as_json: bool = typer.Option(False, "--json", help="The questions in J1's format."),
+    tag: str | None = typer.Option(None, "--tag", help="Only questions with this tag."),
+) -> None:
+    """List the shipped questions (id, title, tags)."""
+    from monitor.questions import load_questions
+
+    questions = [q for q in load_questions() if tag is None or tag in q.tags]
+    if as_json:
+        print_json([q.to_dict() for q in questions])
+        return
+    table = Table("id", "title", "tags", box=None, pad_edge=False)
+    for q in questions:
+        table.add_row(q.id, escape(q.title), ", ".join(q.tags))
+    out.print(table)
+
+
+@questions_app.command("run")
+def questions_run(
+    name: str = typer.Argument(..., help="Question id (see `questions list`)."),
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="One tenant (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="{query name: J1 result} on stdout."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most N rows per query."),
+) -> None:
+    """Run every query of a question over the latest snapshot(s)."""
+    from monitor.questions import find_question
+
+    question = find_question(name)
+    if question is None:
+        console.print(f"unknown question {name!r}: see `mde-monitor questions list`")
+        raise typer.Exit(ExitCode.USAGE)
+    if fmt not in FORMATS:
+        console.print(f"unsupported --format {fmt!r} (supported: {', '.join(FORMATS)})")
+        raise typer.Exit(ExitCode.USAGE)
+    settings = state.settings()
+    client = connect(settings.redis_url)
+    results: dict[str, Any] = {}
+    for q in question.queries:
+        try:
+            results[q.name] = run_query(client, settings, q.query, tenant, limit=limit)
+        except QueryError as exc:
+            query_error(exc, q.query)
+    if as_json:
+        print_json({"id": question.id, "title": question.title, "results": results})
+        return
+    if fmt == "table":
+        out.print(f"[bold]{escape(question.title)}[/bold]", highlight=False)
+    for q in question.queries:
+        print_result(results[q.name], fmt, title=f"{q.name} ({q.results_are})")
