@@ -158,3 +158,49 @@ def questions_run(
         out.print(f"[bold]{escape(question.title)}[/bold]", highlight=False)
     for q in question.queries:
         print_result(results[q.name], fmt, title=f"{q.name} ({q.results_are})")
+
+
+def test_query_rules(json_out: bool) -> None:
+    """`rules test --query`: evaluate every query rule now without writing state or events."""
+    from monitor.alerts.query_rules import evaluate, rules_for
+    from monitor.alerts.rules import load_rules
+    from monitor.query.graph import load_query_graph
+    from monitor.snapshot.store import SnapshotStore
+
+    settings = state.settings()
+    client = connect(settings.redis_url)
+    ruleset = load_rules(settings.alerts_dir)
+    evaluations = []
+    for tenant in SnapshotStore(client, settings.redis_prefix).tenants():
+        rules = rules_for(ruleset.rules, tenant)
+        graph = load_query_graph(client, settings.redis_prefix, tenant) if rules else None
+        if graph is not None:
+            evaluations += evaluate(
+                client, settings.redis_prefix, tenant, rules, graph, write=False
+            )
+    problems = [e for e in ruleset.problems if e.rule is None or "query" in e.message]
+    if json_out:
+        print_json(
+            {
+                "evaluations": [e.to_dict() for e in evaluations],
+                "errors": [e.to_dict() for e in problems],
+            }
+        )
+    else:
+        if not evaluations:
+            out.print("no query rule applies to a tenant with a snapshot", highlight=False)
+        for e in evaluations:
+            head = f"[bold]{escape(e.rule)}[/bold] on {escape(e.tenant)}: {e.current} in the set"
+            if e.baseline:
+                head += " (first evaluation: baseline)"
+            if e.error:
+                head += f" [red]error[/red]: {escape(e.error)}"
+            out.print(head, highlight=False)
+            for m in e.entered:
+                out.print(f"  would fire:    {m.display}", markup=False, highlight=False)
+            for _k, d in e.left:
+                out.print(f"  would resolve: {d}", markup=False, highlight=False)
+        for p in problems:
+            console.print(f"[red]rule error[/red]: {escape(str(p))}", highlight=False)
+    if problems or any(e.error for e in evaluations):
+        raise typer.Exit(ExitCode.USAGE)

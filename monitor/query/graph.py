@@ -257,6 +257,12 @@ def load_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGrap
     return None if graph is None else QueryGraph.from_graph(tenant, store.generation(tenant), graph)
 
 
+def store_query_graph(client: redis.Redis, prefix: str, graph: QueryGraph) -> None:
+    """Cache a graph built elsewhere (e.g. right after a commit) for later queries."""
+    with _CACHE_LOCK:
+        _CACHE[(id(client.connection_pool), prefix, graph.tenant)] = graph
+
+
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
