@@ -560,22 +560,27 @@ async def changes_stream(request: Request) -> Response:
 
 
 def _field_history(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
+    """One row per field change (an update and its risk_raised twin are one row, two types)."""
+    rows: dict[str, dict[str, Any]] = {}
     for ev in events:
         data = ev.get("data") or {}
         for path, c in (data.get("changes") or {}).items():
-            rows.append(
-                {
-                    "time": ev.get("time"),
-                    "type": ev.get("type"),
-                    "field": path,
-                    "old": c.get("old"),
-                    "new": c.get("new"),
-                    "added": c.get("added"),
-                    "removed": c.get("removed"),
-                }
-            )
-    return rows
+            key = json.dumps([ev.get("time"), path, c], sort_keys=True, default=str)
+            found = rows.get(key)
+            if found is not None:
+                found["types"].append(ev.get("type"))
+                continue
+            rows[key] = {
+                "time": ev.get("time"),
+                "type": ev.get("type"),
+                "types": [ev.get("type")],
+                "field": path,
+                "old": c.get("old"),
+                "new": c.get("new"),
+                "added": c.get("added"),
+                "removed": c.get("removed"),
+            }
+    return list(rows.values())
 
 
 def entity_data(console: Console, key: str, tenant: str | None) -> dict[str, Any] | None:
