@@ -7,9 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from web_helpers import (
     OPERATOR_TOKEN,
     SCRIPT_NAME,
     VIEWER_TOKEN,
+    Served,
     populate,
     settings_for,
     write_alerts,
@@ -40,31 +38,6 @@ if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
         f"chromium not found at {CHROMIUM} (apt-get install chromium, or `make browser`)",
         allow_module_level=True,
     )
-
-
-class Served:
-    """The console on 127.0.0.1:<free port> in a thread of this process."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("console did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from web_helpers import (
     OPERATOR_TOKEN,
     SCRIPT_NAME,
     VIEWER_TOKEN,
+    Served,
     populate,
     settings_for,
     write_alerts,
@@ -317,3 +319,51 @@ def test_static_assets_and_vendored_cytoscape(local: TestClient) -> None:
     assert r.status_code == 200 and "export{" in r.text.replace(" ", "")
     assert "javascript" in r.headers["content-type"]
     assert local.get("/static/vendor/cytoscape.LICENSE").status_code == 200
+
+
+def test_live_timeline_over_sse(world: dict) -> None:
+    """A browser connected to /changes/stream gets the next sync's events, filtered, with the
+    ones committed between page render (`after`) and connect replayed first."""
+    import httpx
+    from detect_helpers import build_graph, commit, standard_tenant
+
+    from monitor.snapshot.store import SnapshotStore
+
+    s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
+    served = Served(create_app(s, host="127.0.0.1"))
+    try:
+        with httpx.Client(base_url=served.url, timeout=20) as http:
+            page = http.get("/changes", params={"type": "mde.machine.*"}).text
+            stream_url = re.search(r'data-stream="([^"]+)"', page).group(1).replace("&amp;", "&")
+            assert "after=" in stream_url
+            # committed after the page was rendered, before the browser connects: replayed
+            t = standard_tenant(machines=10)
+            t.machines["m00"]["computerDnsName"] = SCRIPT_NAME
+            t.machines["m01"]["computerDnsName"] = CHANNEL_NAME
+            for m in ("m00", "m01"):
+                t.machines[m]["riskScore"] = "High"
+            t.machines["m02"]["exposureLevel"] = "High"
+            t.machines["m03"]["healthStatus"] = "Inactive"
+            store = SnapshotStore(world["client"], world["prefix"])
+            commit(store, build_graph(t), finished="2099-01-01T00:00:00.000Z")
+            rows: list[dict] = []
+            deadline = time.monotonic() + 30
+            with http.stream("GET", stream_url) as resp:
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                for line in resp.iter_lines():
+                    assert time.monotonic() < deadline, f"no live event; got {rows}"
+                    if not line.startswith("data: "):
+                        continue
+                    rows.append(json.loads(line[6:]))
+                    subjects = {r["subject"] for r in rows}
+                    if subjects == {MACHINE.key("m03")}:
+                        # now a commit while connected: it arrives live
+                        t.machines["m04"]["healthStatus"] = "Inactive"
+                        commit(store, build_graph(t), finished="2099-01-01T00:01:00.000Z")
+                    if MACHINE.key("m04") in subjects:
+                        break
+        assert all(r["type"].startswith("mde.machine.") for r in rows)
+        assert {r["subject"] for r in rows} >= {MACHINE.key("m03"), MACHINE.key("m04")}
+        assert len({r["event_id"] for r in rows}) == len(rows)  # no duplicates
+    finally:
+        served.stop()

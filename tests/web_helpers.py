@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import socket
 import textwrap
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import redis
 from detect_helpers import TENANT, TENANT_ID, build_graph, commit, standard_tenant
@@ -117,3 +120,28 @@ def populate(client: redis.Redis, settings: Settings) -> dict[str, str]:
     finally:
         d.close()
     return {"tenant": TENANT}
+
+
+class Served:
+    """The console on 127.0.0.1:<free port> in a thread of this process."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("console did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -43,8 +43,8 @@ from monitor.redis_conn import connect
 from monitor.snapshot.store import SnapshotStore
 from monitor.status import collect_status, iso_to_ts, ts_to_iso
 from monitor.web import explore, oidc, plots, portal
-from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page
-from monitor.web.live import Broadcaster, wanted
+from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page, row
+from monitor.web.live import Broadcaster, sid_key, wanted
 from monitor.web.security import COOKIE, LOCAL_USER, SECURITY_HEADERS, Guard, User, is_loopback
 
 log = logging.getLogger(__name__)
@@ -477,6 +477,17 @@ def tenant_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
 # ------------------------------------------------------------------------------ changes
 
 
+def _newest_id(console: Console) -> str:
+    """The all-tenants stream's newest id: the live feed of a page rendered now starts there."""
+    from monitor.events import stream
+
+    newest: Any = console.client.xrevrange(stream.stream_key(console.prefix), count=1)
+    if not newest:
+        return "0-0"
+    sid = newest[0][0]
+    return sid.decode() if isinstance(sid, bytes) else str(sid)
+
+
 def _filter(request: Request) -> ChangeFilter:
     p = request.query_params
     return ChangeFilter(
@@ -518,12 +529,26 @@ def changes_view(console: Console, request: Request, ctx: Ctx, data: dict[str, A
         next_url=nxt,
         tenants=console.tenant_names(),
         live=not request.query_params.get("before"),
-        stream_url="/changes/stream?" + urlencode(flt.query()),
+        stream_url="/changes/stream?" + urlencode({**flt.query(), "after": _newest_id(console)}),
     )
 
 
+def _replay(console: Console, after: str, limit: int = 1_000) -> list[tuple[str, Any]]:
+    """All-tenants stream entries after `after` (what a reconnecting browser missed)."""
+    from monitor.events import stream
+
+    try:
+        batch: Any = console.client.xrange(
+            stream.stream_key(console.prefix), min=f"({after}", max="+", count=limit
+        )
+    except redis.ResponseError:  # not a stream id
+        return []
+    return list(stream.entries(batch))
+
+
 async def changes_stream(request: Request) -> Response:
-    """Server-Sent Events: new timeline rows as they are committed."""
+    """Server-Sent Events: new timeline rows as they are committed. `after` (or the browser's
+    Last-Event-ID on reconnect) replays what was committed since that id first."""
     console: Console = request.app.state.console
     ctx, failed = authenticate(console, request)
     if failed is not None:
@@ -531,11 +556,22 @@ async def changes_stream(request: Request) -> Response:
     if ctx.user is None:
         return JSONResponse({"error": "authentication required"}, status_code=401)
     flt = _filter(request)
-    queue = console.broadcaster.subscribe()
+    after = request.headers.get("last-event-id") or request.query_params.get("after") or ""
+    queue = await console.broadcaster.subscribe()
+
+    def frame(r: dict[str, Any]) -> str:
+        return f"id: {r['id']}\nevent: change\ndata: {JSON_DUMPS(r)}\n\n"
 
     async def events() -> Any:
+        last_sent = (0, 0)
         try:
             yield "retry: 3000\n\n"
+            if after:
+                for sid, ev in await run_in_threadpool(_replay, console, after):
+                    item = {"row": row(sid, ev), "event": ev}
+                    last_sent = sid_key(sid)
+                    if wanted(flt, item):
+                        yield frame(item["row"])
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=15)
@@ -544,8 +580,10 @@ async def changes_stream(request: Request) -> Response:
                     continue
                 if item is None:
                     return
+                if sid_key(item["row"]["id"]) <= last_sent:
+                    continue  # already replayed
                 if wanted(flt, item):
-                    yield f"id: {item['row']['id']}\nevent: change\ndata: {JSON_DUMPS(item['row'])}\n\n"
+                    yield frame(item["row"])
         finally:
             console.broadcaster.unsubscribe(queue)
 

@@ -25,12 +25,17 @@ class Broadcaster:
         self.key = stream.stream_key(prefix)
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+    async def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        """A queue of new events; returns once the reader knows where it starts, so a replay
+        read after this call overlaps the live feed (no gap; callers drop duplicates by id)."""
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
         self.subscribers.add(q)
         if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
             self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
         return q
 
     def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
@@ -38,7 +43,11 @@ class Broadcaster:
 
     async def _run(self) -> None:
         client = aioredis.Redis.from_url(self.redis_url)
-        last = "$"
+        try:
+            newest: Any = await client.xrevrange(self.key, count=1)
+            last = newest[0][0].decode() if newest else "0-0"
+        finally:
+            self._ready.set()
         try:
             while self.subscribers:
                 try:
@@ -65,6 +74,12 @@ class Broadcaster:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+def sid_key(sid: str) -> tuple[int, int]:
+    """A stream id as a comparable pair."""
+    ms, _, seq = sid.partition("-")
+    return int(ms or 0), int(seq or 0)
 
 
 def wanted(flt: ChangeFilter, item: dict[str, Any]) -> bool:

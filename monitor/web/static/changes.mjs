@@ -10,9 +10,10 @@ function cell(text) {
 
 function addRow(r) {
   const body = table.tBodies[0];
-  if (body.querySelector(`tr[data-id="${CSS.escape(r.id)}"]`)) return;
+  if (r.event_id && body.querySelector(`tr[data-event="${CSS.escape(r.event_id)}"]`)) return;
   const tr = document.createElement("tr");
   tr.dataset.id = r.id;
+  tr.dataset.event = r.event_id || "";
   tr.className = "fresh";
   tr.append(cell(r.time), cell(r.tenant));
   const type = cell("");
