@@ -568,10 +568,10 @@ async def changes_stream(request: Request) -> Response:
             yield "retry: 3000\n\n"
             if after:
                 for sid, ev in await run_in_threadpool(_replay, console, after):
-                    item = {"row": row(sid, ev), "event": ev}
+                    replayed = {"row": row(sid, ev), "event": ev}
                     last_sent = sid_key(sid)
-                    if wanted(flt, item):
-                        yield frame(item["row"])
+                    if wanted(flt, replayed):
+                        yield frame(replayed["row"])
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=15)
