@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from monitor.snapshot.store import SnapshotStore
 from monitor.status import collect_status, iso_to_ts, ts_to_iso
 from monitor.web import explore, oidc, plots, portal
 from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page, row
-from monitor.web.live import Broadcaster, sid_key, wanted
+from monitor.web.live import Broadcaster, frame, sid_key, wanted
 from monitor.web.security import COOKIE, LOCAL_USER, SECURITY_HEADERS, Guard, User, is_loopback
 
 log = logging.getLogger(__name__)
@@ -559,9 +560,6 @@ async def changes_stream(request: Request) -> Response:
     after = request.headers.get("last-event-id") or request.query_params.get("after") or ""
     queue = await console.broadcaster.subscribe()
 
-    def frame(r: dict[str, Any]) -> str:
-        return f"id: {r['id']}\nevent: change\ndata: {JSON_DUMPS(r)}\n\n"
-
     async def events() -> Any:
         last_sent = (0, 0)
         try:
@@ -583,7 +581,7 @@ async def changes_stream(request: Request) -> Response:
                 if sid_key(item["row"]["id"]) <= last_sent:
                     continue  # already replayed
                 if wanted(flt, item):
-                    yield frame(item["row"])
+                    yield item["frame"]
         finally:
             console.broadcaster.unsubscribe(queue)
 
@@ -1201,8 +1199,18 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
 
+    def warm() -> None:
+        """Build each tenant's graph cache and catch its event index up, off the request path."""
+        for t in console.tenant_names():
+            try:
+                console.graphs.get(t)
+                console.index.catch_up(t)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("console warm-up of %s failed: %s", t, exc)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        threading.Thread(target=warm, name="console-warm-up", daemon=True).start()
         yield
         await console.broadcaster.close()
 

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from monitor.events import stream
@@ -59,7 +60,9 @@ class Broadcaster:
                 for _key, batch in resp or []:
                     for sid, ev in stream.entries(batch):
                         last = sid
-                        item = {"row": row(sid, ev), "event": ev}
+                        r = row(sid, ev)
+                        # encoded once here, not once per connected browser
+                        item = {"row": r, "event": ev, "frame": frame(r)}
                         for q in list(self.subscribers):
                             with contextlib.suppress(asyncio.QueueFull):
                                 q.put_nowait(item)
@@ -74,6 +77,11 @@ class Broadcaster:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+def frame(r: dict[str, Any]) -> str:
+    """One SSE message for a timeline row."""
+    return f"id: {r['id']}\nevent: change\ndata: {orjson.dumps(r, default=str).decode()}\n\n"
 
 
 def sid_key(sid: str) -> tuple[int, int]:
