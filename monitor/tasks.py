@@ -284,7 +284,8 @@ def dispatch(self: Task) -> dict[str, Any]:
         client.eval(_RELEASE, 1, lock_key, token)
     if totals.get("read") or enqueued:
         log.info("dispatch", extra={**totals, "enqueued": enqueued})
-    return {"status": "ok", "enqueued": enqueued, **totals}
+    status = "blocked" if totals.get("blocked") else "ok"
+    return {"status": status, "enqueued": enqueued, **totals}
 
 
 @app.task(

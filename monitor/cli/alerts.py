@@ -406,7 +406,13 @@ def dispatch(
         finally:
             d.close()
         if json_out:
-            print_json({**stats.to_dict(), "errors": [e.to_dict() for e in d.errors]})
+            print_json(
+                {
+                    **stats.to_dict(),
+                    "blocked_reason": d.blocked,
+                    "errors": [e.to_dict() for e in d.errors],
+                }
+            )
         else:
             table = Table(title="dispatch --once")
             table.add_column("count")
@@ -415,9 +421,15 @@ def dispatch(
                 table.add_row(k, str(v))
             out.print(table)
             _print_errors(d.errors)
+        if d.blocked:
+            console.print(
+                f"[bold red]dispatch blocked: rules not loaded[/bold red]: {escape(d.blocked)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         if stats.dead or stats.held:
             raise typer.Exit(ExitCode.FAILED)
-        if any(e.level == "error" for e in d.errors):
+        if d.blocked or any(e.level == "error" for e in d.errors):
             raise typer.Exit(ExitCode.USAGE)
         return
     stop = threading.Event()

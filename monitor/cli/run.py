@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from monitor.cli.app import ExitCode, app, console, out, print_json, state
@@ -159,9 +160,9 @@ def _ago(ts: float | None, now: float) -> str:
 def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Per tenant: last sync (when, status, counts), next run; event backlog; dead letters.
 
-    Exit 0, or 1 when some tenant's last sync failed.
+    Exit 0, or 1 when some tenant's last sync failed or dispatch is blocked (rules not loaded).
     """
-    from monitor.status import any_failed, collect_status
+    from monitor.status import DISPATCH_BLOCKED, any_failed, collect_status
 
     settings = state.settings()
     st = collect_status(settings, _redis(settings))
@@ -196,6 +197,15 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         for t in st.tenants:
             if t.last_completed and t.last_completed.error:
                 out.print(f"  {t.name}: {t.last_completed.error}", markup=False, highlight=False)
+        if st.dispatch_blocked is not None:
+            since = st.dispatch_blocked.get("since")
+            out.print(
+                f"[bold red]{DISPATCH_BLOCKED}[/bold red]"
+                f" (since {_ago(float(since), now) if since else '?'}):"
+                f" {escape(str(st.dispatch_blocked.get('reason', '')))}",
+                highlight=False,
+                soft_wrap=True,
+            )
         groups = ", ".join(f"{g.name}: {g.pending} pending, {g.lag or 0} unread" for g in st.groups)
         out.print(f"events: {st.stream_length:,} in stream" + (f" ({groups})" if groups else ""))
         if st.dead_letters is not None:
