@@ -10,6 +10,7 @@ against `web.oidc.operator_*` and `viewer_*`.
 from __future__ import annotations
 
 import hashlib
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,14 @@ def _app(console: Console) -> tuple[msal.ConfidentialClientApplication, str]:
     tenant = console.settings.tenant(oidc.tenant)
     endpoints = tenant.cloud_endpoints()
     authority = f"{endpoints.authority}/{tenant.tenant_id}"
-    verify: Any = str(console.settings.ca_bundle) if console.settings.ca_bundle else True
-    http = httpx.Client(timeout=console.settings.http.timeout_seconds, verify=verify)
+    ca = console.settings.ca_bundle
+    verify: Any = ssl.create_default_context(cafile=str(ca)) if ca else True
+    http = httpx.Client(
+        timeout=console.settings.http.timeout_seconds,
+        verify=verify,
+        proxy=console.settings.http.proxy,
+        trust_env=False,
+    )
     app = msal.ConfidentialClientApplication(
         oidc.client_id,
         client_credential=oidc.client_secret.get_secret_value(),
