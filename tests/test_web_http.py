@@ -367,3 +367,38 @@ def test_live_timeline_over_sse(world: dict) -> None:
         assert len({r["event_id"] for r in rows}) == len(rows)  # no duplicates
     finally:
         served.stop()
+
+
+def test_config_page_shows_no_secret(secured: TestClient) -> None:
+    doc = secured.get("/api/config", headers=bearer(VIEWER_TOKEN)).json()
+    text = json.dumps(doc)
+    for secret in ("not-a-real-secret", VIEWER_TOKEN, OPERATOR_TOKEN):
+        assert secret not in text
+    assert doc["tenants"][0]["client_secret"] == "***"
+    assert doc["web"]["tokens"][0]["token"] == "***"
+    assert doc["web"]["tokens"][0]["name"] == "alice"
+    secured.cookies.clear()
+    token = csrf_of(secured.get("/login").text)
+    secured.post("/login", data={"token": VIEWER_TOKEN, "csrf": token})
+    html = secured.get("/config").text
+    assert "not-a-real-secret" not in html and VIEWER_TOKEN not in html and "***" in html
+
+
+def test_trigger_sync_and_accept_drop_enqueue_a_task(secured: TestClient, world: dict) -> None:
+    import base64
+
+    r = secured.post(
+        f"/api/tenants/{TENANT}/sync", json={"accept_drop": True}, headers=bearer(OPERATOR_TOKEN)
+    )
+    assert r.status_code == 202 and r.json()["accept_drop"] is True
+    raw = world["client"].lrange(f"{world['prefix']}:celery:sync", 0, -1)
+    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in raw]
+    assert [TENANT] in [b[0] for b in bodies]
+    assert any(b[1] == {"origin": "console", "accept_drop": True} for b in bodies)
+    assert (
+        secured.post(f"/api/tenants/{TENANT}/sync", headers=bearer(VIEWER_TOKEN)).status_code == 403
+    )
+    audit = secured.get("/api/audit", headers=bearer(VIEWER_TOKEN)).json()
+    assert ("olga", "sync.accept_drop", TENANT) in [
+        (a["user"], a["action"], a["target"]) for a in audit
+    ]

@@ -1062,11 +1062,50 @@ def sync_trigger(console: Console, request: Request, ctx: Ctx, data: dict[str, A
         return _error(console, request, ctx, 404, f"no tenant {name!r}")
     from monitor.celery_app import SYNC_QUEUE, SYNC_TASK, build_app
 
+    accept = str(data.get("accept_drop") or "") in ("1", "true", "True")
     res = build_app(console.settings).send_task(
-        SYNC_TASK, args=[name], kwargs={"origin": "console"}, queue=SYNC_QUEUE
+        SYNC_TASK,
+        args=[name],
+        kwargs={"origin": "console", "accept_drop": accept},
+        queue=SYNC_QUEUE,
     )
-    console.guard.audit(ctx.user, "sync.trigger", name, f"task {res.id}")
-    return _done(request, data, {"tenant": name, "task_id": res.id}, f"/tenants/{q(name)}", 202)
+    action = "sync.accept_drop" if accept else "sync.trigger"
+    console.guard.audit(ctx.user, action, name, f"task {res.id}")
+    return _done(
+        request,
+        data,
+        {"tenant": name, "task_id": res.id, "accept_drop": accept},
+        f"/tenants/{q(name)}",
+        202,
+    )
+
+
+def config_doc(console: Console) -> dict[str, Any]:
+    """The loaded configuration with every secret shown as `***`."""
+    doc = console.settings.model_dump(mode="json")
+
+    def mask(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: mask(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v, key) for v in value]
+        if value is not None and any(w in key.lower() for w in ("secret", "token", "password")):
+            return "***"
+        if key == "redis_url" and isinstance(value, str) and "@" in value:
+            scheme, _, rest = value.partition("://")
+            return f"{scheme}://***@{rest.rpartition('@')[2]}"
+        return value
+
+    masked: dict[str, Any] = mask(doc)
+    return masked
+
+
+@endpoint()
+def config_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
+    doc = config_doc(console)
+    if _wants_json(request):
+        return _json(doc)
+    return console.render(request, ctx, "config.html", doc=doc)
 
 
 @endpoint()
@@ -1188,6 +1227,8 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
         Route("/api/silences", silence_create, methods=["POST"]),
         Route("/alerts/silences/{sid}/expire", silence_expire, methods=["POST"]),
         Route("/api/silences/{sid}/expire", silence_expire, methods=["POST"]),
+        Route("/config", config_view),
+        Route("/api/config", config_view),
         Route("/audit", audit_view),
         Route("/api/audit", audit_view),
         Route("/api/me", me_api),
