@@ -75,8 +75,13 @@ CASES = [
         "machine-removed",
         [
             entity_event("mde.machine.deleted", machine(1)),
+            # Defender has no "Offboarded": an offboarded machine leaves Onboarded
             change_event(
-                "mde.machine.onboarding_changed", 2, "onboardingStatus", "Onboarded", "Offboarded"
+                "mde.machine.onboarding_changed",
+                2,
+                "onboardingStatus",
+                "Onboarded",
+                "CanBeOnboarded",
             ),
         ],
         resolve=[
@@ -85,18 +90,18 @@ CASES = [
                 "mde.machine.onboarding_changed",
                 2,
                 "onboardingStatus",
-                "Offboarded",
+                "CanBeOnboarded",
                 "Onboarded",
                 generation=2,
             ),
         ],
         ignore=[
-            change_event(
+            change_event(  # a discovered device that was never onboarded
                 "mde.machine.onboarding_changed",
                 3,
                 "onboardingStatus",
-                "Onboarded",
                 "InsufficientInfo",
+                "CanBeOnboarded",
             )
         ],
     ),

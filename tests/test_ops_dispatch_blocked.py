@@ -107,3 +107,28 @@ def test_a_bad_file_among_good_ones_does_not_block(
     assert res.exit_code == 2  # the broken file is reported
     doc = json.loads(res.stdout)
     assert (doc["blocked"], doc["read"], doc["sent"]) == (0, 1, 1)
+
+
+def test_json_output_is_only_json_whatever_the_sinks_print(
+    tmp_path: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """`dispatch --once --json` with a stdout sink: stdout is one JSON document (issue 9.7)."""
+    base, alerts, _out = _setup(tmp_path, redis_url, redis_prefix)
+    (alerts / "sinks.yaml").write_text("sinks:\n  log: {type: stdout, format: human}\n")
+    (alerts / "rules.yaml").write_text(textwrap.dedent(RULES))
+    publish(
+        redis_client,
+        redis_prefix,
+        [change_event("mde.machine.risk_raised", 1, "riskScore", "Low", "High")],
+    )
+    res = CliRunner().invoke(app, [*base, "dispatch", "--once", "--json", "--timeout", "5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["sent"] == 1  # the whole of stdout parses
+    assert "risk-high" in res.stderr  # the sink's text went to stderr
+    for args in (
+        ["status", "--json"],
+        ["deliveries", "list", "--json"],
+        ["rules", "check", "--json"],
+    ):
+        res = CliRunner().invoke(app, [*base, *args])
+        json.loads(res.stdout)

@@ -34,7 +34,7 @@ from monitor.alerts.rules import (
 from monitor.alerts.silences import SilenceStore
 from monitor.alerts.sinks.base import Notification, Sink
 from monitor.alerts.throttle import window
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.events import stream
 from monitor.events.envelope import EVENT_TYPES, Event, make_event
 from monitor.redis_conn import connect
@@ -50,7 +50,7 @@ app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(silence_app, name="silence")
 app.add_typer(sinks_app, name="sinks")
 
-JSON_OPT = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+JSON_OPT = json_option()
 
 
 def _alerts_dir() -> Path:
@@ -235,7 +235,7 @@ def rules_test(
         key = group_key(rule.name, labels)
         title, summary = render_notification(rule, status, labels, [event], 1)
         n = Notification(
-            id=notification_id(rule.name, key, status, 0),
+            id=notification_id("preview", 0),
             rule=rule.name,
             description=rule.description,
             severity=rule.severity,

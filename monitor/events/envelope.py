@@ -51,6 +51,9 @@ EVENT_TYPES: dict[str, str] = {
     "mde.sync.degraded": "A resource could not be fetched completely; its previous items were kept",
     "mde.sync.failed": "The sync failed (sign-in or every resource); nothing was changed",
     "mde.sync.suspicious_drop": "A complete fetch would delete more than the allowed share of a type",
+    "mde.sync.drop_applied": "A large drop the guard held was applied (persisted or accepted)",
+    # the event stream itself
+    "mde.events.lost": "Unread events were trimmed from the stream at its memory cap (data.count)",
 }
 
 

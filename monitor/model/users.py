@@ -10,7 +10,8 @@ from monitor.model.schema import ACCOUNT_HAS_USER, USER, epoch_ms, require_str
 Item = dict[str, Any]
 
 # The Graph user fields this converter reads; the collector `$select`s exactly these (Graph's
-# default projection leaves out accountEnabled, department, userType and createdDateTime).
+# default projection leaves out accountEnabled, department, userType and createdDateTime;
+# businessPhones, mobilePhone and preferredLanguage are mapped as JupiterOne's converter does).
 GRAPH_USER_FIELDS = (
     "id",
     "displayName",
@@ -24,7 +25,17 @@ GRAPH_USER_FIELDS = (
     "accountEnabled",
     "userType",
     "createdDateTime",
+    "businessPhones",
+    "mobilePhone",
+    "preferredLanguage",
 )
+
+
+def _strings(value: object) -> list[str] | None:
+    """The non-empty strings of a list (Graph's `businessPhones`); None when there are none."""
+    if not isinstance(value, list):
+        return None
+    return [v for v in value if isinstance(v, str) and v] or None
 
 
 def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
@@ -51,6 +62,9 @@ def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> I
         "accountEnabled": user.get("accountEnabled"),
         "userType": user.get("userType"),
         "createdOn": epoch_ms(user.get("createdDateTime")),
+        "businessPhones": _strings(user.get("businessPhones")),
+        "mobilePhone": user.get("mobilePhone") or None,
+        "preferredLanguage": user.get("preferredLanguage") or None,
     }
     return USER.entity(user_id, name, properties, raw=user, account_tag=account_tag)
 

@@ -356,7 +356,12 @@ class LoginApi:
         resource = scopes[0].removesuffix("/.default").rstrip("/")
         if resource == self.sim.graph_url:
             return "graph", None
-        if resource == self.sim.defender_url:
+        alias = self.sim.defender_resource
+        if alias is not None:
+            # like GCC High / DoD: the API's app ID URI is not its host, and only it is known
+            if resource == alias.removesuffix("/.default").rstrip("/"):
+                return "defender", None
+        elif resource == self.sim.defender_url:
             return "defender", None
         return "", self._error(
             400,
