@@ -326,6 +326,50 @@ class EventSettings(_Model):
     retention_days: float = Field(default=30.0, gt=0)
 
 
+class WebToken(_Model):
+    """A static bearer token for the console (headless use, or sign-in with a token)."""
+
+    name: str = Field(min_length=1)
+    role: Literal["viewer", "operator"] = "viewer"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WebToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token, token_file")
+        return self
+
+    def secret(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        assert self.token_file is not None
+        return self.token_file.read_text().strip()
+
+
+class WebOidc(_Model):
+    """Sign-in with Entra ID (OIDC authorization-code flow through MSAL)."""
+
+    tenant: str = Field(min_length=1)  # a configured tenant's name: its tenant id and cloud
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    operator_groups: list[str] = Field(default_factory=list)
+    operator_roles: list[str] = Field(default_factory=list)
+    viewer_groups: list[str] = Field(default_factory=list)
+    viewer_roles: list[str] = Field(default_factory=list)
+
+
+class WebSettings(_Model):
+    """The console (`mde-monitor web`)."""
+
+    public_url: str | None = None  # where people reach it; notifications link here
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tokens: list[WebToken] = Field(default_factory=list)
+    oidc: WebOidc | None = None
+    session_hours: float = Field(default=8.0, gt=0)
+
+
 class RedisTlsSettings(_Model):
     """TLS for `rediss://` URLs (every client: CLI, worker, beat, result backend, redbeat).
 
@@ -354,6 +398,7 @@ class Settings(_Model):
     detect: DetectSettings = Field(default_factory=DetectSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    web: WebSettings = Field(default_factory=WebSettings)
     source_path: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")

@@ -103,6 +103,9 @@ class SimTenant:
     # Per CVE, the affected software: productName, productVendor, productVersion, fixingKbId.
     cve_products: dict[str, list[Json]] = field(default_factory=dict)
     roles: set[str] = field(default_factory=lambda: set(ALL_ROLES))
+    # interactive sign-in (the console's OIDC flow): UPN -> group ids / app roles in the ID token
+    sign_in_groups: dict[str, list[str]] = field(default_factory=dict)
+    sign_in_roles: dict[str, list[str]] = field(default_factory=dict)
     certificate: ClientCertificate | None = None
     graph_short_pages: bool | None = None  # None: the simulator's default
     name: str | None = None  # config name; default derived by the simulator
