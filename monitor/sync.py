@@ -109,6 +109,8 @@ def run_sync(
             accept_drop=accept_drop,
         )
         _record_logon_refresh(client, settings, tenant.name, collected)
+        if collected.identity is not None:
+            collected.identity.after_commit()  # the groups delta link, only once committed
     return _summary(collected, result)
 
 

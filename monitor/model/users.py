@@ -11,7 +11,7 @@ Item = dict[str, Any]
 
 # The Graph user fields this converter reads; the collector `$select`s exactly these (Graph's
 # default projection leaves out accountEnabled, department, userType and createdDateTime).
-GRAPH_USER_FIELDS = (
+GRAPH_USER_FIELDS: tuple[str, ...] = (
     "id",
     "displayName",
     "userPrincipalName",
@@ -25,6 +25,16 @@ GRAPH_USER_FIELDS = (
     "userType",
     "createdDateTime",
 )
+# Identity mapping (monitor.model.identity): employee fields and the on-premises account.
+IDENTITY_USER_FIELDS = (
+    "employeeId",
+    "employeeType",
+    "companyName",
+    "onPremisesSecurityIdentifier",
+    "onPremisesSamAccountName",
+    "onPremisesDomainName",
+)
+GRAPH_USER_FIELDS += IDENTITY_USER_FIELDS
 
 
 def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
@@ -52,6 +62,8 @@ def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> I
         "userType": user.get("userType"),
         "createdOn": epoch_ms(user.get("createdDateTime")),
     }
+    properties.update({f: user.get(f) for f in IDENTITY_USER_FIELDS})
+    properties["employeeMapped"] = None  # set by the identity mapping (monitor.model.identity)
     return USER.entity(user_id, name, properties, raw=user, account_tag=account_tag)
 
 

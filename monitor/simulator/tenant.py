@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from monitor.simulator.certs import ClientCertificate, make_client_certificate
+from monitor.simulator.directory import DIRECTORY_OPS, DirectoryMixin, SimDirectory
 
 if TYPE_CHECKING:
     from _typeshed import SupportsLenAndGetItem
@@ -44,6 +45,7 @@ MUTATION_OPS = (
     "set_graph_short_pages",
     "set_client_secret",
     "summary",
+    *DIRECTORY_OPS,
 )
 
 ODATA_VULN_TYPE = "#microsoft.windowsDefenderATP.api.PublicVulnerabilityDto"
@@ -77,7 +79,7 @@ def parse_iso(text: str) -> datetime:
 
 
 @dataclass(eq=False)
-class SimTenant:
+class SimTenant(DirectoryMixin):
     """One simulated Entra ID tenant with its app registration and data (dicts keyed by id)."""
 
     tenant_id: str
@@ -96,6 +98,7 @@ class SimTenant:
     graph_short_pages: bool | None = None  # None: the simulator's default
     name: str | None = None  # config name; default derived by the simulator
     seed: int = 0
+    directory: SimDirectory = field(default_factory=SimDirectory)  # groups, roles, managers
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()
