@@ -99,6 +99,8 @@ class SimDirectory:
     seq: int = 0
     log: list[tuple[int, str, str, str | None]] = field(default_factory=list)  # seq, gid, op, uid
     token_floor: int = 0  # delta tokens issued before this seq are expired (410)
+    groups_per_page: int = GROUPS_PER_PAGE
+    links_per_page: int = LINKS_PER_PAGE
     _full_cache: tuple[int, list[str]] | None = None
 
     def record(self, gid: str, op: str, uid: str | None = None) -> None:
@@ -359,7 +361,7 @@ def groups_delta_page(
     want_members = "members" in cursor["p"]
     m = int(cursor["m"])
     value: list[Json] = []
-    links_left = LINKS_PER_PAGE
+    links_left = d.links_per_page
 
     def emit(gid: str, head: Json | None, links: list[Json]) -> bool:
         """Append the group (or its next member chunk); False when the page is full mid-group."""
@@ -389,7 +391,7 @@ def groups_delta_page(
             if pos >= len(ids):
                 done = True
                 break
-            if len(value) >= GROUPS_PER_PAGE or links_left <= 0:
+            if len(value) >= d.groups_per_page or links_left <= 0:
                 break
             gid = ids[pos]
             g = d.groups[gid]
@@ -406,7 +408,7 @@ def groups_delta_page(
             if i >= len(records):
                 done = True
                 break
-            if len(value) >= GROUPS_PER_PAGE or links_left <= 0:
+            if len(value) >= d.groups_per_page or links_left <= 0:
                 break
             gid, kind, props_changed, ops = records[i]
             if kind == "removed":
