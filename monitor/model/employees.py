@@ -113,16 +113,20 @@ def _read_csv(path: Path, text: str, cfg: HrFile) -> list[HrRecord]:
             f" (columns: {', '.join(header) or 'none'})"
         )
     out: list[HrRecord] = []
-    try:
-        for row in reader:
-            line = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise HrFileError(
-                    f"{path}:{line}: expected {len(header)} fields, got a different number"
-                )
-            out.append(_record(row, cfg, line, f"{path}:{line}"))
-    except csv.Error as exc:
-        raise HrFileError(f"{path}:{reader.line_num}: {exc}") from None
+    rows = iter(reader)
+    while True:
+        start = reader.line_num + 1  # the line the next record starts on
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise HrFileError(f"{path}:{start}: {exc}") from None
+        if None in row or any(v is None for v in row.values()):
+            raise HrFileError(
+                f"{path}:{start}: expected {len(header)} fields, got a different number"
+            )
+        out.append(_record(row, cfg, start, f"{path}:{start}"))
     return out
 
 
