@@ -201,6 +201,7 @@ def collect_tenant(
             redis_client=redis_client,
             redis_prefix=settings.redis_prefix,
             logon=logon,
+            machines_of=builder.logon_user_machines(),
         )
         timed("identity", t)
         return CollectResult(

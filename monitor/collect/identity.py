@@ -15,6 +15,7 @@ Runs after users and logon users are in the builder. Scope rules (nothing delete
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import redis
@@ -27,7 +28,7 @@ from monitor.collect.progress import Progress
 from monitor.config import TenantConfig
 from monitor.model.account import account_tag
 from monitor.model.employees import HrFileError, HrRecord, read_hr_file
-from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
 from monitor.model.identity import EmployeesOutcome, build_employees, map_logon_users
 from monitor.model.schema import (
     LOGON_USER,
@@ -36,6 +37,7 @@ from monitor.model.schema import (
     SCOPE_GROUPS,
     SCOPE_LOGON_USERS,
     SCOPE_USERS,
+    USER,
 )
 
 
@@ -87,6 +89,7 @@ def collect_identity(
     redis_client: redis.Redis | None,
     redis_prefix: str,
     logon: LogonUsersResult | None = None,
+    machines_of: Mapping[str, Iterable[str]] | None = None,
 ) -> IdentityResult:
     """Employees, groups, roles and the mappings into `target` (see the module doc)."""
     cfg = tenant.identity
@@ -120,8 +123,16 @@ def collect_identity(
         target.scopes[SCOPE_EMPLOYEES] = ScopeStatus(ScopeState.FAILED, error=problem)
         result.logon_set_aside = _set_aside_logon_users(target, problem, logon)
         return result
+    users: list[Item] = []
+    logon_keys: list[str] = []
+    for key, entity in target.entities.items():
+        typ = entity.get("_type")
+        if typ == USER.type:
+            users.append(entity)
+        elif typ == LOGON_USER.type:
+            logon_keys.append(key)
     if cfg.directory_employees.enabled or records is not None:
-        result.employees = build_employees(target, cfg, records, account_tag=tag)
+        result.employees = build_employees(target, cfg, records, account_tag=tag, users=users)
         target.scopes[SCOPE_EMPLOYEES] = ScopeStatus(
             ScopeState.COMPLETE, count=result.employees.employees
         )
@@ -131,7 +142,8 @@ def collect_identity(
     # logon accounts -> directory users
     progress("identity mapping", 0, None)
     user_employee = result.employees.user_employee if result.employees else {}
-    logon_keys = [k for k, e in target.entities.items() if e.get("_type") == LOGON_USER.type]
-    outcome = map_logon_users(target, cfg, user_employee, logon_keys)
+    outcome = map_logon_users(
+        target, cfg, user_employee, logon_keys, users=users, machines_of=machines_of
+    )
     result.logon_kinds = dict(outcome.kinds)
     return result

@@ -20,8 +20,10 @@ employee; `loggedOnAfterTermination` (last seen after the HR termination date).
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ from monitor.model.schema import (
     EMPLOYEE_MANAGES_EMPLOYEE,
     LOGON_USER,
     LOGON_USER_IS_USER,
+    MACHINE,
     MACHINE_HAS_LOGON_USER,
     SCOPE_EMPLOYEES,
     USER,
@@ -57,6 +60,19 @@ SERVICE_DOMAINS = frozenset(
 )
 SERVICE_LOGON_TYPES = frozenset({"service", "batch"})
 LOCAL_RIDS = ("-500", "-501", "-503", "-504")  # Administrator, Guest, DefaultAccount, WDAGUtility
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic GC while tens of thousands of small dicts are made (they hold no cycles); with
+    a large graph alive, each full collection would walk all of it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -91,10 +107,23 @@ def build_employees(
     hr_records: list[HrRecord] | None,
     *,
     account_tag: str | None = None,
+    users: list[Item] | None = None,
 ) -> EmployeesOutcome:
     """Employees, user IS employee, employee MANAGES employee into `graph` (scope "employees");
     sets `employeeMapped` on every user entity and `directoryAccountEnabled` on employees."""
-    users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
+    with _gc_paused():
+        if users is None:
+            users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
+        return _build_employees(graph, settings, hr_records, users, account_tag)
+
+
+def _build_employees(
+    graph: Graph,
+    settings: IdentitySettings,
+    hr_records: list[HrRecord] | None,
+    users: list[Item],
+    account_tag: str | None,
+) -> EmployeesOutcome:
     by_hr_id, by_hr_mail = index_records(hr_records or [])
     employees: dict[str, Item] = {}  # employee key -> entity
     hr_of: dict[str, HrRecord] = {}
@@ -247,23 +276,60 @@ def map_logon_users(
     settings: IdentitySettings,
     user_employee: Mapping[str, str] | None = None,
     logon_keys: Iterable[str] | None = None,
+    *,
+    users: list[Item] | None = None,
+    machines_of: Mapping[str, Iterable[str]] | None = None,
 ) -> LogonOutcome:
     """Set accountKind & co. on the logon users in `graph` and add their IS user relationships
-    (in each logon user's own scope)."""
-    users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
+    (in each logon user's own scope). `users` / `logon_keys` / `machines_of` (logon-user key ->
+    machine ids) save a pass over the graph when the caller has them."""
+    with _gc_paused():
+        if users is None:
+            users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
+        if logon_keys is None:
+            logon_keys = [k for k, e in graph.entities.items() if e.get("_type") == LOGON_USER.type]
+        return _map_logon_users(
+            graph, settings, user_employee or {}, logon_keys, users, machines_of
+        )
+
+
+def _hosts_of(graph: Graph, key: str, machines_of: Mapping[str, Iterable[str]] | None) -> set[str]:
+    """Upper-case short names of the machines that HAVE this logon user (this sync)."""
+    if machines_of is None:
+        return _hostnames(graph).get(key, set())
+    out = set()
+    for mid in machines_of.get(key, ()):
+        machine = graph.entities.get(MACHINE.key(mid)) or {}
+        name = str(machine.get("computerDnsName") or "").split(".")[0].upper()
+        if name:
+            out.add(name)
+    return out
+
+
+def _map_logon_users(
+    graph: Graph,
+    settings: IdentitySettings,
+    user_employee: Mapping[str, str],
+    logon_keys: Iterable[str],
+    users: list[Item],
+    machines_of: Mapping[str, Iterable[str]] | None,
+) -> LogonOutcome:
     idx = index_users(users, settings.netbios_domains)
-    hosts = _hostnames(graph)
-    employees = graph.entities
-    user_employee = user_employee or {}
-    outcome = LogonOutcome()
-    if logon_keys is None:
-        logon_keys = [k for k, e in graph.entities.items() if e.get("_type") == LOGON_USER.type]
+    by_sid, by_sam, by_upn, by_local = idx.by_sid, idx.by_sam, idx.by_upn, idx.by_upn_local
+    entities, scope_of = graph.entities, graph.scope_of
+    rels = graph.relationships
+    rel_type_name = LOGON_USER_IS_USER.type
+    assert LOGON_USER_IS_USER.key("a", "b") == "a|is|b"
+    kinds: Counter[str] = Counter()
+    mapped = 0
     for key in logon_keys:
-        lu = graph.entities[key]
+        lu = entities[key]
         sid = lu.get("accountSid")
         sid_u = sid.upper() if isinstance(sid, str) else ""
-        name = _lower(lu.get("username")) or ""
-        domain = _lower(lu.get("domain")) or ""
+        name = lu.get("username")
+        name = name.lower() if isinstance(name, str) else ""
+        domain = lu.get("domain")
+        domain = domain.lower() if isinstance(domain, str) else ""
         user: Item | None = None
         how: str | None = None
         kind = "unknown"
@@ -274,19 +340,18 @@ def map_logon_users(
         ):
             kind = "service"
         else:
-            user = idx.by_sid.get(sid_u) if sid_u else None
-            how = "sid" if user is not None else None
+            if sid_u:
+                user = by_sid.get(sid_u)
+                how = "sid"
             if user is None and name:
-                user = idx.by_sam.get((name, domain))
-                how = "samAccountName" if user is not None else None
-            if user is None and name:
-                user = idx.by_upn.get(name) or (
-                    idx.by_upn_local.get(name) if "@" not in name else None
-                )
-                how = "upn" if user is not None else None
+                user = by_sam.get((name, domain))
+                how = "samAccountName"
+                if user is None:
+                    user = by_upn.get(name) or (by_local.get(name) if "@" not in name else None)
+                    how = "upn"
             if user is not None:
                 kind = "domain"
-            elif domain.upper() in hosts.get(key, ()) or sid_u.endswith(LOCAL_RIDS):
+            elif sid_u.endswith(LOCAL_RIDS) or domain.upper() in _hosts_of(graph, key, machines_of):
                 kind = "local"
             else:
                 types = {
@@ -297,25 +362,32 @@ def map_logon_users(
                 if types and types <= SERVICE_LOGON_TYPES:
                     kind = "service"
         lu["accountKind"] = kind
-        outcome.kinds[kind] += 1
+        kinds[kind] += 1
         state: str | None = None
         emp_status: str | None = None
         after_termination: bool | None = None
         if user is not None:
-            outcome.mapped += 1
-            enabled = user.get("accountEnabled")
-            state = "disabled" if enabled is False else "enabled"
-            rel = LOGON_USER_IS_USER.relationship(key, user["_key"], {"matchedBy": how})
-            graph.add_relationship(rel, graph.scope_of[key])
-            emp = employees.get(user_employee.get(user["_key"], ""))
+            mapped += 1
+            state = "disabled" if user.get("accountEnabled") is False else "enabled"
+            user_key = user["_key"]
+            rel_key = f"{key}|is|{user_key}"  # rel_type.relationship(), inlined: hot loop
+            rels[rel_key] = {
+                "_key": rel_key,
+                "_type": rel_type_name,
+                "_class": "IS",
+                "_fromEntityKey": key,
+                "_toEntityKey": user_key,
+                "displayName": "IS",
+                "matchedBy": how,
+            }
+            scope_of[rel_key] = scope_of[key]
+            emp_key = user_employee.get(user_key)
+            emp = entities.get(emp_key) if emp_key else None
             if emp is not None:
                 emp_status = emp.get("status")
-                term = emp.get("terminationOn")
-                last = lu.get("lastSeenOn")
                 if emp_status == "terminated":
-                    after_termination = bool(
-                        term is None or (isinstance(last, int) and last > term)
-                    )
+                    term, last = emp.get("terminationOn"), lu.get("lastSeenOn")
+                    after_termination = term is None or (isinstance(last, int) and last > term)
                 else:
                     after_termination = False
         elif kind == "unknown" and domain and domain in idx.netbios:
@@ -323,4 +395,4 @@ def map_logon_users(
         lu["directoryUserState"] = state
         lu["employeeStatus"] = emp_status
         lu["loggedOnAfterTermination"] = after_termination
-    return outcome
+    return LogonOutcome(kinds, mapped)
