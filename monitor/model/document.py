@@ -209,6 +209,14 @@ one per `_key`. Conventions:
   per machine and CVE (`products`: "vendor product version", `fixingKbIds`). A CVE missing from
   Defender's catalogue gets an entity with only its id and severity. Non-CVE ids (`TVM-...`) get
   no `cve` mapping.
+- Identity (extensions, see below): employees (`employee`, class `Person`) come from the
+  directory (member users with an `employeeId` by default) and/or an HR export file; a user IS
+  the employee with the same employee id, else e-mail, else UPN (case-insensitive,
+  configurable); users that match none have `employeeMapped: false`. A logon user IS the
+  directory user with its SID (`onPremisesSecurityIdentifier`), else its `accountName` +
+  `accountDomain` (`onPremisesSamAccountName` + NetBIOS name), else its UPN, and gets
+  `accountKind` `domain`, `local`, `service` or `unknown`. Groups come from `/groups/delta`
+  (only changes after the first sync), activated directory roles from `/directoryRoles`.
 
 """
 
