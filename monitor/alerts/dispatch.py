@@ -296,7 +296,6 @@ class Dispatcher:
         self.client.set(key, orjson.dumps(doc))
         return True
 
-
     def _recover(self, silences: list[Silence], stats: DispatchStats) -> None:
         """Entries this consumer read but did not acknowledge (its previous run died mid-batch).
 

@@ -56,6 +56,8 @@ _PAIRS: tuple[tuple[str, str], ...] = (
     ("mde.logon_user.created", "mde.logon_user.deleted"),
     ("mde.vulnerability.created", "mde.vulnerability.deleted"),
     ("mde.query.entered", "mde.query.left"),
+    ("mde.group.member_added", "mde.group.member_removed"),
+    ("mde.role.assigned", "mde.role.unassigned"),
 )
 COUNTERPARTS: dict[str, str] = {**dict(_PAIRS), **{b: a for a, b in _PAIRS}}
 
