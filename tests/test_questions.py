@@ -214,7 +214,7 @@ def answers(o: Oracle) -> dict[str, dict[str, Any]]:
                         "v.displayName": o.by_key[r["_toEntityKey"]]["displayName"],
                     }
                     for r in o.pairs
-                    if any("openssl" in p for p in r.get("products") or [])
+                    if "openssl" in str(r.get("products") or "")  # joined: "a, b"
                 ),
                 key=lambda r: (r["m.displayName"], r["v.displayName"]),
             )

@@ -442,6 +442,8 @@ EMPLOYEE = EntityType(
         "displayName",
         "id",
         "employeeId",
+        "firstName",
+        "lastName",
         "email",
         "employeeType",
         "companyName",
