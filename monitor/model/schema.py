@@ -443,6 +443,8 @@ EMPLOYEE = EntityType(
         "id",
         "employeeId",
         "email",
+        "firstName",
+        "lastName",
         "employeeType",
         "companyName",
         "department",
