@@ -170,18 +170,14 @@ def employee_entity(
         (hr.email if hr else None) or _lower(u.get("email")) or _lower(u.get("userPrincipalName"))
     )
     name = (hr.name if hr else None) or u.get("displayName") or email or emp_id
-    # J1's Person wants firstName/lastName: the directory's own, else the HR name split once
-    parts = str(hr.name).split(None, 1) if hr and hr.name else []
-    first = u.get("givenName") or (parts[0] if parts else None)
-    last = u.get("surname") or (parts[1] if len(parts) > 1 else None)
     terminated = bool(hr and hr.terminated)
     source = "+".join(s for s, present in (("directory", user), ("hr", hr)) if present)
     properties = {
         "id": emp_id,
         "employeeId": (hr.employee_id if hr else None) or u.get("employeeId"),
-        "firstName": first,
-        "lastName": last,
-        "email": [email] if email else None,
+        "email": [email] if email else None,  # JupiterOne's Person: a list of addresses
+        "firstName": _text(u.get("givenName")),  # from the directory; never guessed from a name
+        "lastName": _text(u.get("surname")),
         "employeeType": u.get("employeeType"),
         "companyName": u.get("companyName"),
         "department": u.get("department"),
