@@ -402,3 +402,13 @@ def test_government_defender_scopes_and_the_override() -> None:
 
     with pytest.raises(ConfigError, match=r"defender_scope.*/\.default"):
         _tenant(defender_scope="https://securitycenter.onmicrosoft.us/windowsatpservice")
+
+
+def test_a_404_after_the_first_page_is_an_error_not_an_empty_list(world: World) -> None:
+    assert world.sync().status == "ok"
+    world.t.set_behaviour(defender_page_size=7)
+    world.sim.add_fault(Fault(endpoint=MACHINES, status=404, code="NotFound", after=1, times=1))
+    second = world.sync()
+    assert second.status == "degraded"
+    assert "HTTP 404 NotFound" in (second.scopes_incomplete["machines"] or "")
+    assert "mde.machine.deleted" not in second.events
