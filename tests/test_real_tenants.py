@@ -3,6 +3,10 @@ through the real sync path: simulator -> collect -> model -> snapshot -> events.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ import pytest
 import redis
 import yaml
 
+from monitor.cli.app import ExitCode
 from monitor.collect.check import check_tenant
 from monitor.collect.logon_users import RefreshLedger
 from monitor.config import Settings, parse_settings
@@ -341,38 +346,40 @@ def test_a_held_drop_applied_after_persisting_says_so(world: World) -> None:
 # ---- the CLI: exit codes of a sign-in failure --------------------------------------------------
 
 
-def test_cli_sync_exits_1_and_check_does_not_crash_when_sign_in_is_down(
-    world: World, redis_url: str
-) -> None:
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from monitor.cli.app import ExitCode
-
+def _cli(world: World, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     config = world.sim.state_dir / "monitor.yaml"
     data = yaml.safe_load(world.sim.config_yaml())
     data.update({"http": FAST_HTTP, "redis_prefix": world.prefix, "redis_url": redis_url})
     config.write_text(yaml.safe_dump(data))
-    world.sim.add_fault(Fault(endpoint="login:/token", status=500, retry_after=None))
     env = {**os.environ, "MDE_MONITOR_CONFIG": str(config)}
     env.pop("REDIS_URL", None)
+    cmd = [sys.executable, "-c", "from monitor.cli import main; main()", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-c", "from monitor.cli import main; main()", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
-    done = cli("sync", "--tenant", "sim", "--json")
+def test_cli_sync_exits_1_and_check_does_not_crash_when_sign_in_is_down(
+    world: World, redis_url: str
+) -> None:
+    world.sim.add_fault(Fault(endpoint="login:/token", status=500, retry_after=None))
+    done = _cli(world, redis_url, "sync", "--tenant", "sim", "--json")
     assert done.returncode == ExitCode.FAILED, done.stderr
     assert "Traceback" not in done.stderr
     summary = json.loads(done.stdout)
     assert summary["status"] == "failed" and summary["events"] == {"mde.sync.failed": 1}
-    checked = cli("check", "--json")
+    checked = _cli(world, redis_url, "check", "--json")
     assert "Traceback" not in checked.stderr, checked.stderr
     assert checked.returncode == ExitCode.MISSING_PERMISSION
     rows = json.loads(checked.stdout)["tenants"]["sim"]
     assert rows and all(r["reason"] == "sign_in" and "/.default" in r["permission"] for r in rows)
+
+
+def test_cli_check_tells_not_licensed_from_a_missing_permission(
+    world: World, redis_url: str
+) -> None:
+    world.sim.add_fault(Fault(endpoint=CATALOGUE, status=403, code="DisabledFeature"))
+    checked = _cli(world, redis_url, "check")
+    assert checked.returncode == ExitCode.DEGRADED, checked.stdout + checked.stderr
+    assert "not enabled/licensed" in checked.stdout
 
 
 # ---- config: regions and clouds ----------------------------------------------------------------
