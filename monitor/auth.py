@@ -21,6 +21,7 @@ import msal.exceptions
 
 from monitor.collect.errors import AuthError
 from monitor.config import Cloud, HttpSettings, TenantConfig
+from monitor.redact import register_secret, scrub
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class MsalHttpClient:
 
 def _credential(tenant: TenantConfig) -> str | dict[str, Any]:
     secret = tenant.secret()
+    register_secret(secret)  # masked in every error, event and log from now on
     if secret is not None:
         return secret
     cert = tenant.certificate
@@ -87,6 +89,7 @@ def _credential(tenant: TenantConfig) -> str | dict[str, Any]:
         cred: dict[str, Any] = {"private_key_pfx_path": str(cert.pfx_path)}
         if cert.pfx_password is not None:
             cred["passphrase"] = cert.pfx_password.get_secret_value()
+            register_secret(cred["passphrase"])
         return cred
     assert cert.pem_path is not None and cert.thumbprint
     return {"private_key": Path(cert.pem_path).read_text(), "thumbprint": cert.thumbprint}
@@ -101,7 +104,7 @@ def explain_auth_failure(result: dict[str, Any], scope: str | None = None) -> Au
     codes = result.get("error_codes") or []
     m = _AADSTS.search(description)
     code = m.group(1) if m else (str(codes[0]) if codes else None)
-    first_line = description.split("\r\n")[0].split("\n")[0].split(" Trace ID:")[0]
+    first_line = scrub(description.split("\r\n")[0].split("\n")[0].split(" Trace ID:")[0])
     hint = _AADSTS_HINTS.get(code or "")
     aadsts = f"AADSTS{code}" if code else None
     for_scope = f" for scope {scope}" if scope else ""

@@ -33,12 +33,14 @@ def collect_machines(
         status = exc.status()
         builder.set_scope(SCOPE_MACHINES, status)
         return MachinesResult(status)
-    last_seen = {m["id"]: m.get("lastSeen") for m in machines if isinstance(m.get("id"), str)}
+    # malformed items are the builder's to reject (by index, degrading the scope)
+    valid = [m for m in machines if isinstance(m, dict)]
+    last_seen = {m["id"]: m.get("lastSeen") for m in valid if isinstance(m.get("id"), str)}
     # discovered devices are listed too (CanBeOnboarded, Unsupported, InsufficientInfo); a
     # machine without the field is taken as onboarded
     onboarded = {
         m["id"]
-        for m in machines
+        for m in valid
         if isinstance(m.get("id"), str) and m.get("onboardingStatus", "Onboarded") == "Onboarded"
     }
     status = ScopeStatus(ScopeState.COMPLETE, count=builder.add_machines(machines))

@@ -48,7 +48,9 @@ MISSING_CVE_TOLERANCE = 0.02
 EXPOSURE_TOLERANCE = 0.8
 
 
-def _slim(pair: dict[str, Any]) -> dict[str, Any]:
+def _slim(pair: Any) -> Any:
+    if not isinstance(pair, dict):
+        return pair  # not an object: the builder rejects it by its index
     return {
         k: sys.intern(v) if isinstance(v, str) else v
         for k in _PAIR_FIELDS
