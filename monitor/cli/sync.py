@@ -151,7 +151,11 @@ def check(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name (default: all)."),
     as_json: bool = json_option("Print the probes as JSON."),
 ) -> None:
-    """Sign in and probe each API permission with one cheap call; exit 5 if any is missing."""
+    """Sign in and probe each API permission with one cheap call.
+
+    Exit 5 if a permission is missing (or sign-in fails), 3 if all are granted but a feature is
+    not enabled/licensed in the tenant (403 DisabledFeature / DisallowedOperation).
+    """
     settings = state.settings()
     tenants = [settings.tenant(tenant)] if tenant else list(settings.tenants)
     results = {t.name: check_tenant(settings, t) for t in tenants}
@@ -176,12 +180,17 @@ def check(
                     False: "[red]error[/red]",
                     None: "[yellow]unknown[/yellow]",
                 }[p.ok]
+                if p.reason == "not_enabled":
+                    mark = "[yellow]not enabled/licensed[/yellow]"
                 table.add_row(p.permission, p.api, mark if p.ok else f"{mark} {p.detail}")
             out.print(table)
         for problem in problems:
             out.print(f"[red]alert file error[/red]: {problem}", highlight=False)
-    if any(p.ok is False for probes in results.values() for p in probes):
+    failed = [p for probes in results.values() for p in probes if p.ok is False]
+    if any(p.reason != "not_enabled" for p in failed):
         raise typer.Exit(ExitCode.MISSING_PERMISSION)
+    if failed:  # granted, but the tenant lacks the feature or licence: syncs will be degraded
+        raise typer.Exit(ExitCode.DEGRADED)
     if problems:
         raise typer.Exit(ExitCode.USAGE)
 
