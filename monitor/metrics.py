@@ -195,6 +195,12 @@ class RedisStateCollector(Collector):
             dead = _gauge("dead_letters", "Deliveries that gave up (dead-letter entries)")
             dead.add_metric([], state.dead_letters)
             yield dead
+        blocked = _gauge(
+            "dispatch_blocked",
+            "1 while alert dispatch is blocked: rules not loaded (events wait in the stream)",
+        )
+        blocked.add_metric([], 1 if state.dispatch_blocked is not None else 0)
+        yield blocked
         budget = _gauge(
             "api_budget_used_ratio",
             "Share of Microsoft's documented per-minute limit used in the last minute",

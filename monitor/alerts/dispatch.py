@@ -6,16 +6,25 @@ and commits the group/firing/throttle writes and the XACK of the batch in one MU
 event is either fully accounted for or re-read. Due groups are then flushed: each flush renders
 one notification and queues one delivery per sink in the same transaction that resets the group
 (optimistic WATCH on the group). `deliver` makes one attempt; `drain` does everything now.
+
+While the rule set cannot be loaded (no alerts directory, no rule file, or no rule compiled because
+every rule file is broken) dispatch is *blocked*: it neither reads nor acknowledges the stream nor
+flushes groups, so events wait in the stream until the rules load again; the reason is logged every
+run and kept in Redis (`dispatch_blocked_key`) for `status` and the metrics. A broken file among
+good ones does not block: the good rules keep alerting and the errors are reported (blocking all
+alerting for one bad file would be the larger outage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,7 +41,14 @@ from monitor.alerts.deliver import (
 )
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import headline, render_notification
-from monitor.alerts.rules import LoadError, Rule, RuleSet, build_sinks, load_rules
+from monitor.alerts.rules import (
+    SINKS_FILE_NAMES,
+    LoadError,
+    Rule,
+    RuleSet,
+    build_sinks,
+    load_rules,
+)
 from monitor.alerts.silences import Silence, SilenceStore, silenced_by
 from monitor.alerts.sinks.base import Notification, Sink
 from monitor.config import Settings
@@ -52,6 +68,41 @@ def firing_key(prefix: str, rule: str) -> str:
 def firing_count_key(prefix: str) -> str:
     """Hash: group key -> how many subjects of the group are firing."""
     return f"{prefix}:alerts:firing_count"
+
+
+def dispatch_blocked_key(prefix: str) -> str:
+    """JSON {reason, since, errors} while dispatch is blocked because no rule loads."""
+    return f"{prefix}:alerts:dispatch:blocked"
+
+
+BLOCKED_MESSAGE = "dispatch blocked: rules not loaded"
+
+
+def blocked_reason(ruleset: RuleSet) -> str | None:
+    """Why no event may be read with this rule set (None: dispatch can run).
+
+    Blocked when no rule compiled and either something failed to load or there is no rule file.
+    A directory whose rule files load but declare no rule is a deliberate choice, not blocked.
+    """
+    if ruleset.rules:
+        return None
+    root = ruleset.directory
+    if root is None:
+        return None  # a rule set built in code (tests, replays)
+    if not Path(root).is_dir():
+        return f"alerts directory not found: {root}"
+    problems = ruleset.problems
+    files = [
+        p
+        for p in Path(root).iterdir()
+        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name not in SINKS_FILE_NAMES
+    ]
+    if not files:
+        return f"no rule file (*.yaml) in {root}"
+    if problems:
+        first = problems[0]
+        return f"no rule loaded from {root}: {len(problems)} error(s), first: {first}"
+    return None
 
 
 def _sid(v: bytes | str) -> str:
@@ -86,6 +137,7 @@ class DispatchStats:
     skipped: int = 0
     waiting: int = 0  # deliveries still queued (retries scheduled beyond the drain)
     load_errors: int = 0
+    blocked: int = 0  # 1: no rule loaded, the stream was left untouched
 
     def add_outcome(self, outcome: DeliveryOutcome) -> None:
         if outcome.status in ("sent", "retrying", "dead", "held", "skipped"):
@@ -93,10 +145,11 @@ class DispatchStats:
 
     def merge(self, other: DispatchStats) -> None:
         for k, v in asdict(other).items():
-            if k not in ("waiting", "load_errors"):
+            if k not in ("waiting", "load_errors", "blocked"):
                 setattr(self, k, getattr(self, k) + v)
         self.waiting = other.waiting
         self.load_errors = other.load_errors
+        self.blocked = other.blocked
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -169,6 +222,7 @@ class Dispatcher:
         )
         self.sinks: dict[str, Sink] = {**built, **injected}
         self.errors: list[LoadError] = [*self.ruleset.errors, *sink_errors]
+        self.blocked: str | None = blocked_reason(self.ruleset)
         self.queue = DeliveryQueue(
             redis_client, self.prefix, self.ruleset.delivery, consumer=consumer, clock=clock
         )
@@ -194,6 +248,12 @@ class Dispatcher:
         """Read own pending then new events, match, group, and queue due deliveries."""
         stats = DispatchStats(load_errors=len([e for e in self.errors if e.level == "error"]))
         self.report_errors(every_s=0 if block_ms is None else 600.0)
+        if self._check_blocked():
+            stats.blocked = 1
+            if block_ms:  # a loop: do not spin while blocked
+                self.sleep(min(block_ms / 1000, 5.0))
+            stats.waiting = self.queue.queued_count()
+            return stats
         silences = self.silences.active(self.clock())
         self._claim_abandoned()
         self._recover(silences, stats)
@@ -209,6 +269,32 @@ class Dispatcher:
         self._flush(flush_all, stats)
         stats.waiting = self.queue.queued_count()
         return stats
+
+    def _check_blocked(self) -> bool:
+        """Record (or clear) the blocked state in Redis; log it on every blocked run."""
+        key = dispatch_blocked_key(self.prefix)
+        if self.blocked is None:
+            self.client.delete(key)
+            return False
+        log.error(
+            "%s: events stay in the stream until the rules load (%s)",
+            BLOCKED_MESSAGE,
+            self.blocked,
+            extra={"alerts_dir": str(self.ruleset.directory)},
+        )
+        previous: Any = self.client.get(key)
+        since = self.clock()
+        if previous:
+            with contextlib.suppress(ValueError, AttributeError):
+                since = float(orjson.loads(previous).get("since", since))
+        doc = {
+            "reason": self.blocked,
+            "since": since,
+            "checked": self.clock(),
+            "errors": [str(e) for e in self.ruleset.problems[:20]],
+        }
+        self.client.set(key, orjson.dumps(doc))
+        return True
 
     def _recover(self, silences: list[Silence], stats: DispatchStats) -> None:
         """Entries this consumer read but did not acknowledge (its previous run died mid-batch).
