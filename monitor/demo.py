@@ -34,6 +34,7 @@ from rich.table import Table
 
 from monitor.demo_receiver import SECRET_ENV, WebhookReceiver, new_secret
 from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
+from monitor.starter import pack_dir
 from monitor.status import run_history
 
 TENANT = "contoso"
@@ -439,7 +440,9 @@ class _Demo:
 
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
-        source_alerts = self.opts.alerts_dir or Path("alerts")
+        source_alerts = self.opts.alerts_dir or (
+            Path("alerts") if (Path("alerts") / "sinks.yaml").is_file() else pack_dir()
+        )
         self.children = _Children()
         with contextlib.ExitStack() as stack:
             url, self.prefix, embedded = stack.enter_context(_redis_for_demo(self.opts.data_dir))

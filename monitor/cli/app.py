@@ -68,6 +68,33 @@ class State:
 state = State()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r}: use one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def package_version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mde-monitor")
+    except PackageNotFoundError:
+        from monitor import __version__
+
+        return __version__
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"mde-monitor {package_version()}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
     config: Path | None = typer.Option(
@@ -80,14 +107,26 @@ def _global(
     alerts_dir: Path | None = typer.Option(
         None, "--alerts-dir", help="Rule and sink files (default: the config's alerts_dir)."
     ),
-    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+    log_level: str = typer.Option(
+        "WARNING",
+        "--log-level",
+        help="DEBUG, INFO, WARNING, ERROR.",
+        callback=_log_level,
+    ),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
 ) -> None:
     from monitor.logs import setup_logging
 
     state.config_path = config
     state.alerts_dir = alerts_dir
     state._settings = None
-    setup_logging(log_level)
+    try:
+        setup_logging(log_level)
+    except ValueError as exc:
+        console.print(f"[red]usage error[/red]: {exc}", highlight=False)
+        raise typer.Exit(ExitCode.USAGE) from None
 
 
 _json_stdout: list[Any] = []  # the real stdout while a --json command runs

@@ -294,3 +294,24 @@ def demo(
         print_json(summary.to_dict())
     if not summary.ok:
         raise typer.Exit(ExitCode.FAILED)
+
+
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Where to write config/ and alerts/."),
+    force: bool = typer.Option(False, "--force", help="Overwrite files that exist."),
+) -> None:
+    """Write a starter config/monitor.yaml and the shipped rule pack (alerts/) into DIRECTORY."""
+    from monitor.starter import init as write_starter
+
+    written, skipped = write_starter(directory, force=force)
+    for p in written:
+        out.print(f"wrote {p}", highlight=False, markup=False)
+    for p in skipped:
+        out.print(f"kept {p} (exists; --force overwrites)", highlight=False, markup=False)
+    out.print(
+        f"next: edit {directory / 'config' / 'monitor.yaml'}, then"
+        f" `mde-monitor --config {directory / 'config' / 'monitor.yaml'} check`",
+        highlight=False,
+        markup=False,
+    )
