@@ -350,9 +350,10 @@ def _start_metrics_server(sender: Any = None, **_: Any) -> None:
         except ConfigError:
             return []
 
+    addr = os.environ.get("MDE_MONITOR_METRICS_ADDR") or "0.0.0.0"
     try:
-        start_metrics_server(port, connect(celery_app.conf.mde_redis_url), prefix, tenants)
+        start_metrics_server(port, connect(celery_app.conf.mde_redis_url), prefix, tenants, addr)
     except OSError as exc:
-        log.error("metrics: cannot listen", extra={"port": port, "error": str(exc)})
+        log.error("metrics: cannot listen", extra={"addr": addr, "port": port, "error": str(exc)})
         return
-    log.info("metrics: listening", extra={"port": port, "host": socket.gethostname()})
+    log.info("metrics: listening", extra={"addr": addr, "port": port, "host": socket.gethostname()})

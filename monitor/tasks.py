@@ -40,7 +40,7 @@ from monitor.celery_app import (
 from monitor.config import ConfigError, Settings
 from monitor.events.envelope import utc_now_iso
 from monitor.logs import log_context
-from monitor.metrics import record_delivery, record_sync
+from monitor.metrics import record_sync
 from monitor.redis_conn import connect, describe_error, is_redis_error
 from monitor.status import record_run
 
@@ -345,11 +345,7 @@ def deliver(self: Task, delivery_id: str) -> dict[str, Any]:
             )
             raise self.retry(countdown=countdown)
         return dict(outcome.to_dict())
-    client.delete(marker)
-    try:
-        record_delivery(client, settings.redis_prefix, outcome.sink or "unknown", outcome.status)
-    except redis.RedisError as exc:
-        log.warning("could not count the delivery", extra={"error": str(exc)})
+    client.delete(marker)  # (the Dispatcher counted the attempt in the metrics)
     if outcome.status in ("retrying", "dead", "held"):
         log.warning(
             "delivery not done",

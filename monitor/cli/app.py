@@ -77,20 +77,10 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
-def package_version() -> str:
-    """The installed distribution's version (the source tree's when not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mde-monitor")
-    except PackageNotFoundError:
-        from monitor import __version__
-
-        return __version__
-
-
 def _version(value: bool) -> None:
     if value:
+        from monitor import package_version
+
         sys.stdout.write(f"mde-monitor {package_version()}\n")
         raise typer.Exit(0)
 

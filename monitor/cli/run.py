@@ -75,11 +75,19 @@ def worker(
         "--metrics-port",
         help="Serve Prometheus /metrics here (default: config metrics_port).",
     ),
+    metrics_addr: str | None = typer.Option(
+        None,
+        "--metrics-addr",
+        envvar="MDE_MONITOR_METRICS_ADDR",
+        help="Address /metrics listens on (default 0.0.0.0; 127.0.0.1 keeps it local).",
+    ),
 ) -> None:
     """Run a Celery worker (wraps `celery -A monitor.celery_app worker`; extra args pass through)."""
     _export_config_env(state.settings())
     if metrics_port:
         os.environ["MDE_MONITOR_METRICS_PORT"] = str(metrics_port)
+    if metrics_addr:
+        os.environ["MDE_MONITOR_METRICS_ADDR"] = metrics_addr
     argv = ["worker", "--loglevel", loglevel]
     if queues:
         argv += ["-Q", queues]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import redis
 import typer
 from rich.progress import (
     BarColumn,
@@ -98,6 +100,16 @@ def _print_summary(s: SyncSummary) -> None:
         )
 
 
+def _count_sync(client: Any, prefix: str, summary: dict[str, Any]) -> None:
+    """Count a CLI sync in the metrics like a worker's (mde_syncs_total, API requests, events)."""
+    from monitor.metrics import record_sync
+
+    try:
+        record_sync(client, prefix, summary)
+    except redis.RedisError as exc:
+        console.print(f"could not count the sync in the metrics: {exc}", highlight=False)
+
+
 @app.command()
 def sync(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name from the config."),
@@ -129,10 +141,12 @@ def sync(
                 )
         except TenantBusy as exc:
             busy = True
+            _count_sync(client, settings.redis_prefix, {"tenant": t.name, "status": "busy"})
             console.print(f"[yellow]{t.name}: busy[/yellow]: {exc}", highlight=False)
             if as_json:
                 summaries.append(SyncSummary(t.name, "busy", None, 0.0, error=str(exc)))
             continue
+        _count_sync(client, settings.redis_prefix, summaries[-1].to_dict())
         if not as_json:
             _print_summary(summaries[-1])
     if as_json:
