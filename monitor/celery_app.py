@@ -33,7 +33,7 @@ from monitor.config import (
     load_settings,
     redis_url_with_tls,
 )
-from monitor.redis_conn import tls_options
+from monitor.redis_conn import tls_options, with_password_file
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,11 @@ def build_app(
     url = env.get("REDIS_URL") or (settings.redis_url if settings else DEFAULT_REDIS_URL)
     if settings is not None:
         url = redis_url_with_tls(settings, url)
+    else:
+        try:
+            url = with_password_file(url, env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     prefix = settings.redis_prefix if settings else "mde"
     # rediss://: one set of TLS options for kombu, the result backend and redbeat (kombu alone
     # would otherwise fall back to CERT_NONE); our own clients re-read them from the full URL

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -116,6 +116,29 @@ def with_tls(
         if value and key not in have:
             query.append((key, str(value)))
     return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
+
+
+PASSWORD_FILE_ENV = "REDIS_PASSWORD_FILE"
+
+
+def with_password_file(url: str, env: Any = None) -> str:
+    """`url` with the password read from $REDIS_PASSWORD_FILE (a compose/Kubernetes secret) when
+    the URL carries none; the file's content never appears in logs (`mask_url`)."""
+    env = os.environ if env is None else env
+    path = env.get(PASSWORD_FILE_ENV)
+    parts = urlsplit(url)
+    if not path or parts.password or parts.scheme.lower() not in ("redis", "rediss"):
+        return url
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"${PASSWORD_FILE_ENV}: cannot read {path}: {exc.strerror}") from None
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str, **kwargs: Any) -> redis.Redis:

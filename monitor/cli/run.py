@@ -323,3 +323,39 @@ def init(
         highlight=False,
         markup=False,
     )
+
+
+@app.command()
+def health(
+    worker_node: bool = typer.Option(
+        False, "--worker", help="This host's worker answers a Celery ping over the broker."
+    ),
+    beat_lock: bool = typer.Option(
+        False, "--beat", help="Redis answers and a beat holds redbeat's lock (one is active)."
+    ),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the answer."),
+) -> None:
+    """Container health check: exit 0 when healthy, 1 otherwise (one line on stderr)."""
+    import socket
+
+    from monitor.celery_app import build_app
+
+    settings = state.settings()
+    client = _redis(settings)
+    client.ping()
+    if beat_lock:
+        key = f"{settings.redis_prefix}:redbeat::lock"
+        if not client.exists(key):
+            console.print(f"unhealthy: no beat holds {key}", highlight=False)
+            raise typer.Exit(ExitCode.FAILED)
+    if worker_node:
+        celery_app = build_app(settings)
+        node = f"celery@{socket.gethostname()}"
+        try:
+            replies = celery_app.control.ping(destination=[node], timeout=timeout, limit=1) or []
+        finally:
+            celery_app.close()
+        if not any(node in r for r in replies):
+            console.print(f"unhealthy: worker {node} did not answer a ping", highlight=False)
+            raise typer.Exit(ExitCode.FAILED)
+    out.print("healthy", highlight=False)
