@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
+from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
 from monitor.config import (
@@ -136,6 +137,13 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
 
 
+# Registered under kombu's own `redis`/`rediss` names (not a custom transport string), so the broker
+# URL keeps its scheme for every tool that reads it - Flower's broker view in particular.
+TRANSPORT = f"{__name__}:RedisTransport"
+kombu_transport.TRANSPORT_ALIASES["redis"] = TRANSPORT
+kombu_transport.TRANSPORT_ALIASES["rediss"] = TRANSPORT
+
+
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -233,11 +241,8 @@ def build_app(
     urls = redis_urls(plain)
     keyprefix = f"{prefix}:celery:"
     app = Celery("mde-monitor", include=["monitor.tasks"])
-    tcp = not urls.broker.startswith("redis+socket")
     app.conf.update(
         broker_url=urls.broker,
-        # kombu splits "redis+socket" into its own transport name, so sockets use the stock one
-        broker_transport="monitor.celery_app:RedisTransport" if tcp else None,
         result_backend=urls.backend,
         broker_transport_options={
             "visibility_timeout": options.visibility_timeout,
