@@ -198,7 +198,13 @@ def sync_tenant(
             return finish({"tenant": tenant, "status": "skipped", "error": str(exc)})
         log.info("sync started", extra={"origin": origin, "redelivered": record["redelivered"]})
         try:
-            summary = run_sync(settings, tenant, redis_client=client, accept_drop=accept_drop)
+            summary = run_sync(
+                settings,
+                tenant,
+                redis_client=client,
+                accept_drop=accept_drop,
+                progress=_log_progress(),
+            )
         except TenantBusy as exc:
             result = finish({"tenant": tenant, "status": "busy", "error": str(exc)})
             if record["redelivered"] and self.request.retries < BUSY_RETRIES:
@@ -233,6 +239,24 @@ def sync_tenant(
         return result
     finally:
         log_context.reset(ctx)
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def _log_progress(every_s: float = PROGRESS_EVERY_S) -> Any:
+    """A sync progress callback that logs each stage at most every `every_s` (and when done)."""
+    last: dict[str, float] = {}
+
+    def report(stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if stage in last and now - last[stage] < every_s and not finished:
+            return
+        last[stage] = now
+        log.info("sync progress", extra={"stage": stage, "done": done, "total": total})
+
+    return report
 
 
 def redis_retry_delay(retries: int) -> float:
