@@ -12,7 +12,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
+from monitor.cli.app import (
+    ExitCode,
+    app,
+    console,
+    duration_option,
+    json_option,
+    out,
+    print_json,
+    state,
+)
 from monitor.config import CONFIG_ENV, Settings
 from monitor.redis_conn import describe_error, is_redis_error
 
@@ -115,7 +124,7 @@ def trigger(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name from the config."),
     all_tenants: bool = typer.Option(False, "--all", help="Every configured tenant."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the sync(s) to finish."),
-    timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait with --wait."),
+    timeout: float = duration_option(900.0, "--timeout", help="How long to wait with --wait"),
     as_json: bool = json_option("Print task ids (and results) as JSON."),
 ) -> None:
     """Enqueue a sync now (also for DISABLED tenants); workers pick it up from the `sync` queue."""
@@ -266,12 +275,12 @@ def metrics() -> None:
 @app.command()
 def demo(
     cycles: int = typer.Option(3, "--cycles", min=1, help="Change sets to play (then stop)."),
-    interval: float = typer.Option(4.0, "--interval", min=1.0, help="Seconds between syncs."),
+    interval: float = duration_option(4.0, "--interval", help="Time between syncs, at least 1s"),
     machines: int = typer.Option(50, "--machines", min=5, help="Machines in the simulated tenant."),
     data_dir: Path = typer.Option(
         Path(".data"), "--data-dir", help="Working files and embedded Redis."
     ),
-    timeout: float = typer.Option(180.0, "--timeout", help="Give up after this many seconds."),
+    timeout: float = duration_option(180.0, "--timeout", help="Give up after this long"),
     live: bool | None = typer.Option(
         None, "--live/--no-live", help="Live view (default: on a terminal)."
     ),
@@ -284,6 +293,9 @@ def demo(
     from rich.console import Console
 
     from monitor.demo import DemoOptions, run_demo
+
+    if interval < 1.0:
+        raise typer.BadParameter("at least 1s", param_hint="--interval")
 
     summary = run_demo(
         DemoOptions(
@@ -333,7 +345,7 @@ def health(
     beat_lock: bool = typer.Option(
         False, "--beat", help="Redis answers and a beat holds redbeat's lock (one is active)."
     ),
-    timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the answer."),
+    timeout: float = duration_option(5.0, "--timeout", help="How long to wait for the answer"),
 ) -> None:
     """Container health check: exit 0 when healthy, 1 otherwise (one line on stderr)."""
     import socket
