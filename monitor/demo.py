@@ -33,9 +33,18 @@ from rich.panel import Panel
 from rich.table import Table
 
 from monitor.demo_receiver import SECRET_ENV, WebhookReceiver, new_secret
-from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
+from monitor.redis_conn import (
+    connect,
+    delete_prefix,
+    free_port,
+    redis_answers,
+    start_embedded,
+    with_password_file,
+)
 from monitor.starter import pack_dir
 from monitor.status import run_history
+
+WEB_ARGV = [sys.executable, "-c", "from monitor.cli import main; main()", "web"]
 
 TENANT = "contoso"
 WEBHOOK_SINK = "webhook"
@@ -309,6 +318,8 @@ class _Children:
 def _redis_for_demo(data_dir: Path) -> Iterator[tuple[str, str, bool]]:
     """(url, prefix, embedded): $REDIS_URL when it answers, else an embedded server (stopped after)."""
     url = os.environ.get("REDIS_URL")
+    if url:
+        url = with_password_file(url)  # compose: the password is a secret file
     if url and redis_answers(url):
         prefix = f"demo-{uuid.uuid4().hex[:8]}"
         try:
@@ -510,6 +521,15 @@ class _Demo:
                 self.work / "beat.log",
             )
             self.note(f"worker and beat started: a sync every {self.opts.interval:g}s")
+            web_port = free_port()
+            self.children.start(
+                "web",
+                [*WEB_ARGV, "--port", str(web_port)],
+                env,
+                self.work / "web.out",
+                self.work / "web.log",
+            )
+            self.note(f"console: http://127.0.0.1:{web_port}/ (open it while the demo runs)")
             live_cm: Any = (
                 Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
                 if self.live_enabled

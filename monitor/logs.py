@@ -10,6 +10,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from monitor.redact import redact
+
 LOG_FORMAT_ENV = "MDE_MONITOR_LOG_FORMAT"
 LOG_FORMATS = ("json", "human")
 
@@ -34,7 +36,7 @@ class JsonFormatter(logging.Formatter):
                 doc[k] = v
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return redact(json.dumps(doc, default=str))
 
 
 class HumanFormatter(logging.Formatter):
@@ -50,7 +52,7 @@ class HumanFormatter(logging.Formatter):
         line = f"{base} [{tail}]" if tail else base
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:

@@ -42,6 +42,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "api_throttled": ("429 answers from Microsoft APIs", ("tenant", "endpoint")),
     "events": ("Change events produced", ("tenant", "type")),
     "deliveries": ("Delivery attempts, by sink and outcome", ("sink", "outcome")),
+    "events_lost": (
+        "Unread events trimmed from the event stream at its memory cap, by consumer group",
+        ("group",),
+    ),
 }
 
 

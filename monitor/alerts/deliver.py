@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ import redis
 
 from monitor.alerts.rules import DeliveryPolicy
 from monitor.alerts.sinks.base import DeliveryError, Notification, Sink
+from monitor.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +58,6 @@ def crash_point(name: str) -> None:
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
     if _crash_hits[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-_URL = re.compile(r"\b([a-z][a-z0-9+.-]*://)(?:[^/\s@]*@)?([^/\s?#]+)[^\s]*", re.I)
-_SECRETISH = re.compile(
-    r"(?i)\b(token|secret|password|passwd|signature|sig|api[_-]?key|key|authorization)"
-    r"(\s*[=:]\s*)(?:bearer\s+)?\S+"
-)
-_BEARER = re.compile(r"(?i)\b(bearer)(\s+)\S+")
-
-
-def scrub(text: str, limit: int = 300) -> str:
-    """Error text safe to log: URLs cut to scheme://host, key=value secrets masked, bounded."""
-    text = _URL.sub(lambda m: f"{m.group(1)}{m.group(2)}/…", text)
-    text = _SECRETISH.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def backoff_delay(attempt: int, policy: DeliveryPolicy, rng: random.Random | None = None) -> float:

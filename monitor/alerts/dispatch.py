@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,8 +31,14 @@ import orjson
 import redis
 
 from monitor.alerts import group as groups
-from monitor.alerts import throttle
-from monitor.alerts.deliver import DeliveryOutcome, DeliveryQueue, crash_point
+from monitor.alerts import quarantine, throttle
+from monitor.alerts.deliver import (
+    CRASH_ENV,
+    DeliveryOutcome,
+    DeliveryQueue,
+    crash_point,
+    scrub,
+)
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import headline, render_notification
 from monitor.alerts.rules import (
@@ -99,6 +106,10 @@ def blocked_reason(ruleset: RuleSet) -> str | None:
     return None
 
 
+def _sid(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def subject_of(event: Event) -> str:
     data = event.get("data") if isinstance(event.get("data"), dict) else {}
     assert isinstance(data, dict)
@@ -116,6 +127,7 @@ class DispatchStats:
     silenced: int = 0
     throttled: int = 0
     eval_errors: int = 0
+    quarantined: int = 0
     groups_flushed: int = 0
     notifications: int = 0
     queued: int = 0
@@ -194,6 +206,8 @@ class Dispatcher:
         self.batch_size = batch_size
         self.claim_idle_s = claim_idle_s
         self._reported_at: float | None = None
+        self._quarantined: list[tuple[str, Event, str]] = []
+        self._deployment_id: str | None = None
         self.clock = clock
         self.sleep = sleep
         injected = dict(sinks or {})
@@ -243,16 +257,7 @@ class Dispatcher:
             return stats
         silences = self.silences.active(self.clock())
         self._claim_abandoned()
-        last_pending: list[str] | None = None
-        while True:  # recovery: entries this consumer read but did not acknowledge
-            batch = stream.read_group(
-                self.client, self.prefix, self.group, self.consumer, self.batch_size, pending=True
-            )
-            ids = [sid for sid, _ in batch]
-            if not batch or ids == last_pending:
-                break
-            last_pending = ids
-            self._ingest(batch, silences, stats)
+        self._recover(silences, stats)
         block = block_ms
         while True:
             batch = stream.read_group(
@@ -292,6 +297,67 @@ class Dispatcher:
         self.client.set(key, orjson.dumps(doc))
         return True
 
+    def _recover(self, silences: list[Silence], stats: DispatchStats) -> None:
+        """Entries this consumer read but did not acknowledge (its previous run died mid-batch).
+
+        Delivered once before: re-read as a batch. Delivered twice or more: one at a time, so a
+        poison event is isolated and the others commit. Delivered `MAX_EVAL_TRIES` times:
+        quarantined with the reason (see monitor.alerts.quarantine) and acknowledged.
+        """
+        key = stream.stream_key(self.prefix)
+        last: list[str] | None = None
+        for _ in range(10_000):
+            pend: Any = self.client.xpending_range(
+                key, self.group, "-", "+", self.batch_size, consumername=self.consumer
+            )
+            ids = [_sid(p["message_id"]) for p in pend]
+            if not ids or ids == last:
+                return
+            last = ids
+            fresh: list[str] = []
+            for p in pend:
+                sid, tries = _sid(p["message_id"]), int(p["times_delivered"])
+                if tries >= quarantine.MAX_EVAL_TRIES:
+                    self._quarantine_pending(sid, tries, stats)
+                elif tries >= 2:
+                    self._ingest_claimed([sid], silences, stats)
+                else:
+                    fresh.append(sid)
+            if fresh:
+                self._ingest_claimed(fresh, silences, stats)
+
+    def _ingest_claimed(
+        self, ids: list[str], silences: list[Silence], stats: DispatchStats
+    ) -> None:
+        """Claim own pending `ids` again (counts a delivery) and ingest them as one batch."""
+        key = stream.stream_key(self.prefix)
+        claimed: Any = self.client.xclaim(key, self.group, self.consumer, 0, list[Any](ids))
+        batch = list(stream.entries(claimed))
+        present = {sid for sid, _ in batch}
+        gone = [sid for sid in ids if sid not in present]  # trimmed, or no event in the entry
+        if gone:
+            stream.ack(self.client, self.prefix, self.group, gone)
+        if batch:
+            self._ingest(batch, silences, stats)
+
+    def _quarantine_pending(self, sid: str, tries: int, stats: DispatchStats) -> None:
+        rows: Any = self.client.xrange(stream.stream_key(self.prefix), min=sid, max=sid)
+        event = stream.entry_event(rows[0][1]) if rows else None
+        pipe = self.client.pipeline(transaction=True)
+        if event is not None:
+            quarantine.record(
+                pipe,
+                self.prefix,
+                sid,
+                event,
+                f"evaluation did not complete after {tries} deliveries (the dispatcher crashed"
+                " or was stopped while handling this event)",
+                tries,
+            )
+            stats.quarantined += 1
+        stream.ack(pipe, self.prefix, self.group, [sid])
+        pipe.execute()
+
     def _claim_abandoned(self) -> None:
         """Take over events another consumer read but never acknowledged (it died)."""
         if self.claim_idle_s <= 0:
@@ -327,15 +393,20 @@ class Dispatcher:
         now = self.clock()
         out: list[_Admission] = []
         keys: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        crash_each = bool(os.environ.get(CRASH_ENV, "").startswith("evaluate_"))
         for sid, event in batch:
+            if crash_each:  # test hook: a poison event that kills the dispatcher
+                crash_point(f"evaluate_{event.get('id')}")
             if self._is_stale(event, now):
                 stats.stale += 1
                 continue
             try:
                 hits = self.ruleset.evaluate(event)
-            except Exception:
+            except Exception as exc:  # deterministic: quarantined now, acked with the batch
                 stats.eval_errors += 1
-                log.exception("could not evaluate event %s", event.get("id"))
+                stats.quarantined += 1
+                reason = f"evaluation failed: {type(exc).__name__}: {scrub(str(exc))}"
+                self._quarantined.append((sid, event, reason))
                 continue
             for rule, status in hits:
                 adm = _Admission(rule, status, event, sid, subject_of(event))
@@ -360,6 +431,7 @@ class Dispatcher:
         self, batch: list[tuple[str, Event]], silences: list[Silence], stats: DispatchStats
     ) -> None:
         stats.read += len(batch)
+        self._quarantined = []
         adms = self._admissions(batch, silences, stats)
         now = self.clock()
         # read 1: firing state of the subjects involved, one HMGET per rule
@@ -492,6 +564,8 @@ class Dispatcher:
                 g.headlines,
                 now,
             )
+        for sid, event, reason in self._quarantined:
+            quarantine.record(pipe, self.prefix, sid, event, reason, 1)
         stream.ack(pipe, self.prefix, self.group, [sid for sid, _ in batch])
         crash_point("before_ingest_commit")
         pipe.execute()
@@ -552,6 +626,14 @@ class Dispatcher:
                     continue
         log.warning("group %s:%s kept changing; will flush on the next run", key, status)
 
+    def _deployment(self) -> str:
+        if self._deployment_id is None:
+            self._deployment_id = groups.deployment_id(self.client, self.prefix)
+        return self._deployment_id
+
+    def _next_counter(self) -> int:
+        return int(self.client.incr(groups.notification_counter_key(self.prefix)))  # type: ignore[arg-type]
+
     def _notification(self, rule: Rule, state: groups.GroupState) -> Notification:
         seq = state.seq + 1
         title, summary = render_notification(
@@ -566,7 +648,7 @@ class Dispatcher:
         if state.headlines:
             extra["headlines"] = state.headlines
         return Notification(
-            id=groups.notification_id(rule.name, state.key, state.status, seq),
+            id=groups.notification_id(self._deployment(), self._next_counter()),
             rule=rule.name,
             description=rule.description,
             severity=rule.severity,
