@@ -75,7 +75,10 @@ class _SlidingBudget:
             if waited + wait > max_wait:
                 raise BudgetExhausted(endpoint, wait)
             if wait >= 1.0:  # worth telling the user why nothing moves
-                per = f"{limit.per_minute}/min" if wait <= 60 else f"{limit.per_hour}/hour"
+                if limit is None:
+                    per = "Retry-After of a 429"
+                else:
+                    per = f"{limit.per_minute}/min" if wait <= 60 else f"{limit.per_hour}/hour"
                 announce_wait(endpoint, wait, per)
             self.sleep(wait)
             waited += wait
