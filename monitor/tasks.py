@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from contextvars import Token
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from monitor.celery_app import (
 )
 from monitor.config import ConfigError, Settings
 from monitor.events.envelope import utc_now_iso
+from monitor.locks import make_lock, release, try_acquire
 from monitor.logs import log_context
 from monitor.metrics import record_sync
 from monitor.redis_conn import connect, describe_error, is_redis_error
@@ -65,9 +65,6 @@ _RECORD_FIELDS = (
     "events",
     "error",
     "scopes_incomplete",
-)
-_RELEASE = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
 
 
@@ -320,8 +317,8 @@ def dispatch(self: Task) -> dict[str, Any]:
     client = task_redis(settings)
     lock_key, again_key = _dispatch_keys(settings.redis_prefix)
     ttl_ms = int(_OPTIONS.dispatch_time_limit * 1000) + 5000
-    token = uuid.uuid4().hex
-    if not client.set(lock_key, token, nx=True, px=ttl_ms):
+    run_lock = make_lock(client, lock_key, ttl_ms / 1000)
+    if not try_acquire(run_lock):
         client.set(again_key, "1", px=ttl_ms)  # the running one loops once more
         return {"status": "busy"}
     totals: dict[str, int] = {}
@@ -337,7 +334,7 @@ def dispatch(self: Task) -> dict[str, Any]:
             if not client.exists(again_key):
                 break
     finally:
-        client.eval(_RELEASE, 1, lock_key, token)
+        release(run_lock)
     if totals.get("read") or enqueued:
         log.info("dispatch", extra={**totals, "enqueued": enqueued})
     status = "blocked" if totals.get("blocked") else "ok"
