@@ -16,7 +16,7 @@ from typing import Any
 from monitor.model.graph import Item
 from monitor.query import ast
 from monitor.query.errors import QueryError
-from monitor.query.graph import QueryGraph, get_prop, rel_class
+from monitor.query.graph import QueryGraph, get_prop
 from monitor.query.planner import (
     EdgePlan,
     NodePlan,
@@ -54,12 +54,14 @@ def _node_pred(node: NodePlan, graph: QueryGraph) -> Pred:
     return lambda item: all(p(item) for p in preds)
 
 
-def _edge_pred(edge: EdgePlan, graph: QueryGraph) -> Callable[[Item], bool]:
-    verbs = edge.verbs
+def _edge_pred(edge: EdgePlan, graph: QueryGraph) -> Callable[[Item], bool] | None:
+    """The relationship's own filters (WHERE on its alias); the verbs are the index's job."""
     preds = [compile_expr(f, graph, item_getter) for f in edge.filters]
-    if verbs is None and not preds:
-        return lambda rel: True
-    return lambda rel: (verbs is None or rel_class(rel) in verbs) and all(p(rel) for p in preds)
+    if not preds:
+        return None
+    if len(preds) == 1:
+        return preds[0]
+    return lambda rel: all(p(rel) for p in preds)
 
 
 def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
@@ -73,19 +75,38 @@ def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
     return {e["_key"]: e for e in base if pred(e)}
 
 
+_NO_EDGES: dict[str, list[Item]] = {}
+
+
+def _lists(adj: dict[str, list[Item]], verbs: frozenset[str] | None) -> Iterator[list[Item]]:
+    if verbs is None:
+        yield from adj.values()
+    else:
+        for v in verbs:
+            lst = adj.get(v)
+            if lst:
+                yield lst
+
+
 def _neighbours(
-    graph: QueryGraph, key: str, edge: EdgePlan, ok: Callable[[Item], bool], forward: bool
+    graph: QueryGraph,
+    key: str,
+    edge: EdgePlan,
+    ok: Callable[[Item], bool] | None,
+    forward: bool,
 ) -> Iterator[tuple[Item, str]]:
     """(relationship, other end) of `key` along `edge`, walked forward (node i -> i+1) or back."""
     d = edge.direction
     if d is None or (d == ">>") == forward:
-        for r in graph.out.get(key, ()):
-            if ok(r):
-                yield r, r["_toEntityKey"]
+        for lst in _lists(graph.out.get(key, _NO_EDGES), edge.verbs):
+            for r in lst:
+                if ok is None or ok(r):
+                    yield r, r["_toEntityKey"]
     if d is None or (d == "<<") == forward:
-        for r in graph.inn.get(key, ()):
-            if ok(r):
-                yield r, r["_fromEntityKey"]
+        for lst in _lists(graph.inn.get(key, _NO_EDGES), edge.verbs):
+            for r in lst:
+                if ok is None or ok(r):
+                    yield r, r["_fromEntityKey"]
 
 
 def _negation_pred(neg: EdgePlan, graph: QueryGraph) -> Pred:
@@ -109,7 +130,7 @@ def _semi_join(
     left: dict[str, Item],
     right: dict[str, Item],
     edge: EdgePlan,
-    ok: Callable[[Item], bool],
+    ok: Callable[[Item], bool] | None,
     keep_right: bool,
 ) -> dict[str, Item]:
     """The members of `right` (keep_right) or `left` with a neighbour on the other side."""
