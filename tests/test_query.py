@@ -332,3 +332,21 @@ def test_cli_query(config: Path) -> None:
     res = runner.invoke(app, ["--config", str(config), "query", "FIND HostAgent WITH"])
     assert res.exit_code == 2
     assert "line 1, column 20" in res.stderr and "^" in res.stderr
+
+
+def test_a_relationship_is_used_once_per_path(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    # logon user l1 is on m00 and m01; l0, l2, l3, l4 each on one machine only
+    shared = q(redis_client, settings, "FIND HostAgent THAT HAS User THAT HAS HostAgent")
+    assert names(shared) == [host(0), host(1)]
+    rows = q(
+        redis_client,
+        settings,
+        "FIND HostAgent AS a THAT HAS User AS u THAT HAS HostAgent AS b "
+        "RETURN a.displayName, u.displayName, b.displayName ORDER BY a.displayName",
+    )
+    assert rows["data"] == [
+        {"a.displayName": host(0), "u.displayName": "l1", "b.displayName": host(1)},
+        {"a.displayName": host(1), "u.displayName": "l1", "b.displayName": host(0)},
+    ]

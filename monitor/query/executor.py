@@ -9,6 +9,7 @@ RETURN and cross-alias WHERE that is the answer; otherwise the paths are enumera
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,42 +176,57 @@ def match(plan: Plan, graph: QueryGraph, max_paths: int, has_limit: bool) -> Mat
     for i in range(len(edges) - 1, -1, -1):  # backward
         sets[i] = _semi_join(graph, sets[i], sets[i + 1], edges[i], oks[i], keep_right=False)
     out = Matched()
-    if not plan.table and not plan.residual:
+    if not plan.table and not plan.residual and not _may_reuse(edges):
         out.items = list(sets[0].values())
         return out
     residual = [compile_expr(r, graph, _path_getter(plan)) for r in plan.residual]
-    n_nodes = len(nodes)
+    exists_only = not plan.table  # list mode: one complete path per start entity is enough
     paths: list[Path] = []
 
-    def walk(i: int, key: str, nodes_so_far: list[Item], rels: list[Item]) -> bool:
+    def walk(i: int, key: str, nodes_so_far: list[Item], rels: list[Item]) -> int:
+        """0: stop everything (cap), 1: go on, 2: this start entity is proven (list mode)."""
         if i == len(edges):
             path = tuple(nodes_so_far) + tuple(rels)
             if all(p(path) for p in residual):
                 if len(paths) >= max_paths:
-                    return False
+                    return 0
                 paths.append(path)
-            return True
+                return 2 if exists_only else 1
+            return 1
         nxt = sets[i + 1]
         for r, other in _neighbours(graph, key, edges[i], oks[i], True):
             item = nxt.get(other)
-            if item is None:
+            if item is None or any(r is x for x in rels):  # a relationship once per path
                 continue
             nodes_so_far.append(item)
             rels.append(r)
-            go_on = walk(i + 1, other, nodes_so_far, rels)
+            status = walk(i + 1, other, nodes_so_far, rels)
             nodes_so_far.pop()
             rels.pop()
-            if not go_on:
-                return False
-        return True
+            if status != 1:
+                return status
+        return 1
 
     for key, item in sets[0].items():
         if not walk(0, key, [item], []):
             out.truncated = True
             break
-    del n_nodes
-    out.paths = paths
+    if exists_only:
+        out.items = list({id(p[0]): p[0] for p in paths}.values())
+    else:
+        out.paths = paths
     return out
+
+
+def _may_reuse(edges: list[EdgePlan]) -> bool:
+    """Could two consecutive steps match the same relationship (there and back)? Then paths
+    are enumerated so a relationship is used once per path, as in Cypher."""
+    for a, b in itertools.pairwise(edges):
+        same_verb = a.verbs is None or b.verbs is None or bool(a.verbs & b.verbs)
+        opposite = a.direction is None or b.direction is None or a.direction != b.direction
+        if same_verb and opposite:
+            return True
+    return False
 
 
 def _path_getter(plan: Plan) -> Callable[[ast.Prop], Callable[[Path], Any]]:
