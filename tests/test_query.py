@@ -37,6 +37,7 @@ def query_tenant() -> Tenant:
     t.machines["m03"]["machineTags"] = ["corp", "vip"]
     t.machines["m04"]["lastSeenOn"] = T0 - 10 * DAY
     t.machines["m05"]["osPlatform"] = "Linux"
+    t.machines["m09"]["tag.AccountName"] = "Contoso Ltd"  # as with tag_with_account_name
     t.vulns["CVE-2024-1000"].update(severity="Critical", publicExploit=True, score=9.8)
     t.vulns["CVE-2024-1001"]["score"] = 5.0
     t.logon_users["l0"]["isDomainAdmin"] = True
@@ -124,6 +125,8 @@ def test_with_operators(redis_client: redis.Redis, settings: Settings) -> None:
         "CVE-2024-1000"
     ]
     assert len(n("FIND Finding WITH publicExploit = 'true'")) == 0
+    assert n("FIND HostAgent WITH tag.AccountName = 'Contoso Ltd'") == [host(9)]
+    assert n("FIND HostAgent WITH [tag.AccountName] ^= 'Contoso'") == [host(9)]
     # quoted odd names, dates
     assert len(n("FIND HostAgent WITH [computerDnsName] ~= 'm0'")) == 10
     assert n(f"FIND HostAgent WITH lastSeenOn < date({T0 - DAY})") == [host(4)]
