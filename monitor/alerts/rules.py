@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
+from monitor import safe_yaml
 from monitor.alerts.match import (
     ConditionError,
     FieldPath,
@@ -32,9 +33,11 @@ from monitor.alerts.match import (
     compile_conditions,
     glob_matcher,
     is_glob,
+    regex_warnings,
 )
 from monitor.alerts.sinks.base import Severity, Sink, Status
 from monitor.events.envelope import EVENT_TYPES, Event
+from monitor.safe_yaml import BoundedSafeLoader
 
 SINKS_FILE_NAMES = ("sinks.yaml", "sinks.yml")
 SEVERITIES: tuple[str, ...] = ("info", "low", "medium", "high", "critical")
@@ -53,6 +56,8 @@ _PAIRS: tuple[tuple[str, str], ...] = (
     ("mde.logon_user.created", "mde.logon_user.deleted"),
     ("mde.vulnerability.created", "mde.vulnerability.deleted"),
     ("mde.query.entered", "mde.query.left"),
+    ("mde.group.member_added", "mde.group.member_removed"),
+    ("mde.role.assigned", "mde.role.unassigned"),
 )
 COUNTERPARTS: dict[str, str] = {**dict(_PAIRS), **{b: a for a, b in _PAIRS}}
 
@@ -109,8 +114,8 @@ class LineDict(dict[Any, Any]):
     duplicates: list[tuple[Any, int]]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings are LineDicts; duplicate keys are recorded (first one kept)."""
+class _LineLoader(BoundedSafeLoader):
+    """Bounded SafeLoader whose mappings are LineDicts; duplicate keys are recorded (first kept)."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
@@ -136,21 +141,28 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_yaml_with_lines(text: str) -> Any:
-    """Parse YAML; every mapping is a LineDict (raises yaml.YAMLError with a mark)."""
-    return yaml.load(text, Loader=_LineLoader)
+def load_yaml_with_lines(text: str, file: str = "<string>") -> Any:
+    """Parse YAML within bounds (monitor.safe_yaml); every mapping is a LineDict.
+
+    Raises YamlFileError naming `file` and the line."""
+    return safe_yaml.loads(text, file, _LineLoader)
 
 
 def duplicate_keys(node: Any) -> list[tuple[str, int]]:
     """(key, line) of every repeated mapping key below `node` (YAML keeps the first)."""
     found: list[tuple[str, int]] = []
-    if isinstance(node, LineDict):
-        found += [(str(k), line) for k, line in node.duplicates]
-        for v in node.values():
-            found += duplicate_keys(v)
-    elif isinstance(node, list):
-        for v in node:
-            found += duplicate_keys(v)
+    stack = [node]
+    seen: set[int] = set()
+    while stack:  # iterative: aliases may share nodes, and depth never costs recursion
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, LineDict):
+            found += [(str(k), line) for k, line in cur.duplicates]
+            stack.extend(reversed(list(cur.values())))
+        elif isinstance(cur, list):
+            stack.extend(reversed(cur))
     return found
 
 
@@ -477,7 +489,7 @@ def compile_rule(
     raw: Any, file: str, index: int, known_sinks: Iterable[str]
 ) -> tuple[Rule | None, list[LoadError]]:
     """Validate and compile one rule mapping; errors name file, line and rule."""
-    from monitor.alerts.render import TemplateError, compile_template
+    from monitor.alerts.render import TemplateError, compile_template, trial_render
 
     base_line = raw.line if isinstance(raw, LineDict) else 0
     name = raw.get("name") if isinstance(raw, dict) else None
@@ -529,6 +541,14 @@ def compile_rule(
         except ConditionError as exc:
             err(exc.path, f"{_loc_text(exc.path)}: {exc}")
             where = all_of([])
+        for loc, message in [
+            *regex_warnings(spec.match.where, ("match", "where")),
+            *regex_warnings(
+                spec.resolve_on.where if isinstance(spec.resolve_on, ResolveSpec) else [],
+                ("resolve_on", "where"),
+            ),
+        ]:
+            err(loc, f"{_loc_text(loc)}: {message}", "warning")
         types = _as_list(spec.match.type)
         tenants = _as_list(spec.match.tenant)
         if not types:
@@ -588,6 +608,13 @@ def compile_rule(
                 templates[part] = compile_template(text)
             except TemplateError as exc:
                 err(("template", part), f"template.{part}: {exc}")
+                continue
+            over = trial_render(templates[part], types[0] if types else "mde.machine.updated")
+            if over is not None:
+                err(
+                    ("template", part),
+                    f"template.{part}: over the render budget on a sample event ({over})",
+                )
     if any(e.level == "error" for e in errors):
         return None, errors
     rule = Rule(
@@ -617,17 +644,12 @@ def compile_rule(
 
 
 def _read_yaml(path: Path, shown: str) -> tuple[Any, LoadError | None]:
+    """One file through the bounded loader: unreadable, non-UTF-8, too deep, too big or bad
+    YAML is one LoadError naming the file and line; the other files keep loading."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        return None, LoadError(shown, 0, None, f"cannot read: {exc.strerror or exc}")
-    try:
-        return load_yaml_with_lines(text), None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else 0
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        return None, LoadError(shown, line, None, f"invalid YAML: {problem}")
+        return safe_yaml.load_file(path, shown, _LineLoader), None
+    except safe_yaml.YamlFileError as exc:
+        return None, LoadError(shown, exc.line, None, exc.message)
 
 
 def _load_sinks_file(path: Path, shown: str, ruleset: RuleSet) -> None:
@@ -766,6 +788,9 @@ def load_rules(directory: str | Path, extra_sinks: Iterable[str] = ()) -> RuleSe
     return ruleset
 
 
+_SECRET_SETTING = re.compile(r"(?i)url|key|secret|token|password|passphrase")
+
+
 def build_sinks(
     ruleset: RuleSet,
     *,
@@ -774,8 +799,8 @@ def build_sinks(
     ca_bundle: Path | None = None,
 ) -> tuple[dict[str, Sink], list[LoadError]]:
     """Build the declared sinks through the sink registry; failures become LoadErrors."""
-    from monitor.alerts.deliver import scrub
     from monitor.alerts.sinks.registry import build_sink
+    from monitor.redact import register_secret, register_secrets, scrub, secrets_in
 
     sinks: dict[str, Sink] = {}
     errors: list[LoadError] = []
@@ -783,6 +808,9 @@ def build_sinks(
         if cfg.error:
             continue
         source = f"{cfg.file}:{cfg.line}"
+        for key, value in cfg.settings.items():  # before building: its errors are masked too
+            if isinstance(value, str) and _SECRET_SETTING.search(str(key)):
+                register_secret(value)
         try:
             sinks[cfg.name] = build_sink(
                 cfg.name,
@@ -793,6 +821,7 @@ def build_sinks(
                 redis_prefix=redis_prefix,
                 ca_bundle=ca_bundle,
             )
+            register_secrets(secrets_in(getattr(sinks[cfg.name], "settings", None)))
         except Exception as exc:
             lines = [
                 scrub(line.removeprefix(f"{source}: ").strip())

@@ -27,7 +27,13 @@ REL_EVENTS: dict[str, tuple[str, str, str]] = {  # _type -> (short, created, del
         "resolved",
     ),
     schema.MACHINE_HAS_LOGON_USER.type: (schema.MACHINE_HAS_LOGON_USER.short, "added", "removed"),
+    # identity extensions: membership and privilege changes
+    schema.GROUP_HAS_USER.type: ("group", "member_added", "member_removed"),
+    schema.USER_ASSIGNED_DIRECTORY_ROLE.type: ("role", "assigned", "unassigned"),
 }
+# Relationship types whose `created` event is emitted even when the source entity is new in the
+# same sync: a user created and made Global Administrator at once must not go unnoticed.
+REL_EVENTS_WITH_NEW_SOURCE: frozenset[str] = frozenset({schema.USER_ASSIGNED_DIRECTORY_ROLE.type})
 MAX_LISTED_SCOPES = 5
 MAX_BASELINE_SCOPES = 20
 
@@ -165,7 +171,9 @@ def build_events(
             src_key, dst_key = rel.get("_fromEntityKey"), rel.get("_toEntityKey")
         else:
             src_key, dst_key = rel_endpoints(key, typ)
-        if src_key in created_entities or src_key in deleted_entities:
+        if src_key in deleted_entities or (
+            src_key in created_entities and not (is_created and typ in REL_EVENTS_WITH_NEW_SOURCE)
+        ):
             continue  # implied by the source entity's own event
         src, dst = lookup(src_key), lookup(dst_key)
         if src is None:
@@ -239,7 +247,7 @@ def _group_scopes(
 
 
 def sync_events(plan: MergePlan, ctx: _Ctx) -> list[Event]:
-    """baseline, degraded and suspicious_drop events of a sync (subject: the tenant)."""
+    """baseline, degraded, suspicious_drop and drop_applied events of a sync (subject: tenant)."""
     out: list[Event] = []
     if plan.baseline or plan.baseline_scopes:
         listed = plan.baseline_scopes[:MAX_BASELINE_SCOPES]
@@ -276,6 +284,19 @@ def sync_events(plan: MergePlan, ctx: _Ctx) -> list[Event]:
                     ctx.tenant,
                     decision.to_event_data(),
                     change=f"mde.sync.suspicious_drop:{typ}",
+                )
+            )
+        else:  # the guard let a large drop through: persisted long enough, or accepted
+            out.append(
+                ctx.event(
+                    "mde.sync.drop_applied",
+                    ctx.tenant,
+                    {
+                        **decision.to_event_data(),
+                        "accepted": decision.accepted,
+                        "reason": "accepted" if decision.accepted else "persisted",
+                    },
+                    change=f"mde.sync.drop_applied:{typ}",
                 )
             )
     return out

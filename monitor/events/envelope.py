@@ -41,6 +41,15 @@ EVENT_TYPES: dict[str, str] = {
     "mde.vulnerability.deleted": "A CVE is no longer present on any machine",
     "mde.vulnerability.updated": "A CVE's properties changed (severity, score, exploit)",
     "mde.vulnerability.exploit_published": "publicExploit went from false to true",
+    "mde.employee.created": "An employee appeared (directory or HR file)",
+    "mde.employee.deleted": "An employee is gone from the directory and the HR file",
+    "mde.employee.updated": "An employee's properties changed (e.g. status active -> terminated)",
+    "mde.group.created": "An Entra group was created",
+    "mde.group.deleted": "An Entra group was deleted",
+    "mde.group.updated": "An Entra group's properties changed (e.g. isAssignableToRole)",
+    "mde.role.created": "A directory role was activated in the tenant",
+    "mde.role.deleted": "A directory role is no longer activated",
+    "mde.role.updated": "A directory role's properties changed",
     # relationships
     "mde.machine_vulnerability.identified": "A CVE was newly identified on a machine",
     "mde.machine_vulnerability.resolved": "A CVE is no longer identified on a machine",
@@ -49,11 +58,18 @@ EVENT_TYPES: dict[str, str] = {
     # query alert rules (monitor/alerts/query_rules.py)
     "mde.query.entered": "An entity or row entered a query rule's result set after a sync",
     "mde.query.left": "An entity or row left a query rule's result set after a complete sync",
+    "mde.group.member_added": "A user was added to an Entra group",
+    "mde.group.member_removed": "A user was removed from an Entra group",
+    "mde.role.assigned": "A user was assigned a directory role (e.g. Global Administrator)",
+    "mde.role.unassigned": "A user no longer holds a directory role",
     # sync
     "mde.sync.baseline": "First sync of a tenant or of a resource: counts, no per-item events",
     "mde.sync.degraded": "A resource could not be fetched completely; its previous items were kept",
     "mde.sync.failed": "The sync failed (sign-in or every resource); nothing was changed",
     "mde.sync.suspicious_drop": "A complete fetch would delete more than the allowed share of a type",
+    "mde.sync.drop_applied": "A large drop the guard held was applied (persisted or accepted)",
+    # the event stream itself
+    "mde.events.lost": "Unread events were trimmed from the stream at its memory cap (data.count)",
 }
 
 

@@ -12,9 +12,13 @@ from typing import Any
 
 from monitor.model.schema import (
     ENTITY_TYPES,
+    EXTENSION_ENTITY_TYPES,
+    EXTENSION_RELATIONSHIP_TYPES,
     MAPPED_RELATIONSHIP_TYPES,
     RELATIONSHIP_TYPES,
     SCOPE_LOGON_USERS,
+    SEED_ENTITY_TYPES,
+    SEED_RELATIONSHIP_TYPES,
     TAG_ACCOUNT_NAME,
     EntityType,
     MappedRelationshipType,
@@ -78,10 +82,10 @@ def _mapped(types: Sequence[MappedRelationshipType]) -> str:
 def data_model_markdown() -> str:
     """The "## Data Model" section with its three tables, ending in one newline."""
     parts = [DATA_MODEL_HEADING, "### Entities", "The following entities are created:"]
-    parts.append(_entities(ENTITY_TYPES))
-    if RELATIONSHIP_TYPES:
+    parts.append(_entities(SEED_ENTITY_TYPES))
+    if SEED_RELATIONSHIP_TYPES:
         parts += ["### Relationships", "The following relationships are created:"]
-        parts.append(_relationships(RELATIONSHIP_TYPES))
+        parts.append(_relationships(SEED_RELATIONSHIP_TYPES))
     if MAPPED_RELATIONSHIP_TYPES:
         parts += ["### Mapped Relationships", "The following mapped relationships are created:"]
         parts.append(_mapped(MAPPED_RELATIONSHIP_TYPES))
@@ -108,6 +112,28 @@ def extract_data_model(text: str) -> str | None:
     return "\n".join(block) + "\n"
 
 
+EXTENSIONS_HEADING = "## Extensions of the seed model"
+
+
+def extensions_markdown() -> str:
+    """The identity extensions (issue 13): types beyond the seed's tables, in their own tables."""
+    return (
+        "\n\n".join(
+            [
+                EXTENSIONS_HEADING,
+                "These types are not in the JupiterOne seed's tables above (which stay byte-equal"
+                " to it);\nthey come from the identity mapping, the groups delta and the directory"
+                " roles.",
+                "### Extension entities",
+                _entities(EXTENSION_ENTITY_TYPES),
+                "### Extension relationships",
+                _relationships(EXTENSION_RELATIONSHIP_TYPES),
+            ]
+        )
+        + "\n"
+    )
+
+
 def _between(text: str, start: str, end: str) -> str | None:
     i = text.find(start)
     j = text.find(end, i + len(start)) if i >= 0 else -1
@@ -128,6 +154,10 @@ def properties_markdown() -> str:
         ]
         if e.volatile:
             facts.append("volatile: " + ", ".join(_code(v) for v in e.volatile))
+        if e.keep_null:
+            facts.append(
+                "written as null when unknown: " + ", ".join(_code(v) for v in e.keep_null)
+            )
         sections += [
             f"### {e.resource} (`{e.type}`)",
             " - ".join(facts),
@@ -162,27 +192,48 @@ one per `_key`. Conventions:
 - Entities carry `_key`, `_type`, `_class` (a list), `displayName`, `name`, their properties and
   `_rawData: [{{"name": "default", "rawData": <the Microsoft object>}}]` (ignored by the diff).
   With `tag_with_account_name: true` every entity also has `{TAG_ACCOUNT_NAME}` = the tenant name.
+- A property whose value is unknown is left out, never written as `null` (JupiterOne's schemas
+  want a string or a number where a value is given); the diff counts an absent field as null.
+  Only the `Device` fields its class requires and allows as null (`category`, `deviceId`,
+  `make`, `model`, `serial`) are always written.
 - Times are epoch milliseconds in `...On` fields (`firstSeenOn`, `lastSeenOn`, `publishedOn`,
   `updatedOn`, `createdOn`, `firstDetectedOn`). Defender's "no date" `0001-01-01T00:00:00Z`
-  becomes `null`.
+  counts as unknown.
 - Relationships carry `_key` (`<from>|<class>|<to>`), `_type`, `_class`, `_fromEntityKey`,
-  `_toEntityKey` and `displayName` (the class). Mapped relationships carry `_mapping` instead of
-  the two entity keys: the target (`cve`, `_key` = the lower-case CVE id) is matched on
-  `_type` + `_key` and created when absent.
+  `_toEntityKey`, `displayName` (the class) and scalar properties only (lists are joined with
+  `", "`). Mapped relationships carry `_mapping` instead of the two entity keys: the target
+  (`cve`, `_key` = the lower-case CVE id) is matched on `_type` + `_key` and created when absent;
+  it declares no `_class` (the `Vulnerability` class would require fields Defender does not give).
+- Account: `name` / `displayName` are the organization's display name (the configured tenant name
+  when it is unknown), `vendor` is `Microsoft Defender`.
 - Machines: each Defender machine gives a `microsoft_defender_machine` (the agent) and a
   `user_endpoint` (the device). `ipAddress` lists the distinct interface IPs except loopback
-  (127.0.0.0/8, ::1), sorted. `macAddress` lists the MACs of interfaces that are `Up`, not
-  `SoftwareLoopback` and not on a loopback IP, except the all-zero MAC, as `AA:BB:CC:DD:EE:FF`,
-  sorted. The device's `ipAddresses` is Defender's list as is.
-- Users: `active` is Graph's `accountEnabled` (`null` when unknown).
+  (127.0.0.0/8, ::1), sorted. `macAddress` lists the MACs of every interface except those in an
+  explicit non-up `operationalStatus` (`Down`, `Testing`, `Dormant`, `NotPresent`,
+  `LowerLayerDown`), of type `SoftwareLoopback` or on a loopback IP, and except the all-zero MAC,
+  as `AA:BB:CC:DD:EE:FF`, sorted. Interfaces with status `Unknown` or null and type null are
+  real and keep their MACs. The device's `ipAddresses` is Defender's list as is.
+- Users: `active` is Graph's `accountEnabled` (absent when unknown); `businessPhones`,
+  `mobilePhone` and `preferredLanguage` come from Graph as they are.
 - Logon users: one entity per Defender logon-user `id`, shared by every machine that HAS it;
   fields come from the report of the smallest machine id, `firstSeenOn` / `lastSeenOn` are the
   earliest / latest over all reports; the entity belongs to that machine's
   `logon_users:<machine id>` scope.
-- Vulnerabilities: one entity per CVE found on at least one machine, one IDENTIFIED relationship
-  per machine and CVE (`products`: "vendor product version", `fixingKbIds`). A CVE missing from
-  Defender's catalogue gets an entity with only its id and severity. Non-CVE ids (`TVM-...`) get
-  no `cve` mapping.
+- Vulnerabilities: one entity per CVE found on at least one machine (`epss` is Defender's EPSS
+  score), one IDENTIFIED relationship per machine and CVE (`products`: the affected
+  "vendor product version" strings, `fixingKbIds`: the fixing KBs, each joined with `", "`).
+  A CVE missing from Defender's catalogue gets an entity with only its id and severity.
+  Non-CVE ids (`TVM-...`) get no `cve` mapping.
+- An item Microsoft sends that cannot be converted (no `id`, a malformed field) is left out and
+  named in its scope's error (resource, index, reason); that scope keeps its previous data.
+- Identity (extensions, see below): employees (`employee`, class `Person`) come from the
+  directory (member users with an `employeeId` by default) and/or an HR export file; a user IS
+  the employee with the same employee id, else e-mail, else UPN (case-insensitive,
+  configurable); users that match none have `employeeMapped: false`. A logon user IS the
+  directory user with its SID (`onPremisesSecurityIdentifier`), else its `accountName` +
+  `accountDomain` (`onPremisesSamAccountName` + NetBIOS name), else its UPN, and gets
+  `accountKind` `domain`, `local`, `service` or `unknown`. Groups come from `/groups/delta`
+  (only changes after the first sync), activated directory roles from `/directoryRoles`.
 
 """
 
@@ -196,7 +247,9 @@ def document_markdown() -> str:
         + data_model_markdown()
         + "\n"
         + J1_MARKER_END
-        + "\n\n## Properties\n\n"
+        + "\n\n"
+        + extensions_markdown()
+        + "\n## Properties\n\n"
         + PROPERTIES_MARKER_START
         + "\n"
         + properties_markdown()

@@ -22,6 +22,9 @@ class EntityType:
     short: str  # short name used in event types: mde.<short>.<change>
     volatile: tuple[str, ...] = ()  # fields that change constantly; never an update by themselves
     properties: tuple[str, ...] = ()  # every field the converter writes besides `_key` & co.
+    # Properties written even when unknown (null): the JupiterOne class requires them and allows
+    # null. Every other property is left out when its value is unknown (None).
+    keep_null: tuple[str, ...] = ()
 
     def key(self, source_id: str) -> str:
         return self.key_format.format(id=source_id)
@@ -34,7 +37,10 @@ class EntityType:
         raw: Any,
         account_tag: str | None = None,
     ) -> dict[str, Any]:
-        """A JupiterOne entity: `_key`, `_type`, `_class`, names, properties, tag, `_rawData`."""
+        """A JupiterOne entity: `_key`, `_type`, `_class`, names, properties, tag, `_rawData`.
+
+        A property whose value is None is left out, unless it is one of `keep_null`.
+        """
         item: dict[str, Any] = {
             "_key": self.key(source_id),
             "_type": self.type,
@@ -42,7 +48,8 @@ class EntityType:
             "displayName": display_name,
             "name": display_name,
         }
-        item.update(properties)
+        keep = self.keep_null
+        item.update((k, v) for k, v in properties.items() if v is not None or k in keep)
         if account_tag is not None:
             item[TAG_ACCOUNT_NAME] = account_tag
         item["_rawData"] = [{"name": "default", "rawData": raw}]
@@ -68,7 +75,7 @@ class RelationshipType:
     def relationship(
         self, from_key: str, to_key: str, properties: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """A direct JupiterOne relationship between two entity keys."""
+        """A direct JupiterOne relationship between two entity keys (None properties left out)."""
         item: dict[str, Any] = {
             "_key": self.key(from_key, to_key),
             "_type": self.type,
@@ -78,7 +85,7 @@ class RelationshipType:
             "displayName": self.rel_class,
         }
         if properties:
-            item.update(properties)
+            item.update((k, v) for k, v in properties.items() if v is not None)
         return item
 
 
@@ -103,9 +110,15 @@ class MappedRelationshipType:
         )
 
     def relationship(self, source_key: str, target_entity: Mapping[str, Any]) -> dict[str, Any]:
-        """A mapped relationship to an entity matched on (`_type`, `_key`); created if absent."""
-        target: dict[str, Any] = {"_type": self.target_type, "_class": list(self.target_classes)}
-        target.update(target_entity)
+        """A mapped relationship to an entity matched on (`_type`, `_key`); created if absent.
+
+        The target declares `_class` only when `target_classes` is set (a class brings its
+        required properties with it); None values are left out.
+        """
+        target: dict[str, Any] = {"_type": self.target_type}
+        if self.target_classes:
+            target["_class"] = list(self.target_classes)
+        target.update((k, v) for k, v in target_entity.items() if v is not None)
         return {
             "_key": self.key(source_key, target["_key"]),
             "_type": self.type,
@@ -178,6 +191,10 @@ SCOPE_USERS = "users"
 SCOPE_MACHINES = "machines"
 SCOPE_VULNERABILITIES = "vulnerabilities"
 SCOPE_LOGON_USERS = "logon_users"  # prefix; one scope per machine
+# Identity extensions (issue 13): see monitor.model.identity and docs/data-model.md.
+SCOPE_EMPLOYEES = "employees"  # employees, user IS employee, employee MANAGES employee
+SCOPE_GROUPS = "groups"  # Entra groups and their user members (groups delta)
+SCOPE_DIRECTORY_ROLES = "directory_roles"  # activated directory roles and their members
 
 
 def logon_users_scope(machine_id: str) -> str:
@@ -202,6 +219,7 @@ ACCOUNT = EntityType(
         "createdOn",
         "tenantType",
         "description",
+        "vendor",
     ),
 )
 DEVICE = EntityType(
@@ -256,6 +274,7 @@ DEVICE = EntityType(
         "model",
         "serial",
     ),
+    keep_null=("category", "deviceId", "make", "model", "serial"),
 )
 LOGON_USER = EntityType(
     "Logon User",
@@ -282,6 +301,11 @@ LOGON_USER = EntityType(
         "isOnlyNetworkUser",
         "logOnMachinesCount",
         "active",
+        # identity extensions (monitor.model.identity)
+        "accountKind",
+        "directoryUserState",
+        "employeeStatus",
+        "loggedOnAfterTermination",
     ),
 )
 MACHINE = EntityType(
@@ -337,6 +361,7 @@ USER = EntityType(
     "microsoft_defender_user:{id}",
     SCOPE_USERS,
     "user",
+    volatile=("employeeMapped",),  # derived from the employees scope, reported through it
     properties=(
         "name",
         "displayName",
@@ -354,6 +379,17 @@ USER = EntityType(
         "accountEnabled",
         "userType",
         "createdOn",
+        "businessPhones",
+        "mobilePhone",
+        "preferredLanguage",
+        # identity extensions (monitor.model.identity)
+        "employeeId",
+        "employeeType",
+        "companyName",
+        "onPremisesSecurityIdentifier",
+        "onPremisesSamAccountName",
+        "onPremisesDomainName",
+        "employeeMapped",
     ),
 )
 VULNERABILITY = EntityType(
@@ -387,11 +423,81 @@ VULNERABILITY = EntityType(
         "blocking",
         "production",
         "cveSupportability",
+        "epss",
         "webLink",
     ),
 )
 
-ENTITY_TYPES: tuple[EntityType, ...] = (ACCOUNT, DEVICE, LOGON_USER, MACHINE, USER, VULNERABILITY)
+# Extensions of the seed model (issue 13): people, groups and directory roles. The seed's tables
+# (docs/jupiterone-seed.md) list SEED_* only; docs/data-model.md lists these separately.
+EMPLOYEE = EntityType(
+    "Employee",
+    "employee",
+    ("Person",),
+    "employee:{id}",
+    SCOPE_EMPLOYEES,
+    "employee",
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "employeeId",
+        "email",
+        "employeeType",
+        "companyName",
+        "department",
+        "jobTitle",
+        "status",
+        "active",
+        "terminationOn",
+        "managerEmail",
+        "source",
+        "directoryAccountEnabled",
+    ),
+)
+GROUP = EntityType(
+    "Entra Group",
+    "entra_group",
+    ("UserGroup",),
+    "entra_group:{id}",
+    SCOPE_GROUPS,
+    "group",
+    volatile=("memberCount",),  # membership changes are reported as member_added/removed
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "description",
+        "mail",
+        "securityEnabled",
+        "mailEnabled",
+        "isAssignableToRole",
+        "onPremisesSyncEnabled",
+        "groupTypes",
+        "memberCount",
+    ),
+)
+DIRECTORY_ROLE = EntityType(
+    "Entra Directory Role",
+    "entra_directory_role",
+    ("AccessRole",),
+    "entra_directory_role:{id}",
+    SCOPE_DIRECTORY_ROLES,
+    "role",
+    volatile=("memberCount",),  # reported as assigned/unassigned
+    properties=("name", "displayName", "id", "description", "roleTemplateId", "memberCount"),
+)
+
+SEED_ENTITY_TYPES: tuple[EntityType, ...] = (
+    ACCOUNT,
+    DEVICE,
+    LOGON_USER,
+    MACHINE,
+    USER,
+    VULNERABILITY,
+)
+EXTENSION_ENTITY_TYPES: tuple[EntityType, ...] = (EMPLOYEE, GROUP, DIRECTORY_ROLE)
+ENTITY_TYPES: tuple[EntityType, ...] = SEED_ENTITY_TYPES + EXTENSION_ENTITY_TYPES
 
 ACCOUNT_HAS_MACHINE = RelationshipType(ACCOUNT, "HAS", MACHINE, SCOPE_MACHINES, "account_machine")
 ACCOUNT_HAS_USER = RelationshipType(ACCOUNT, "HAS", USER, SCOPE_USERS, "account_user")
@@ -415,12 +521,36 @@ MACHINE_MANAGES_DEVICE = RelationshipType(
     MACHINE, "MANAGES", DEVICE, SCOPE_MACHINES, "machine_device"
 )
 
-RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
+LOGON_USER_IS_USER = RelationshipType(
+    LOGON_USER, "IS", USER, SCOPE_LOGON_USERS, "logon_user_user", properties=("matchedBy",)
+)
+USER_IS_EMPLOYEE = RelationshipType(
+    USER, "IS", EMPLOYEE, SCOPE_EMPLOYEES, "user_employee", properties=("matchedBy",)
+)
+EMPLOYEE_MANAGES_EMPLOYEE = RelationshipType(
+    EMPLOYEE, "MANAGES", EMPLOYEE, SCOPE_EMPLOYEES, "employee_employee"
+)
+GROUP_HAS_USER = RelationshipType(GROUP, "HAS", USER, SCOPE_GROUPS, "group")
+USER_ASSIGNED_DIRECTORY_ROLE = RelationshipType(
+    USER, "ASSIGNED", DIRECTORY_ROLE, SCOPE_DIRECTORY_ROLES, "role"
+)
+
+SEED_RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
     ACCOUNT_HAS_MACHINE,
     ACCOUNT_HAS_USER,
     MACHINE_HAS_LOGON_USER,
     MACHINE_IDENTIFIED_VULNERABILITY,
     MACHINE_MANAGES_DEVICE,
+)
+EXTENSION_RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
+    LOGON_USER_IS_USER,
+    USER_IS_EMPLOYEE,
+    EMPLOYEE_MANAGES_EMPLOYEE,
+    GROUP_HAS_USER,
+    USER_ASSIGNED_DIRECTORY_ROLE,
+)
+RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
+    SEED_RELATIONSHIP_TYPES + EXTENSION_RELATIONSHIP_TYPES
 )
 
 VULNERABILITY_IS_CVE = MappedRelationshipType(
@@ -430,7 +560,6 @@ VULNERABILITY_IS_CVE = MappedRelationshipType(
     "FORWARD",
     SCOPE_VULNERABILITIES,
     "vulnerability_cve",
-    target_classes=("Vulnerability",),
 )
 
 MAPPED_RELATIONSHIP_TYPES: tuple[MappedRelationshipType, ...] = (VULNERABILITY_IS_CVE,)

@@ -10,8 +10,9 @@ from monitor.model.schema import ACCOUNT_HAS_USER, USER, epoch_ms, require_str
 Item = dict[str, Any]
 
 # The Graph user fields this converter reads; the collector `$select`s exactly these (Graph's
-# default projection leaves out accountEnabled, department, userType and createdDateTime).
-GRAPH_USER_FIELDS = (
+# default projection leaves out accountEnabled, department, userType and createdDateTime;
+# businessPhones, mobilePhone and preferredLanguage are mapped as JupiterOne's converter does).
+GRAPH_USER_FIELDS: tuple[str, ...] = (
     "id",
     "displayName",
     "userPrincipalName",
@@ -24,7 +25,27 @@ GRAPH_USER_FIELDS = (
     "accountEnabled",
     "userType",
     "createdDateTime",
+    "businessPhones",
+    "mobilePhone",
+    "preferredLanguage",
 )
+# Identity mapping (monitor.model.identity): employee fields and the on-premises account.
+IDENTITY_USER_FIELDS = (
+    "employeeId",
+    "employeeType",
+    "companyName",
+    "onPremisesSecurityIdentifier",
+    "onPremisesSamAccountName",
+    "onPremisesDomainName",
+)
+GRAPH_USER_FIELDS += IDENTITY_USER_FIELDS
+
+
+def _strings(value: object) -> list[str] | None:
+    """The non-empty strings of a list (Graph's `businessPhones`); None when there are none."""
+    if not isinstance(value, list):
+        return None
+    return [v for v in value if isinstance(v, str) and v] or None
 
 
 def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
@@ -51,7 +72,12 @@ def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> I
         "accountEnabled": user.get("accountEnabled"),
         "userType": user.get("userType"),
         "createdOn": epoch_ms(user.get("createdDateTime")),
+        "businessPhones": _strings(user.get("businessPhones")),
+        "mobilePhone": user.get("mobilePhone") or None,
+        "preferredLanguage": user.get("preferredLanguage") or None,
     }
+    properties.update({f: user.get(f) for f in IDENTITY_USER_FIELDS})
+    properties["employeeMapped"] = None  # set by the identity mapping (monitor.model.identity)
     return USER.entity(user_id, name, properties, raw=user, account_tag=account_tag)
 
 

@@ -33,7 +33,7 @@ from monitor.events import stream
 from monitor.events.changes import bodies_needed, build_events
 from monitor.events.envelope import Event, make_event, utc_now_iso
 from monitor.model.graph import Graph, ScopeState
-from monitor.snapshot import diff, merge
+from monitor.snapshot import aggregates, diff, merge
 from monitor.snapshot.guard import DropDecision
 from monitor.snapshot.lock import LockLost, TenantLock
 from monitor.snapshot.store import HISTORY_LENGTH, SnapshotStore, StoreError, StreamingTransaction
@@ -231,6 +231,7 @@ def detect_and_commit(
             "baseline": plan.baseline,
             "drops": {t: d.to_event_data() for t, d in plan.drops.items()},
             "fence": lock.fence if lock is not None else None,
+            "aggregates": aggregates.compute(graph, plan.scope_states),
         }
         unchanged_index = (
             previous is not None
