@@ -158,6 +158,8 @@ def evaluate(
     degraded: bool = False,
     write: bool = True,
     now_iso: str | None = None,
+    stream_maxlen: int = 100_000,
+    retention_days: float = 30.0,
 ) -> list[Evaluation]:
     """Run the query rules over `graph`; with `write`, store the sets and append the events."""
     if not rules:
@@ -238,7 +240,7 @@ def evaluate(
         pipe.set(meta_key(prefix, tenant, rule.name), orjson.dumps(doc_meta))
     if write:
         if events:
-            stream.append(pipe, prefix, tenant, events, 100_000, 30.0)
+            stream.append(pipe, prefix, tenant, events, stream_maxlen, retention_days)
         pipe.execute()
     return evaluations
 
@@ -363,6 +365,8 @@ def evaluate_after_commit(
             rules,
             graph,
             degraded=result.status == "degraded",
+            stream_maxlen=settings.events.stream_maxlen,
+            retention_days=settings.events.retention_days,
         )
         counts: dict[str, int] = {}
         for ev in evs:
