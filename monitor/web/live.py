@@ -12,6 +12,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from monitor.events import stream
+from monitor.redis_conn import tls_options
 from monitor.web.data import ChangeFilter, row
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class Broadcaster:
         self.subscribers.discard(q)
 
     async def _run(self) -> None:
-        client = aioredis.Redis.from_url(self.redis_url)
+        clean, tls = tls_options(self.redis_url)  # the same TLS settings as every other client
+        client = aioredis.Redis.from_url(clean, **tls)
         try:
             newest: Any = await client.xrevrange(self.key, count=1)
             last = newest[0][0].decode() if newest else "0-0"
