@@ -45,7 +45,7 @@ class Broadcaster:
 
     async def _run(self) -> None:
         clean, tls = tls_options(self.redis_url)  # the same TLS settings as every other client
-        client = aioredis.Redis.from_url(clean, **tls)
+        client = aioredis.Redis.from_url(clean, **(tls or {}))
         try:
             newest: Any = await client.xrevrange(self.key, count=1)
             last = newest[0][0].decode() if newest else "0-0"
