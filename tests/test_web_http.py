@@ -402,3 +402,17 @@ def test_trigger_sync_and_accept_drop_enqueue_a_task(secured: TestClient, world:
     assert ("olga", "sync.accept_drop", TENANT) in [
         (a["user"], a["action"], a["target"]) for a in audit
     ]
+
+
+def test_notifications_link_back_to_console_and_defender(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    alerts = write_alerts(tmp_path / "alerts")
+    s = settings_for(redis_url, redis_prefix, alerts, public_url="https://console.example/")
+    populate(redis.Redis.from_url(redis_url), s)
+    sent = [json.loads(line) for line in (alerts / "alerts.jsonl").read_text().splitlines()]
+    (n,) = [x for x in sent if x.get("rule") == "machine-risk-raised"]
+    text = json.dumps(n)
+    assert f"https://console.example/entities/{quote(M00, safe='')}?tenant={TENANT}" in text
+    assert "https://security.microsoft.com/machines/m00/overview?tid=" in text
+    assert "https://console.example/alerts#rule-machine-risk-raised" in text
