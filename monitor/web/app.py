@@ -220,7 +220,9 @@ def set_cookie(console: Console, request: Request, response: Response, sid: str)
     )
 
 
-def _same_origin(request: Request) -> bool:
+def _same_origin(request: Request, public_url: str | None = None) -> bool:
+    """The request comes from one of our own pages (this origin, or web.public_url's when a
+    TLS-terminating proxy sits in front)."""
     origin = request.headers.get("origin")
     if not origin or origin == "null":
         referer = request.headers.get("referer")
@@ -228,8 +230,11 @@ def _same_origin(request: Request) -> bool:
             return origin is None  # no Origin and no Referer: not a browser form post
         parts = urlsplit(referer)
         origin = f"{parts.scheme}://{parts.netloc}"
-    own = f"{request.url.scheme}://{request.url.netloc}"
-    return origin == own
+    own = {f"{request.url.scheme}://{request.url.netloc}"}
+    if public_url:
+        parts = urlsplit(public_url)
+        own.add(f"{parts.scheme}://{parts.netloc}")
+    return origin in own
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -266,9 +271,9 @@ def endpoint(
                 data = await _body(request)
                 if not ctx.bearer:
                     token = request.headers.get("x-csrf-token") or data.get("csrf")
-                    if not _same_origin(request) or not console.guard.csrf_ok(
-                        ctx.sid, str(token) if token else None
-                    ):
+                    if not _same_origin(
+                        request, console.settings.web.public_url
+                    ) or not console.guard.csrf_ok(ctx.sid, str(token) if token else None):
                         resp: Response = _error(
                             console, request, ctx, 403, "CSRF check failed: reload the page"
                         )
