@@ -577,16 +577,22 @@ async def changes_stream(request: Request) -> Response:
                         yield frame(replayed["row"])
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=15)
+                    batches = [await asyncio.wait_for(queue.get(), timeout=15)]
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                if item is None:
-                    return
-                if sid_key(item["row"]["id"]) <= last_sent:
-                    continue  # already replayed
-                if wanted(flt, item):
-                    yield item["frame"]
+                while not queue.empty():  # coalesce what piled up: one write per wake-up
+                    batches.append(queue.get_nowait())
+                frames = []
+                for batch in batches:
+                    if batch is None:
+                        return
+                    for item in batch:
+                        key = sid_key(item["row"]["id"])
+                        if key > last_sent and wanted(flt, item):
+                            frames.append(item["frame"])
+                if frames:
+                    yield "".join(frames)
         finally:
             console.broadcaster.unsubscribe(queue)
 
