@@ -60,7 +60,7 @@ class Broadcaster:
                     await asyncio.sleep(1)
                     continue
                 for _key, batch in resp or []:
-                    items = []
+                    items: list[dict[str, Any]] = []
                     for sid, ev in stream.entries(batch):
                         r = row(sid, ev)
                         # encoded once here, not once per connected browser
@@ -70,7 +70,9 @@ class Broadcaster:
                         last = sid.decode() if isinstance(sid, bytes) else str(sid)
                     if not items:
                         continue
-                    # one queue entry per read (up to 500 events), not one per event
+                    # one queue entry per read (up to 500 events), not one per event; the
+                    # frames pre-joined for browsers that filter nothing
+                    items[0]["joined"] = "".join(it["frame"] for it in items)
                     for q in list(self.subscribers):
                         with contextlib.suppress(asyncio.QueueFull):
                             q.put_nowait(items)
