@@ -141,6 +141,12 @@ def sse_clients(url: str, n: int, ready: Any, stop: Any, counts: Any) -> None:
             tails[i] = data[-8:]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sync_once(store: SnapshotStore, graph: Any) -> float:
     t0 = time.perf_counter()
     detect_and_commit(
@@ -234,7 +240,11 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             for _ in range(ns.clients):
                 if not ready.acquire(timeout=60):
                     raise RuntimeError("SSE clients did not connect")
+            cpu0 = (cpu_seconds(proc.pid), cpu_seconds(clients.pid or 0), time.process_time())
+            wall0 = time.perf_counter()
             with_runs = [sync_once(store, graphs[(i + ns.syncs) % 3]) for i in range(ns.syncs)]
+            wall = time.perf_counter() - wall0
+            cpu1 = (cpu_seconds(proc.pid), cpu_seconds(clients.pid or 0), time.process_time())
             deadline = time.monotonic() + 30
             while min(counts[:]) == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -248,6 +258,13 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 "sync_s_with": round(w, 3),
                 "increase_pct": round((w / b - 1) * 100, 1),
                 "rows_per_client_min": min(counts[:]),
+                "cpu_s_during_syncs": {
+                    "wall": round(wall, 1),
+                    "console": round(cpu1[0] - cpu0[0], 1),
+                    "sse_clients": round(cpu1[1] - cpu0[1], 1),
+                    "sync": round(cpu1[2] - cpu0[2], 1),
+                },
+                "load_avg": os.getloadavg()[0],
                 "ok": w <= b * 1.10,
             }
     finally:
@@ -288,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         f"sync with {s['clients']} SSE clients: {s['sync_s_with']}s vs {s['sync_s_without']}s"
         f" without ({s['increase_pct']:+}%, target <= +10%: {'yes' if s['ok'] else 'NO'});"
         f" every client got >= {s['rows_per_client_min']} rows"
+    )
+    c = s["cpu_s_during_syncs"]
+    print(
+        f"CPU seconds during those syncs ({c['wall']}s wall, 1-min load {s['load_avg']:.1f}):"
+        f" sync {c['sync']}, console {c['console']}, SSE clients {c['sse_clients']}"
     )
     return 0
 
