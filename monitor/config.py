@@ -220,6 +220,53 @@ class Certificate(_Model):
         return self
 
 
+class HrColumns(_Model):
+    """Which column (CSV header) or key (JSON) of the HR export holds each field."""
+
+    email: str = "email"
+    employee_id: str = "employee_id"
+    name: str = "name"
+    manager_email: str = "manager_email"
+    status: str = "status"
+    termination_date: str = "termination_date"
+
+
+class HrFile(_Model):
+    """An HR export (Workday, BambooHR, ...): CSV with a header row, or a JSON list of objects."""
+
+    path: Path
+    format: Literal["csv", "json"] | None = None  # None: by the file's suffix
+    columns: HrColumns = Field(default_factory=HrColumns)
+    terminated_values: list[str] = Field(default_factory=lambda: ["terminated", "inactive"])
+
+
+class DirectoryEmployees(_Model):
+    """Which directory users are employees: by default member users with an employeeId."""
+
+    enabled: bool = True
+    user_types: list[str] = Field(default_factory=lambda: ["Member"])
+    require_employee_id: bool = True
+    # manager chain via `$expand=manager($select=id)`: Graph then pages users by 100, not 999
+    managers: bool = False
+
+
+MatchRule = Literal["employee_id", "email", "upn"]
+DEFAULT_MATCH: tuple[MatchRule, ...] = ("employee_id", "email", "upn")
+
+
+class IdentitySettings(_Model):
+    """Employees, logon-account mapping, groups and directory roles (monitor.model.identity)."""
+
+    directory_employees: DirectoryEmployees = Field(default_factory=DirectoryEmployees)
+    hr_file: HrFile | None = None
+    # how a directory user is matched to an employee, in order (case-insensitive)
+    match: list[MatchRule] = Field(default_factory=lambda: list(DEFAULT_MATCH))
+    # NetBIOS domain (as in logon users' accountDomain) -> on-premises DNS domain
+    netbios_domains: dict[str, str] = Field(default_factory=dict)
+    groups: bool = True
+    directory_roles: bool = True
+
+
 class TenantConfig(_Model):
     """One connected Entra ID tenant (an app registration)."""
 
@@ -240,6 +287,7 @@ class TenantConfig(_Model):
     tag_with_account_name: bool = False
     logon_user_budget: int = Field(default=500, ge=0)
     logon_user_concurrency: int = Field(default=8, ge=1, le=64)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
 
     @model_validator(mode="after")
     def _credentials_and_cloud(self) -> TenantConfig:

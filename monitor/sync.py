@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from monitor.alerts.query_rules import evaluate_after_commit
 from monitor.collect.collector import CollectResult, collect_tenant
 from monitor.collect.logon_users import RefreshLedger
 from monitor.collect.progress import Progress, no_progress
@@ -184,7 +185,13 @@ def _run_sync(
             accept_drop=accept_drop,
         )
         _record_logon_refresh(client, settings, tenant.name, collected)
-    return _summary(collected, result)
+        if collected.identity is not None:
+            collected.identity.after_commit()  # the groups delta link, only once committed
+        query_events = evaluate_after_commit(client, settings, tenant.name, result, collected.graph)
+    summary = _summary(collected, result)
+    for typ, n in query_events.items():  # query alert rules' entered / left events
+        summary.events[typ] = summary.events.get(typ, 0) + n
+    return summary
 
 
 def _record_logon_refresh(

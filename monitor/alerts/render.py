@@ -357,6 +357,8 @@ _PHRASES: dict[str, tuple[str, str, str, str | None, str | None]] = {
     ),
     "mde.machine_logon_user.added": ("machine logon", "machine logons", "new", None, None),
     "mde.machine_logon_user.removed": ("machine logon", "machine logons", "gone", None, None),
+    "mde.query.entered": ("query result", "query results", "entered the result set", None, None),
+    "mde.query.left": ("query result", "query results", "left the result set", None, None),
     "mde.sync.baseline": ("sync", "syncs", "recorded a baseline", None, None),
     "mde.sync.degraded": ("sync", "syncs", "degraded (previous data kept)", None, None),
     "mde.sync.failed": ("sync", "syncs", "failed", None, None),

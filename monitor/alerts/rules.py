@@ -55,6 +55,9 @@ _PAIRS: tuple[tuple[str, str], ...] = (
     ("mde.user.created", "mde.user.deleted"),
     ("mde.logon_user.created", "mde.logon_user.deleted"),
     ("mde.vulnerability.created", "mde.vulnerability.deleted"),
+    ("mde.query.entered", "mde.query.left"),
+    ("mde.group.member_added", "mde.group.member_removed"),
+    ("mde.role.assigned", "mde.role.unassigned"),
 )
 COUNTERPARTS: dict[str, str] = {**dict(_PAIRS), **{b: a for a, b in _PAIRS}}
 
@@ -250,7 +253,10 @@ class RuleSpec(_Spec):
     description: str = ""
     severity: Literal["info", "low", "medium", "high", "critical"] = "medium"
     enabled: bool = True
-    match: MatchSpec
+    match: MatchSpec | None = None
+    query: str | None = Field(default=None, min_length=1)  # J1QL: a query rule (see query_rules)
+    tenant: StrOrList | None = None  # query rules: which tenants (globs); match rules use match
+    alert_on_baseline: bool = False  # query rules: fire for the first evaluation's result set
     sinks: list[str] = Field(min_length=1)
     group_by: list[str] = Field(default_factory=lambda: ["tenant"])
     group_wait: Duration = 30.0
@@ -293,6 +299,8 @@ class Rule:
     max_events: int = 10
     file: str = ""
     line: int = 0
+    query: str | None = None  # J1QL of a query rule (None: an event rule)
+    alert_on_baseline: bool = False
     _type_ok: Callable[[str], bool] = field(init=False, repr=False)
     _resolve_type_ok: Callable[[str], bool] = field(init=False, repr=False)
     _tenant_ok: Callable[[str], bool] | None = field(init=False, repr=False)
@@ -347,6 +355,11 @@ class Rule:
             "resolve_on": list(self.resolve_types),
             "file": self.file,
             "line": self.line,
+            **(
+                {"query": self.query, "alert_on_baseline": self.alert_on_baseline}
+                if self.query
+                else {}
+            ),
         }
 
 
@@ -503,25 +516,46 @@ def compile_rule(
     ) -> None:
         errors.append(LoadError(file, line_of(raw, loc, base_line), label, message, level))
 
-    try:
-        where = all_of(compile_conditions(spec.match.where, ("match", "where")))
-    except ConditionError as exc:
-        err(exc.path, f"{_loc_text(exc.path)}: {exc}")
-        where = all_of([])
-    for loc, message in [
-        *regex_warnings(spec.match.where, ("match", "where")),
-        *regex_warnings(
-            spec.resolve_on.where if isinstance(spec.resolve_on, ResolveSpec) else [],
-            ("resolve_on", "where"),
-        ),
-    ]:
-        err(loc, f"{_loc_text(loc)}: {message}", "warning")
-    types = _as_list(spec.match.type)
-    if not types:
-        err(("match", "type"), "match.type: give at least one event type")
-    errors += _type_problems(
-        types, file, line_of(raw, ("match", "type"), base_line), label, "match.type"
-    )
+    tenants: tuple[str, ...] = ()
+    if spec.query is not None:  # a query rule: see monitor/alerts/query_rules.py
+        from monitor.alerts import query_rules
+
+        if spec.match is not None:
+            err(("query",), "give match: (an event rule) or query: (a query rule), not both")
+        if spec.resolve_on is not None:
+            err(("resolve_on",), "resolve_on: a query rule resolves when results leave the set")
+        problem = query_rules.check_query(spec.query)
+        if problem is not None:
+            err(("query",), f"query: {problem}")
+        where = query_rules.rule_predicate(spec.name)
+        types: tuple[str, ...] = (query_rules.QUERY_ENTERED,)
+        tenants = _as_list(spec.tenant)
+    elif spec.match is None:
+        err((), "give match: (an event rule) or query: (a J1QL query rule)")
+        return None, errors
+    else:
+        if spec.tenant is not None or spec.alert_on_baseline:
+            err(("tenant",), "tenant and alert_on_baseline are for query rules (use match.tenant)")
+        try:
+            where = all_of(compile_conditions(spec.match.where, ("match", "where")))
+        except ConditionError as exc:
+            err(exc.path, f"{_loc_text(exc.path)}: {exc}")
+            where = all_of([])
+        for loc, message in [
+            *regex_warnings(spec.match.where, ("match", "where")),
+            *regex_warnings(
+                spec.resolve_on.where if isinstance(spec.resolve_on, ResolveSpec) else [],
+                ("resolve_on", "where"),
+            ),
+        ]:
+            err(loc, f"{_loc_text(loc)}: {message}", "warning")
+        types = _as_list(spec.match.type)
+        tenants = _as_list(spec.match.tenant)
+        if not types:
+            err(("match", "type"), "match.type: give at least one event type")
+        errors += _type_problems(
+            types, file, line_of(raw, ("match", "type"), base_line), label, "match.type"
+        )
     known = set(known_sinks)
     for i, s in enumerate(spec.sinks):
         if s not in known:
@@ -556,6 +590,8 @@ def compile_rule(
             err(exc.path, f"{_loc_text(exc.path)}: {exc}")
     else:
         resolve_types = derived_resolve_types(types)
+        if spec.query is not None:
+            resolve_where = where
     if spec.send_resolved and "send_resolved" in spec.model_fields_set and not resolve_types:
         err(
             ("send_resolved",),
@@ -586,7 +622,7 @@ def compile_rule(
         description=spec.description,
         severity=spec.severity,
         types=types,
-        tenants=_as_list(spec.match.tenant) or None,
+        tenants=tenants or None,
         where=where,
         sinks=tuple(dict.fromkeys(spec.sinks)),
         group_by=tuple(group_by),
@@ -601,6 +637,8 @@ def compile_rule(
         max_events=spec.max_events,
         file=file,
         line=base_line,
+        query=spec.query,
+        alert_on_baseline=spec.alert_on_baseline,
     )
     return (rule if spec.enabled else None), errors
 

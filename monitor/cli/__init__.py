@@ -11,6 +11,7 @@ from monitor.cli import alerts  # noqa: F401  dispatch, rules, deliveries, silen
 from monitor.cli import run  # noqa: F401  worker, beat, trigger, status, metrics, demo
 from monitor.cli import simulate  # noqa: F401
 from monitor.cli import document  # noqa: F401
+from monitor.cli import query  # noqa: F401  query, questions
 from monitor.cli import web  # noqa: F401  the console
 from monitor.config import ConfigError
 

@@ -225,8 +225,19 @@ def rules_test(
     tenant: str = typer.Option("contoso", "--tenant"),
     subject: str = typer.Option("microsoft_defender_machine:test", "--subject"),
     json_out: bool = JSON_OPT,
+    query: bool = typer.Option(
+        False, "--query", help="Query rules: what would enter or leave now (nothing written)."
+    ),
 ) -> None:
-    """Which rules an event fires or resolves, and the message each sink would get (nothing sent)."""
+    """Which rules an event fires or resolves, and the message each sink would get (nothing sent).
+
+    With --query: every query rule over every tenant's latest snapshot, against its stored set.
+    """
+    if query:
+        from monitor.cli.query import test_query_rules
+
+        test_query_rules(json_out)
+        return
     event = _test_event(event_file, type_, field, tenant, subject)
     ruleset, sinks, errors = _load()
     results: list[dict[str, Any]] = []

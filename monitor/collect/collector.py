@@ -19,6 +19,7 @@ from monitor.collect.defender_api import DefenderClient
 from monitor.collect.errors import AuthError
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.http import ApiClient, RequestStats, build_http_client
+from monitor.collect.identity import IdentityResult, collect_identity
 from monitor.collect.logon_users import (
     LogonUsersResult,
     RefreshLedger,
@@ -101,6 +102,7 @@ class CollectResult:
     machine_ids: list[str] | None = None  # None when the machine list is not complete
     ledger_machines: set[str] = field(default_factory=set)  # machines in the refresh ledger
     timings: dict[str, float] = field(default_factory=dict)
+    identity: IdentityResult | None = None  # after_commit() saves the groups delta state
 
     def meta(self) -> dict[str, Any]:
         """Sync metadata for the snapshot store (no secrets)."""
@@ -175,7 +177,9 @@ def collect_tenant(
         collect_account(s.graph, builder)
         timed("account", t)
         t = time.monotonic()
-        collect_users(s.graph, builder, progress)
+        collect_users(
+            s.graph, builder, progress, managers=tenant.identity.directory_employees.managers
+        )
         timed("users", t)
         t = time.monotonic()
         machines = collect_machines(s.defender, builder, progress)
@@ -200,6 +204,18 @@ def collect_tenant(
                 progress,
             )
             timed("logon_users", t)
+        t = time.monotonic()
+        identity = collect_identity(
+            s.graph,
+            builder.graph(),
+            tenant,
+            progress,
+            redis_client=redis_client,
+            redis_prefix=settings.redis_prefix,
+            logon=logon,
+            machines_of=builder.logon_user_machines(),
+        )
+        timed("identity", t)
         return CollectResult(
             tenant.name,
             builder.graph(),
@@ -211,4 +227,5 @@ def collect_tenant(
             machine_ids=list(machines.last_seen) if machines.complete else None,
             ledger_machines=set(ledger),
             timings=timings,
+            identity=identity,
         )

@@ -28,9 +28,13 @@ class GraphClient:
             raise PageError(ORGANIZATION, "no organization in the response", status=200)
         return value[0]
 
-    def iter_user_pages(self, top: int = 999) -> Iterator[list[Json]]:
-        """Users, a page at a time: `$select`, `$top=999`, following `@odata.nextLink`."""
+    def iter_user_pages(self, top: int = 999, *, managers: bool = False) -> Iterator[list[Json]]:
+        """Users, a page at a time: `$select`, `$top=999`, following `@odata.nextLink`.
+
+        `managers`: also `$expand=manager($select=id)` (Graph then pages by at most 100)."""
         params: dict[str, str | int] = {"$select": ",".join(GRAPH_USER_FIELDS), "$top": top}
+        if managers:
+            params["$expand"] = "manager($select=id)"
         yield from self.api.iter_next_link_pages(
             USERS, "/v1.0/users", params, permission="Directory.Read.All"
         )

@@ -10,10 +10,12 @@ from monitor.model.graph import ScopeState, ScopeStatus
 from monitor.model.schema import SCOPE_USERS
 
 
-def collect_users(graph: GraphClient, builder: GraphBuilder, progress: Progress) -> ScopeStatus:
+def collect_users(
+    graph: GraphClient, builder: GraphBuilder, progress: Progress, *, managers: bool = False
+) -> ScopeStatus:
     """Fetch all users; the scope is complete only when the last page arrived."""
     try:
-        users = read_all(graph.iter_user_pages(), progress, "users")
+        users = read_all(graph.iter_user_pages(managers=managers), progress, "users")
     except IncompleteList as exc:
         status = exc.status()
     else:

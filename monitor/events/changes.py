@@ -27,7 +27,13 @@ REL_EVENTS: dict[str, tuple[str, str, str]] = {  # _type -> (short, created, del
         "resolved",
     ),
     schema.MACHINE_HAS_LOGON_USER.type: (schema.MACHINE_HAS_LOGON_USER.short, "added", "removed"),
+    # identity extensions: membership and privilege changes
+    schema.GROUP_HAS_USER.type: ("group", "member_added", "member_removed"),
+    schema.USER_ASSIGNED_DIRECTORY_ROLE.type: ("role", "assigned", "unassigned"),
 }
+# Relationship types whose `created` event is emitted even when the source entity is new in the
+# same sync: a user created and made Global Administrator at once must not go unnoticed.
+REL_EVENTS_WITH_NEW_SOURCE: frozenset[str] = frozenset({schema.USER_ASSIGNED_DIRECTORY_ROLE.type})
 MAX_LISTED_SCOPES = 5
 MAX_BASELINE_SCOPES = 20
 
@@ -165,7 +171,9 @@ def build_events(
             src_key, dst_key = rel.get("_fromEntityKey"), rel.get("_toEntityKey")
         else:
             src_key, dst_key = rel_endpoints(key, typ)
-        if src_key in created_entities or src_key in deleted_entities:
+        if src_key in deleted_entities or (
+            src_key in created_entities and not (is_created and typ in REL_EVENTS_WITH_NEW_SOURCE)
+        ):
             continue  # implied by the source entity's own event
         src, dst = lookup(src_key), lookup(dst_key)
         if src is None:

@@ -293,6 +293,10 @@ class GraphBuilder:
             g.add_relationship(rel, SCOPE_VULNERABILITIES)
         return self._count(SCOPE_VULNERABILITIES, added)
 
+    def logon_user_machines(self) -> Mapping[str, Mapping[str, Mapping[str, Any]]]:
+        """Logon-user key -> machine id -> what that machine reported, for this sync."""
+        return self._logon_reports
+
     def set_scope(self, scope: str, status: ScopeStatus) -> None:
         """Record how the fetch of `scope` ended (complete / failed / skipped).
 

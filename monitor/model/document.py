@@ -12,9 +12,13 @@ from typing import Any
 
 from monitor.model.schema import (
     ENTITY_TYPES,
+    EXTENSION_ENTITY_TYPES,
+    EXTENSION_RELATIONSHIP_TYPES,
     MAPPED_RELATIONSHIP_TYPES,
     RELATIONSHIP_TYPES,
     SCOPE_LOGON_USERS,
+    SEED_ENTITY_TYPES,
+    SEED_RELATIONSHIP_TYPES,
     TAG_ACCOUNT_NAME,
     EntityType,
     MappedRelationshipType,
@@ -78,10 +82,10 @@ def _mapped(types: Sequence[MappedRelationshipType]) -> str:
 def data_model_markdown() -> str:
     """The "## Data Model" section with its three tables, ending in one newline."""
     parts = [DATA_MODEL_HEADING, "### Entities", "The following entities are created:"]
-    parts.append(_entities(ENTITY_TYPES))
-    if RELATIONSHIP_TYPES:
+    parts.append(_entities(SEED_ENTITY_TYPES))
+    if SEED_RELATIONSHIP_TYPES:
         parts += ["### Relationships", "The following relationships are created:"]
-        parts.append(_relationships(RELATIONSHIP_TYPES))
+        parts.append(_relationships(SEED_RELATIONSHIP_TYPES))
     if MAPPED_RELATIONSHIP_TYPES:
         parts += ["### Mapped Relationships", "The following mapped relationships are created:"]
         parts.append(_mapped(MAPPED_RELATIONSHIP_TYPES))
@@ -106,6 +110,28 @@ def extract_data_model(text: str) -> str | None:
     while block and not block[-1].strip():
         block.pop()
     return "\n".join(block) + "\n"
+
+
+EXTENSIONS_HEADING = "## Extensions of the seed model"
+
+
+def extensions_markdown() -> str:
+    """The identity extensions (issue 13): types beyond the seed's tables, in their own tables."""
+    return (
+        "\n\n".join(
+            [
+                EXTENSIONS_HEADING,
+                "These types are not in the JupiterOne seed's tables above (which stay byte-equal"
+                " to it);\nthey come from the identity mapping, the groups delta and the directory"
+                " roles.",
+                "### Extension entities",
+                _entities(EXTENSION_ENTITY_TYPES),
+                "### Extension relationships",
+                _relationships(EXTENSION_RELATIONSHIP_TYPES),
+            ]
+        )
+        + "\n"
+    )
 
 
 def _between(text: str, start: str, end: str) -> str | None:
@@ -200,6 +226,16 @@ one per `_key`. Conventions:
   Non-CVE ids (`TVM-...`) get no `cve` mapping.
 - An item Microsoft sends that cannot be converted (no `id`, a malformed field) is left out and
   named in its scope's error (resource, index, reason); that scope keeps its previous data.
+- Identity (extensions, see below): employees (`employee`, class `Person`) come from the
+  directory (member users with an `employeeId` by default) and/or an HR export file; a user IS
+  the employee with the same employee id, else e-mail, else UPN (case-insensitive,
+  configurable); users that match none have `employeeMapped: false`. As JupiterOne's `Person`
+  wants, an employee's `email` is a list and `firstName` / `lastName` are the directory's
+  `givenName` / `surname` (absent for an HR-only record: never guessed). A logon user IS the
+  directory user with its SID (`onPremisesSecurityIdentifier`), else its `accountName` +
+  `accountDomain` (`onPremisesSamAccountName` + NetBIOS name), else its UPN, and gets
+  `accountKind` `domain`, `local`, `service` or `unknown`. Groups come from `/groups/delta`
+  (only changes after the first sync), activated directory roles from `/directoryRoles`.
 
 """
 
@@ -213,7 +249,9 @@ def document_markdown() -> str:
         + data_model_markdown()
         + "\n"
         + J1_MARKER_END
-        + "\n\n## Properties\n\n"
+        + "\n\n"
+        + extensions_markdown()
+        + "\n## Properties\n\n"
         + PROPERTIES_MARKER_START
         + "\n"
         + properties_markdown()

@@ -32,6 +32,11 @@ def logon_user_entity(logon_user: Mapping[str, Any], *, account_tag: str | None 
         "isOnlyNetworkUser": get("isOnlyNetworkUser"),
         "logOnMachinesCount": get("logOnMachinesCount"),
         "active": True,
+        # set by the identity mapping (monitor.model.identity)
+        "accountKind": None,
+        "directoryUserState": None,
+        "employeeStatus": None,
+        "loggedOnAfterTermination": None,
     }
     return LOGON_USER.entity(user_id, name, properties, raw=logon_user, account_tag=account_tag)
 

@@ -191,6 +191,10 @@ SCOPE_USERS = "users"
 SCOPE_MACHINES = "machines"
 SCOPE_VULNERABILITIES = "vulnerabilities"
 SCOPE_LOGON_USERS = "logon_users"  # prefix; one scope per machine
+# Identity extensions (issue 13): see monitor.model.identity and docs/data-model.md.
+SCOPE_EMPLOYEES = "employees"  # employees, user IS employee, employee MANAGES employee
+SCOPE_GROUPS = "groups"  # Entra groups and their user members (groups delta)
+SCOPE_DIRECTORY_ROLES = "directory_roles"  # activated directory roles and their members
 
 
 def logon_users_scope(machine_id: str) -> str:
@@ -297,6 +301,11 @@ LOGON_USER = EntityType(
         "isOnlyNetworkUser",
         "logOnMachinesCount",
         "active",
+        # identity extensions (monitor.model.identity)
+        "accountKind",
+        "directoryUserState",
+        "employeeStatus",
+        "loggedOnAfterTermination",
     ),
 )
 MACHINE = EntityType(
@@ -352,6 +361,7 @@ USER = EntityType(
     "microsoft_defender_user:{id}",
     SCOPE_USERS,
     "user",
+    volatile=("employeeMapped",),  # derived from the employees scope, reported through it
     properties=(
         "name",
         "displayName",
@@ -372,6 +382,14 @@ USER = EntityType(
         "businessPhones",
         "mobilePhone",
         "preferredLanguage",
+        # identity extensions (monitor.model.identity)
+        "employeeId",
+        "employeeType",
+        "companyName",
+        "onPremisesSecurityIdentifier",
+        "onPremisesSamAccountName",
+        "onPremisesDomainName",
+        "employeeMapped",
     ),
 )
 VULNERABILITY = EntityType(
@@ -410,7 +428,78 @@ VULNERABILITY = EntityType(
     ),
 )
 
-ENTITY_TYPES: tuple[EntityType, ...] = (ACCOUNT, DEVICE, LOGON_USER, MACHINE, USER, VULNERABILITY)
+# Extensions of the seed model (issue 13): people, groups and directory roles. The seed's tables
+# (docs/jupiterone-seed.md) list SEED_* only; docs/data-model.md lists these separately.
+EMPLOYEE = EntityType(
+    "Employee",
+    "employee",
+    ("Person",),
+    "employee:{id}",
+    SCOPE_EMPLOYEES,
+    "employee",
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "employeeId",
+        "email",
+        "firstName",
+        "lastName",
+        "employeeType",
+        "companyName",
+        "department",
+        "jobTitle",
+        "status",
+        "active",
+        "terminationOn",
+        "managerEmail",
+        "source",
+        "directoryAccountEnabled",
+    ),
+)
+GROUP = EntityType(
+    "Entra Group",
+    "entra_group",
+    ("UserGroup",),
+    "entra_group:{id}",
+    SCOPE_GROUPS,
+    "group",
+    volatile=("memberCount",),  # membership changes are reported as member_added/removed
+    properties=(
+        "name",
+        "displayName",
+        "id",
+        "description",
+        "mail",
+        "securityEnabled",
+        "mailEnabled",
+        "isAssignableToRole",
+        "onPremisesSyncEnabled",
+        "groupTypes",
+        "memberCount",
+    ),
+)
+DIRECTORY_ROLE = EntityType(
+    "Entra Directory Role",
+    "entra_directory_role",
+    ("AccessRole",),
+    "entra_directory_role:{id}",
+    SCOPE_DIRECTORY_ROLES,
+    "role",
+    volatile=("memberCount",),  # reported as assigned/unassigned
+    properties=("name", "displayName", "id", "description", "roleTemplateId", "memberCount"),
+)
+
+SEED_ENTITY_TYPES: tuple[EntityType, ...] = (
+    ACCOUNT,
+    DEVICE,
+    LOGON_USER,
+    MACHINE,
+    USER,
+    VULNERABILITY,
+)
+EXTENSION_ENTITY_TYPES: tuple[EntityType, ...] = (EMPLOYEE, GROUP, DIRECTORY_ROLE)
+ENTITY_TYPES: tuple[EntityType, ...] = SEED_ENTITY_TYPES + EXTENSION_ENTITY_TYPES
 
 ACCOUNT_HAS_MACHINE = RelationshipType(ACCOUNT, "HAS", MACHINE, SCOPE_MACHINES, "account_machine")
 ACCOUNT_HAS_USER = RelationshipType(ACCOUNT, "HAS", USER, SCOPE_USERS, "account_user")
@@ -434,12 +523,36 @@ MACHINE_MANAGES_DEVICE = RelationshipType(
     MACHINE, "MANAGES", DEVICE, SCOPE_MACHINES, "machine_device"
 )
 
-RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
+LOGON_USER_IS_USER = RelationshipType(
+    LOGON_USER, "IS", USER, SCOPE_LOGON_USERS, "logon_user_user", properties=("matchedBy",)
+)
+USER_IS_EMPLOYEE = RelationshipType(
+    USER, "IS", EMPLOYEE, SCOPE_EMPLOYEES, "user_employee", properties=("matchedBy",)
+)
+EMPLOYEE_MANAGES_EMPLOYEE = RelationshipType(
+    EMPLOYEE, "MANAGES", EMPLOYEE, SCOPE_EMPLOYEES, "employee_employee"
+)
+GROUP_HAS_USER = RelationshipType(GROUP, "HAS", USER, SCOPE_GROUPS, "group")
+USER_ASSIGNED_DIRECTORY_ROLE = RelationshipType(
+    USER, "ASSIGNED", DIRECTORY_ROLE, SCOPE_DIRECTORY_ROLES, "role"
+)
+
+SEED_RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
     ACCOUNT_HAS_MACHINE,
     ACCOUNT_HAS_USER,
     MACHINE_HAS_LOGON_USER,
     MACHINE_IDENTIFIED_VULNERABILITY,
     MACHINE_MANAGES_DEVICE,
+)
+EXTENSION_RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
+    LOGON_USER_IS_USER,
+    USER_IS_EMPLOYEE,
+    EMPLOYEE_MANAGES_EMPLOYEE,
+    GROUP_HAS_USER,
+    USER_ASSIGNED_DIRECTORY_ROLE,
+)
+RELATIONSHIP_TYPES: tuple[RelationshipType, ...] = (
+    SEED_RELATIONSHIP_TYPES + EXTENSION_RELATIONSHIP_TYPES
 )
 
 VULNERABILITY_IS_CVE = MappedRelationshipType(

@@ -12,7 +12,7 @@ Item = dict[str, Any]
 # The Graph user fields this converter reads; the collector `$select`s exactly these (Graph's
 # default projection leaves out accountEnabled, department, userType and createdDateTime;
 # businessPhones, mobilePhone and preferredLanguage are mapped as JupiterOne's converter does).
-GRAPH_USER_FIELDS = (
+GRAPH_USER_FIELDS: tuple[str, ...] = (
     "id",
     "displayName",
     "userPrincipalName",
@@ -29,6 +29,16 @@ GRAPH_USER_FIELDS = (
     "mobilePhone",
     "preferredLanguage",
 )
+# Identity mapping (monitor.model.identity): employee fields and the on-premises account.
+IDENTITY_USER_FIELDS = (
+    "employeeId",
+    "employeeType",
+    "companyName",
+    "onPremisesSecurityIdentifier",
+    "onPremisesSamAccountName",
+    "onPremisesDomainName",
+)
+GRAPH_USER_FIELDS += IDENTITY_USER_FIELDS
 
 
 def _strings(value: object) -> list[str] | None:
@@ -66,6 +76,8 @@ def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> I
         "mobilePhone": user.get("mobilePhone") or None,
         "preferredLanguage": user.get("preferredLanguage") or None,
     }
+    properties.update({f: user.get(f) for f in IDENTITY_USER_FIELDS})
+    properties["employeeMapped"] = None  # set by the identity mapping (monitor.model.identity)
     return USER.entity(user_id, name, properties, raw=user, account_tag=account_tag)
 
 

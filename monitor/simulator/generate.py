@@ -10,6 +10,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from itertools import accumulate
 
+from monitor.simulator.directory import populate_directory
 from monitor.simulator.tenant import ODATA_VULN_TYPE, FastRandom, Json, SimTenant, iso
 
 DEFAULT_BASE_TIME = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -630,6 +631,9 @@ def generate_tenant(
     *,
     base_time: datetime | None = None,
     name: str | None = None,
+    groups: int | None = None,
+    large_groups: int = 0,
+    roles: int = 8,
 ) -> SimTenant:
     """A tenant of the given size; the same arguments always give the same data.
 
@@ -675,6 +679,15 @@ def generate_tenant(
         tenant.logon_users[m["id"]] = []
 
     _assign_logon_users(tenant, rng, logon_users_per_machine, domain, base)
+    # groups (default: one per 20 users), roles, managers, on-premises SIDs: own random stream
+    populate_directory(
+        tenant,
+        seed=seed,
+        domain=domain,
+        groups=users // 20 if groups is None else groups,
+        large_groups=large_groups,
+        roles=roles,
+    )
     return tenant
 
 

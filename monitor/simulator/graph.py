@@ -7,6 +7,7 @@ from urllib.parse import quote
 
 import orjson
 
+from monitor.simulator import directory
 from monitor.simulator.certs import b64url, b64url_decode
 from monitor.simulator.errors import graph_error
 from monitor.simulator.httpd import Request, Response, Route, json_response
@@ -143,6 +144,19 @@ class GraphApi:
                 return Route("graph:/organization", self.organization, role="Organization.Read.All")
             if resource == "users" and len(parts) == 2:
                 return Route("graph:/users", self.users, role="Directory.Read.All")
+            if resource == "groups" and parts[2:] in (["delta"], ["microsoft.graph.delta"]):
+                return Route("graph:/groups/delta", self.groups_delta, role="Directory.Read.All")
+            if resource == "directoryroles" and len(parts) == 2:
+                return Route(
+                    "graph:/directoryRoles", self.directory_roles, role="Directory.Read.All"
+                )
+            if resource == "directoryroles" and len(parts) == 4 and parts[3] == "members":
+                return Route(
+                    "graph:/directoryRoles/{id}/members",
+                    self.role_members,
+                    {"id": parts[2]},
+                    role="Directory.Read.All",
+                )
             if resource == "users" and len(parts) == 3:
                 return Route(
                     "graph:/users/{id}", self.user, {"id": parts[2]}, role="Directory.Read.All"
@@ -178,6 +192,8 @@ class GraphApi:
             return _err(405, f"The simulator does not support {req.method} here.",
                         "Request_BadRequest")  # fmt: skip
         for option in _UNSUPPORTED:
+            if option == "$expand" and _expand_supported(req):
+                continue
             if option in req.query:
                 return _err(400, f"The simulator does not support {option} on this resource.")
         return None
@@ -192,6 +208,44 @@ class GraphApi:
         if props:
             context += f"({','.join(props)})"
         return json_response(200, {"@odata.context": context, "value": [item]}, CONTENT_TYPE)
+
+    def groups_delta(self, req: Request, tenant: SimTenant) -> Response:
+        canon = {p.lower(): p for p in (*directory.GROUP_PROPERTIES, "members")}
+        props = _select(req.query, canon, "group")
+        if isinstance(props, Response):
+            return props
+        with tenant.lock:
+            try:
+                status, body = directory.groups_delta_page(
+                    tenant.directory, req.query, req.base_url, req.path, props or ["id"]
+                )
+            except (ValueError, KeyError, orjson.JSONDecodeError):
+                return _err(400, "Invalid delta or skip token.", "Request_BadRequest")
+        return json_response(status, body, CONTENT_TYPE)
+
+    def directory_roles(self, req: Request, tenant: SimTenant) -> Response:
+        props = _select(
+            req.query, {p.lower(): p for p in directory.ROLE_PROPERTIES}, "directoryRole"
+        )
+        if isinstance(props, Response):
+            return props
+        with tenant.lock:
+            body = directory.directory_roles_body(
+                tenant.directory, req.base_url, props, "$expand" in req.query
+            )
+        return json_response(200, body, CONTENT_TYPE)
+
+    def role_members(self, req: Request, tenant: SimTenant, id: str) -> Response:
+        with tenant.lock:
+            try:
+                body = directory.role_members_page(
+                    tenant.directory, id, req.query, req.base_url, req.path
+                )
+            except (ValueError, KeyError, orjson.JSONDecodeError):
+                return _err(400, "Invalid $skiptoken or $top.", "Request_BadRequest")
+        if body is None:
+            return _err(404, f"Resource '{id}' does not exist.", "Request_ResourceNotFound")
+        return json_response(200, body, CONTENT_TYPE)
 
     def user(self, req: Request, tenant: SimTenant, id: str) -> Response:
         props = _select(req.query, _USER_CANON, "user")
@@ -237,6 +291,9 @@ class GraphApi:
         short = tenant.graph_short_pages
         if short is None:
             short = self.sim.graph_short_pages
+        managers = req.query.get("$expand", "").lower().startswith("manager")
+        if managers:
+            top = min(top, 100)  # Graph: $expand on directory objects returns at most 100
         size = max(1, (top + 1) // 2) if short else top
         with tenant.lock:
             everyone = list(tenant.users.values())
@@ -248,6 +305,14 @@ class GraphApi:
             items = [_project(u, props, {"accountEnabled": True}) for u in page]
         else:
             items = [_default(u) for u in page]
+        if managers:
+            boss = tenant.directory.managers
+            for item in items:
+                if item.get("id") in boss:
+                    item["manager"] = {
+                        "@odata.type": "#microsoft.graph.user",
+                        "id": boss[item["id"]],
+                    }
         context = f"{req.base_url}/v1.0/$metadata#users"
         if props:
             context += f"({','.join(props)})"
@@ -263,6 +328,17 @@ class GraphApi:
             doc["@odata.nextLink"] = f"{origin}{req.path}?{qs}"
         doc["value"] = items
         return json_response(200, doc, CONTENT_TYPE)
+
+
+def _expand_supported(req: Request) -> bool:
+    """`$expand` the simulator implements: users' manager, directory roles' members."""
+    value = req.query.get("$expand", "").lower()
+    path = req.path.rstrip("/").lower()
+    if path.endswith("/users"):
+        return value in ("manager", "manager($select=id)")
+    if path.endswith("/directoryroles"):
+        return value in ("members", "members($select=id)")
+    return False
 
 
 def _default(user: dict[str, Any]) -> dict[str, Any]:

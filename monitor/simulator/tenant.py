@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from monitor.simulator.certs import ClientCertificate, make_client_certificate
+from monitor.simulator.directory import DIRECTORY_OPS, DirectoryMixin, SimDirectory
 
 if TYPE_CHECKING:
     from _typeshed import SupportsLenAndGetItem
@@ -45,6 +46,7 @@ MUTATION_OPS = (
     "set_client_secret",
     "set_behaviour",
     "summary",
+    *DIRECTORY_OPS,
 )
 
 # What real tenants do that a tidy simulator would not; switched per tenant (`set_behaviour`).
@@ -88,7 +90,7 @@ def parse_iso(text: str) -> datetime:
 
 
 @dataclass(eq=False)
-class SimTenant:
+class SimTenant(DirectoryMixin):
     """One simulated Entra ID tenant with its app registration and data (dicts keyed by id)."""
 
     tenant_id: str
@@ -123,6 +125,7 @@ class SimTenant:
     # Microsoft's catalogue: this many more CVEs, on no machine of the tenant, in
     # /api/vulnerabilities (generated on the fly, so 250,000 cost no memory)
     catalogue_extra: int = 0
+    directory: SimDirectory = field(default_factory=SimDirectory)  # groups, roles, managers
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()

@@ -69,6 +69,8 @@ class CommitResult:
     written: int = 0  # bodies written
     deleted: int = 0  # items removed from the store
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    # the committed index (scope -> _type -> _key -> fingerprint), for post-commit readers
+    index: dict[str, dict[str, dict[str, str]]] | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (for the CLI and logs)."""
@@ -277,6 +279,7 @@ def detect_and_commit(
             written=len(plan.write),
             deleted=len(plan.delete),
             timings=timings,
+            index=plan.index,
         )
 
 

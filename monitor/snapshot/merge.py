@@ -35,6 +35,9 @@ from monitor.snapshot.store import Index
 LOGON_PREFIX = schema.SCOPE_LOGON_USERS + ":"
 LOGON_USER_TYPE = schema.LOGON_USER.type
 LOGON_REL_TYPE = schema.MACHINE_HAS_LOGON_USER.type
+# relationships FROM a logon user (identity mapping): they follow the logon user's existence,
+# which is only decided in step 4 (a kept logon user is not yet among the kept entities in step 3)
+LOGON_SOURCED_TYPES = frozenset({schema.LOGON_USER_IS_USER.type})
 _DIRECT_REL_TYPES = {r.type for r in schema.RELATIONSHIP_TYPES}
 _MAPPED_REL_TYPES = {m.type for m in schema.MAPPED_RELATIONSHIP_TYPES}
 
@@ -194,7 +197,9 @@ def plan(
     for key, (_scope, typ) in list(kept_items.items()):
         if typ in schema.RELATIONSHIP_BY_TYPE:
             src, dst = rel_endpoints(key, typ)
-            if not exists(src) or (typ != LOGON_REL_TYPE and not exists(dst)):
+            if (typ not in LOGON_SOURCED_TYPES and not exists(src)) or (
+                typ != LOGON_REL_TYPE and not exists(dst)
+            ):
                 del kept_items[key]
                 dropped.add(key)
     referenced: set[str] = set()  # logon users some machine HAS after the merge
@@ -248,6 +253,21 @@ def plan(
             kept_items[key] = (scope, LOGON_USER_TYPE)
         else:
             deletions.append((key, scope, LOGON_USER_TYPE))
+
+    logon_gone = {k for k, _s, t in deletions if t == LOGON_USER_TYPE}
+    if logon_gone:  # mapping relationships of logon users that no machine has any more
+        for key, (_scope, typ) in list(kept_items.items()):
+            if typ in LOGON_SOURCED_TYPES and rel_endpoints(key, typ)[0] in logon_gone:
+                del kept_items[key]
+                dropped.add(key)
+        for types in index.values():
+            for typ in LOGON_SOURCED_TYPES & types.keys():
+                items = types[typ]
+                for key in [k for k in items if rel_endpoints(k, typ)[0] in logon_gone]:
+                    del items[key]
+                    write.pop(key, None)
+                    if key in previous_fp:
+                        dropped.add(key)
 
     # 5. the new index: fetched items plus kept ones
     fetched_counts = {

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             super().__init__(f"{line}:{column}: {message}")
             self.message, self.line, self.column = message, line, column
 
-    run_query = None
+    run_query = None  # type: ignore[assignment,unused-ignore]
 
 
 DEFAULT_LIMIT = 250
