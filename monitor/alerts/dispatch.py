@@ -55,6 +55,7 @@ from monitor.config import Settings
 from monitor.events import stream
 from monitor.events.envelope import Event
 from monitor.metrics import record_delivery
+from monitor.web.links import notification_links, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -647,6 +648,10 @@ class Dispatcher:
             extra["still_firing"] = max(0, int(count or 0))
         if state.headlines:
             extra["headlines"] = state.headlines
+        links = notification_links(self.settings, rule.name, state.events)  # web.public_url
+        if links:
+            extra["links"] = links
+            summary = f"{summary}\n{summary_lines(links)}".strip()
         return Notification(
             id=groups.notification_id(self._deployment(), self._next_counter()),
             rule=rule.name,
