@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install redis test lint typecheck demo bench clean
+.PHONY: install redis browser test lint typecheck demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+## Debian's chromium for the console's browser tests (Playwright drives it; its own browser
+## download is not used). Skipped when present; without apt-get/root the browser tests skip.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "browser: chromium not installed (needs root and apt-get); browser tests will skip"; fi
+
 ## Set up and pass the tests: pytest (real Redis, simulator over HTTPS), ruff, mypy.
-test: install redis
+test: install redis browser
 	$(BIN)/pytest -q
 	$(BIN)/ruff check monitor tests bench
 	$(BIN)/ruff format --check monitor tests bench

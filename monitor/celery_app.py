@@ -2,7 +2,8 @@
 
 `celery -A monitor.celery_app worker` / `celery -A monitor.celery_app beat` (or `mde-monitor worker`
 / `mde-monitor beat`). The Redis URL comes from $REDIS_URL, else the config file's `redis_url`
-($MDE_MONITOR_CONFIG, default config/monitor.yaml); a missing config file is not an error here.
+($MDE_MONITOR_CONFIG, default config/monitor.yaml); a missing config file is not an error here,
+but a config file that exists and does not load stops the process (exit 2) with the error.
 Every key (broker, results, beat schedule) lives under the config's `redis_prefix`, so several
 deployments - or tests - can share one Redis. Tuning knobs are environment variables (`RunOptions`);
 docs/operations.md explains each choice.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,9 @@ from monitor.config import (
     Settings,
     config_path,
     load_settings,
+    redis_url_with_tls,
 )
+from monitor.redis_conn import tls_options
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +190,24 @@ def soft_limit(hard: float) -> float:
 
 
 def load_settings_if_present() -> Settings | None:
-    """The config file's settings, or None when it does not exist (import must not fail)."""
+    """The config file's settings, or None when it does not exist.
+
+    A file that exists but does not load raises ConfigError: falling back to defaults would
+    connect to another Redis database (or another Redis) and write there.
+    """
     path = config_path()
     if not path.exists():
         return None
+    return load_settings(path)
+
+
+def _startup_settings() -> Settings | None:
+    """`load_settings_if_present` for the module-level app: a broken config stops the process."""
     try:
-        return load_settings(path)
+        return load_settings_if_present()
     except ConfigError as exc:
-        log.error("config error; using environment defaults", extra={"error": str(exc)})
-        return None
+        sys.stderr.write(f"config error: {exc}\n")
+        raise SystemExit(2) from None
 
 
 def build_app(
@@ -206,8 +219,13 @@ def build_app(
     env = os.environ if env is None else env
     options = options or RunOptions.from_env(env)
     url = env.get("REDIS_URL") or (settings.redis_url if settings else DEFAULT_REDIS_URL)
+    if settings is not None:
+        url = redis_url_with_tls(settings, url)
     prefix = settings.redis_prefix if settings else "mde"
-    urls = redis_urls(url)
+    # rediss://: one set of TLS options for kombu, the result backend and redbeat (kombu alone
+    # would otherwise fall back to CERT_NONE); our own clients re-read them from the full URL
+    plain, tls = tls_options(url)
+    urls = redis_urls(plain)
     keyprefix = f"{prefix}:celery:"
     app = Celery("mde-monitor", include=["monitor.tasks"])
     tcp = not urls.broker.startswith("redis+socket")
@@ -259,9 +277,15 @@ def build_app(
             }
         },
         mde_prefix=prefix,
-        mde_redis_url=urls.client,
+        mde_redis_url=url if tls else urls.client,
         mde_options=options,
     )
+    if tls:
+        app.conf.update(
+            broker_use_ssl=dict(tls),
+            redis_backend_use_ssl=dict(tls),
+            redbeat_redis_use_ssl=dict(tls),
+        )
     return app
 
 
@@ -288,7 +312,7 @@ class SettingsCache:
 
 settings_cache = SettingsCache()
 
-app = build_app(load_settings_if_present())
+app = build_app(_startup_settings())
 
 
 @signals.setup_logging.connect
@@ -307,7 +331,11 @@ def _start_metrics_server(sender: Any = None, **_: Any) -> None:
     """Serve /metrics from the worker's main process when a port is configured."""
     celery_app = getattr(sender, "app", None) or app
     options: RunOptions = celery_app.conf.mde_options
-    settings = load_settings_if_present()
+    try:
+        settings = load_settings_if_present()
+    except ConfigError as exc:
+        log.error("metrics: config error", extra={"error": str(exc)})
+        settings = None
     port = options.metrics_port or (settings.metrics_port if settings else None)
     if not port:
         return

@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from monitor import safe_yaml
+from monitor.redact import register_secrets, secrets_in
 
 DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
 CONFIG_ENV = "MDE_MONITOR_CONFIG"
@@ -83,12 +93,23 @@ def scope_for(url: str) -> str:
 
 
 _DEFENDER_RESOURCE = "https://api.securitycenter.microsoft.com/.default"
+# Token audiences of the WindowsDefenderATP app in the US government clouds. Microsoft's
+# "Defender for Endpoint for US Government customers" page lists only the hosts
+# (api-gcc.securitycenter.microsoft.us, api-gov.securitycenter.microsoft.us); the app ID URIs
+# are those the Defender docs use in token requests (.../windowsatpservice) in the cloud's own
+# Entra ID: GCC signs in to the commercial Entra ID (login.microsoftonline.com), GCC High and DoD
+# to login.microsoftonline.us. A tenant's `defender_scope` overrides these.
+_DEFENDER_GCC_SCOPE = "https://securitycenter.onmicrosoft.com/windowsatpservice/.default"
+_DEFENDER_GOV_SCOPE = "https://securitycenter.onmicrosoft.us/windowsatpservice/.default"
+# Regional API hosts (Defender API docs, "Supported Microsoft Defender for Endpoint APIs").
 _DEFENDER_PUBLIC_HOSTS = {
     None: "https://api.security.microsoft.com",
     "us": "https://us.api.security.microsoft.com",
     "eu": "https://eu.api.security.microsoft.com",
     "uk": "https://uk.api.security.microsoft.com",
     "au": "https://au.api.security.microsoft.com",
+    "swa": "https://swa.api.security.microsoft.com",
+    "ina": "https://ina.api.security.microsoft.com",
 }
 
 
@@ -114,7 +135,7 @@ def _known_cloud(cloud: Cloud, region: str | None) -> CloudEndpoints:
         return CloudEndpoints(
             "https://login.microsoftonline.com",
             ApiEndpoint(graph, scope_for(graph)),
-            ApiEndpoint(defender, scope_for(defender)),
+            ApiEndpoint(defender, _DEFENDER_GCC_SCOPE),
         )
     graph = (
         "https://graph.microsoft.us"
@@ -125,7 +146,7 @@ def _known_cloud(cloud: Cloud, region: str | None) -> CloudEndpoints:
     return CloudEndpoints(
         "https://login.microsoftonline.us",
         ApiEndpoint(graph, scope_for(graph)),
-        ApiEndpoint(defender, scope_for(defender)),
+        ApiEndpoint(defender, _DEFENDER_GOV_SCOPE),
     )
 
 
@@ -151,6 +172,34 @@ class CustomEndpoints(_Model):
         return self
 
 
+# Separators people paste thumbprints with (`AA:BB:..`, `AA BB ..`, `AA-BB-..`) and the invisible
+# marks Windows' certificate dialog copies along (LRM/RLM, BOM, no-break space).
+_THUMBPRINT_NOISE = str.maketrans("", "", ": -\t\u200e\u200f\ufeff\u00a0")
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def normalize_thumbprint(value: str) -> str:
+    """A certificate's SHA-1 thumbprint as 40 upper-case hex digits (separators removed).
+
+    ValueError, saying what is wrong, for anything else (a SHA-256 thumbprint included)."""
+    digits = value.translate(_THUMBPRINT_NOISE).upper()
+    if not digits:
+        raise ValueError("the thumbprint is empty")
+    if not set(digits) <= _HEX:
+        bad = sorted(set(digits) - _HEX)[:3]
+        raise ValueError(
+            f"a thumbprint is hex digits (0-9, A-F), found {', '.join(map(repr, bad))}"
+        )
+    if len(digits) == 64:
+        raise ValueError(
+            "this is a SHA-256 thumbprint (64 hex digits); Entra ID needs the certificate's SHA-1"
+            " thumbprint (40 hex digits, the 'Thumbprint' column of the app's Certificates & secrets)"
+        )
+    if len(digits) != 40:
+        raise ValueError(f"a SHA-1 thumbprint has 40 hex digits, got {len(digits)}")
+    return digits
+
+
 class Certificate(_Model):
     """Certificate credential: a PEM private key + certificate with its thumbprint, or a PFX."""
 
@@ -158,6 +207,11 @@ class Certificate(_Model):
     thumbprint: str | None = None
     pfx_path: Path | None = None
     pfx_password: SecretStr | None = None
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha1_thumbprint(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_thumbprint(value)
 
     @model_validator(mode="after")
     def _one_form(self) -> Certificate:
@@ -225,8 +279,11 @@ class TenantConfig(_Model):
     certificate: Certificate | None = None
     polling_interval: PollingInterval = PollingInterval.ONE_HOUR
     cloud: Cloud = Cloud.PUBLIC
-    region: Literal["us", "eu", "uk", "au"] | None = None
+    region: Literal["us", "eu", "uk", "au", "swa", "ina"] | None = None
     endpoints: CustomEndpoints | None = None
+    # The Defender token audience when the cloud's default is not the tenant's
+    # (e.g. "https://securitycenter.onmicrosoft.us/windowsatpservice/.default").
+    defender_scope: str | None = None
     tag_with_account_name: bool = False
     logon_user_budget: int = Field(default=500, ge=0)
     logon_user_concurrency: int = Field(default=8, ge=1, le=64)
@@ -248,6 +305,20 @@ class TenantConfig(_Model):
             raise ValueError("endpoints are only used with cloud: custom")
         if self.region is not None and self.cloud is not Cloud.PUBLIC:
             raise ValueError("region is only used with cloud: public")
+        if self.defender_scope is not None:
+            scope = self.defender_scope.strip()
+            try:
+                origin(scope)
+            except ValueError:
+                raise ValueError(
+                    "defender_scope must be an absolute URI ending in /.default, e.g."
+                    " https://securitycenter.onmicrosoft.us/windowsatpservice/.default"
+                ) from None
+            if not scope.endswith("/.default"):
+                raise ValueError(
+                    f"defender_scope must end in /.default (client credentials), got {scope!r}"
+                )
+            self.defender_scope = scope
         return self
 
     def secret(self) -> str | None:
@@ -259,17 +330,25 @@ class TenantConfig(_Model):
         return None
 
     def cloud_endpoints(self) -> CloudEndpoints:
-        """Authority, Graph and Defender URLs with their scopes."""
+        """Authority, Graph and Defender URLs with their scopes (`defender_scope` wins)."""
         if self.cloud is Cloud.CUSTOM:
             assert self.endpoints is not None
             ep = self.endpoints
             graph, defender = ep.graph.rstrip("/"), ep.defender.rstrip("/")
-            return CloudEndpoints(
+            known = CloudEndpoints(
                 ep.authority.rstrip("/"),
                 ApiEndpoint(graph, scope_for(graph)),
                 ApiEndpoint(defender, scope_for(defender)),
             )
-        return _known_cloud(self.cloud, self.region)
+        else:
+            known = _known_cloud(self.cloud, self.region)
+        if self.defender_scope is None:
+            return known
+        return CloudEndpoints(
+            known.authority,
+            known.graph,
+            ApiEndpoint(known.defender.base_url, self.defender_scope),
+        )
 
 
 class HttpSettings(_Model):
@@ -295,11 +374,71 @@ class EventSettings(_Model):
     retention_days: float = Field(default=30.0, gt=0)
 
 
+class WebToken(_Model):
+    """A static bearer token for the console (headless use, or sign-in with a token)."""
+
+    name: str = Field(min_length=1)
+    role: Literal["viewer", "operator"] = "viewer"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WebToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token, token_file")
+        return self
+
+    def secret(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        assert self.token_file is not None
+        return self.token_file.read_text().strip()
+
+
+class WebOidc(_Model):
+    """Sign-in with Entra ID (OIDC authorization-code flow through MSAL)."""
+
+    tenant: str = Field(min_length=1)  # a configured tenant's name: its tenant id and cloud
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    operator_groups: list[str] = Field(default_factory=list)
+    operator_roles: list[str] = Field(default_factory=list)
+    viewer_groups: list[str] = Field(default_factory=list)
+    viewer_roles: list[str] = Field(default_factory=list)
+
+
+class WebSettings(_Model):
+    """The console (`mde-monitor web`)."""
+
+    public_url: str | None = None  # where people reach it; notifications link here
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tokens: list[WebToken] = Field(default_factory=list)
+    oidc: WebOidc | None = None
+    session_hours: float = Field(default=8.0, gt=0)
+
+
+class RedisTlsSettings(_Model):
+    """TLS for `rediss://` URLs (every client: CLI, worker, beat, result backend, redbeat).
+
+    Without `ca_bundle` the server certificate is checked against the system CAs (what Azure Cache
+    for Redis and ElastiCache need). Values given in the URL's query win over these.
+    """
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ssl_cert_reqs: str | None = Field(
+        default=None, pattern=r"(?i)^(cert_)?(required|optional|none)$"
+    )
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
     redis_url: str = DEFAULT_REDIS_URL
     redis_prefix: str = "mde"
+    redis: RedisTlsSettings = Field(default_factory=RedisTlsSettings)
     ca_bundle: Path | None = None
     alerts_dir: Path = Path("alerts")
     tenants: list[TenantConfig] = Field(default_factory=list)
@@ -307,6 +446,7 @@ class Settings(_Model):
     detect: DetectSettings = Field(default_factory=DetectSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    web: WebSettings = Field(default_factory=WebSettings)
     source_path: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -383,7 +523,21 @@ def parse_settings(data: Any, source: str) -> Settings:
         raise ConfigError("\n".join(lines)) from None
     if settings.ca_bundle is not None and not settings.ca_bundle.is_file():
         raise ConfigError(f"{source}: ca_bundle: file not found: {settings.ca_bundle}")
+    for name in ("ca_bundle", "client_cert", "client_key"):
+        path = getattr(settings.redis, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{source}: redis.{name}: file not found: {path}")
     return settings
+
+
+def redis_url_with_tls(settings: Settings, url: str | None = None) -> str:
+    """`url` (default: the config's) with the `redis:` TLS files as query parameters."""
+    from monitor.redis_conn import with_tls
+
+    tls = settings.redis
+    return with_tls(
+        url or settings.redis_url, tls.ca_bundle, tls.client_cert, tls.client_key, tls.ssl_cert_reqs
+    )
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
@@ -397,16 +551,16 @@ def config_path(explicit: str | Path | None = None) -> Path:
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read and validate the YAML config; REDIS_URL in the environment wins over the file."""
     p = config_path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
+    if not p.exists():
         raise ConfigError(f"{p}: config file not found (use --config or ${CONFIG_ENV})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    try:  # bounded: no alias bombs, deep nesting or non-UTF-8 surprises (monitor.safe_yaml)
+        data = safe_yaml.load_file(p)
+    except safe_yaml.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     settings = parse_settings(data, str(p))
+    register_secrets(secrets_in(settings))  # masked everywhere by exact value
     if os.environ.get("REDIS_URL"):
         settings.redis_url = os.environ["REDIS_URL"]
+    settings.redis_url = redis_url_with_tls(settings)
     settings.source_path = p
     return settings

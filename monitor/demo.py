@@ -36,6 +36,8 @@ from monitor.demo_receiver import SECRET_ENV, WebhookReceiver, new_secret
 from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
 from monitor.status import run_history
 
+WEB_ARGV = [sys.executable, "-c", "from monitor.cli import main; main()", "web"]
+
 TENANT = "contoso"
 WEBHOOK_SINK = "webhook"
 RULE_FILES_SKIP = {"sinks.yaml", "sinks.yml"}
@@ -507,6 +509,15 @@ class _Demo:
                 self.work / "beat.log",
             )
             self.note(f"worker and beat started: a sync every {self.opts.interval:g}s")
+            web_port = free_port()
+            self.children.start(
+                "web",
+                [*WEB_ARGV, "--port", str(web_port)],
+                env,
+                self.work / "web.out",
+                self.work / "web.log",
+            )
+            self.note(f"console: http://127.0.0.1:{web_port}/ (open it while the demo runs)")
             live_cm: Any = (
                 Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
                 if self.live_enabled

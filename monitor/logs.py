@@ -9,6 +9,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from monitor.redact import redact
+
 log_context: ContextVar[dict[str, Any]] = ContextVar("log_context", default={})  # noqa: B039
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -30,7 +32,7 @@ class JsonFormatter(logging.Formatter):
                 doc[k] = v
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return redact(json.dumps(doc, default=str))
 
 
 class HumanFormatter(logging.Formatter):
@@ -46,7 +48,7 @@ class HumanFormatter(logging.Formatter):
         line = f"{base} [{tail}]" if tail else base
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:

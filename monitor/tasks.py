@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import uuid
 from contextvars import Token
@@ -25,7 +26,7 @@ from typing import Any
 
 import redis
 from celery import Task, signals
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from monitor.celery_app import (
     DELIVER_TASK,
@@ -40,12 +41,14 @@ from monitor.config import ConfigError, Settings
 from monitor.events.envelope import utc_now_iso
 from monitor.logs import log_context
 from monitor.metrics import record_delivery, record_sync
-from monitor.redis_conn import connect
+from monitor.redis_conn import connect, describe_error, is_redis_error
 from monitor.status import record_run
 
 log = logging.getLogger(__name__)
 
 BUSY_RETRIES = 3  # only for redelivered syncs: wait out a dead worker's tenant lock
+REDIS_RETRIES = 20  # a sync that lost Redis: retried with backoff (about an hour and a half)
+REDIS_RETRY_MAX_S = 300.0
 
 _OPTIONS: RunOptions = app.conf.mde_options
 _clients: dict[tuple[int, str], redis.Redis] = {}
@@ -208,6 +211,8 @@ def sync_tenant(
             log.error("sync hit its time limit", extra={"limit_s": _OPTIONS.sync_time_limit})
             return finish({"tenant": tenant, "status": "failed", "error": "time limit exceeded"})
         except Exception as exc:
+            if is_redis_error(exc):
+                _retry_on_redis_error(self, exc)
             finish({"tenant": tenant, "status": "error", "error": f"{type(exc).__name__}: {exc}"})
             raise
         result = finish(summary.to_dict())
@@ -228,6 +233,33 @@ def sync_tenant(
         return result
     finally:
         log_context.reset(ctx)
+
+
+def redis_retry_delay(retries: int) -> float:
+    """Backoff before retrying a sync that lost Redis: 5 s doubling to 5 min, +-20% jitter."""
+    base = min(REDIS_RETRY_MAX_S, 5.0 * 2**retries)
+    return round(base * random.uniform(0.8, 1.2), 3)
+
+
+def _retry_on_redis_error(task: Task, exc: BaseException) -> None:
+    """Retry a sync that failed because Redis (or the broker) went away; never ack it as failed.
+
+    The snapshot is committed atomically, so a sync cut short by Redis left nothing half-written;
+    running it again is safe. If the retry cannot even be published (the broker is the same Redis),
+    the message is rejected for redelivery instead of being dropped.
+    """
+    why = describe_error(exc)
+    if task.request.retries >= REDIS_RETRIES:
+        log.error("sync failed: Redis unavailable, giving up", extra={"error": why})
+        return
+    countdown = redis_retry_delay(task.request.retries)
+    log.warning(
+        "sync interrupted: Redis unavailable; retrying", extra={"error": why, "in_s": countdown}
+    )
+    try:
+        raise task.retry(countdown=countdown, exc=exc, max_retries=REDIS_RETRIES)
+    except Reject:
+        raise Reject(why, requeue=True) from None
 
 
 def _dispatch_keys(prefix: str) -> tuple[str, str]:
@@ -284,7 +316,8 @@ def dispatch(self: Task) -> dict[str, Any]:
         client.eval(_RELEASE, 1, lock_key, token)
     if totals.get("read") or enqueued:
         log.info("dispatch", extra={**totals, "enqueued": enqueued})
-    return {"status": "ok", "enqueued": enqueued, **totals}
+    status = "blocked" if totals.get("blocked") else "ok"
+    return {"status": status, "enqueued": enqueued, **totals}
 
 
 @app.task(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +150,13 @@ def test_dead_letter_then_deliveries_retry_delivers_it(
     assert len(rx.wait_for(4)) == 4
     assert d.queue.get(dead["delivery"])["status"] == "sent"  # type: ignore[index]
     assert d.queue.records(failed_only=True) == []
+    # retried then sent: no longer a dead letter anywhere (status, metrics, deliveries list)
+    assert d.queue.dead_letters() == []
+    st = runner.invoke(app, ["--config", str(config), "status", "--json"])
+    doc = json.loads(st.stdout)
+    assert (doc["dead_letters"], doc["failed_deliveries"]) == (0, [])
+    metrics = runner.invoke(app, ["--config", str(config), "metrics"])
+    assert "mde_dead_letters 0.0" in metrics.stdout
 
 
 def test_not_retryable_goes_straight_to_the_dead_letters(

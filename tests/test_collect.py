@@ -73,11 +73,12 @@ def test_recorded_tenant_builds_the_seed_graph(sim: Simulator) -> None:
         "user_endpoint": 9,
     }
     assert all(st.state is ScopeState.COMPLETE for st in result.graph.scopes.values())
-    # One bulk call per vulnerability endpoint, one per machine for logon users, nothing else.
+    # One bulk call per Defender list plus the request confirming its short last page, one per
+    # machine for logon users, nothing else.
     req = result.stats.requests
-    assert req["defender:/api/machines"] == 1
-    assert req["defender:/api/vulnerabilities/machinesVulnerabilities"] == 1
-    assert req["defender:/api/vulnerabilities"] == 1
+    assert req["defender:/api/machines"] == 2
+    assert req["defender:/api/vulnerabilities/machinesVulnerabilities"] == 2
+    assert req["defender:/api/vulnerabilities"] == 2
     assert req["defender:/api/machines/{id}/logonusers"] == 9
     assert req["graph:/users"] == 1 and req["graph:/organization"] == 1
     assert "defender:/api/machines/{id}/vulnerabilities" not in req
@@ -102,7 +103,7 @@ def test_property_values_follow_the_recorded_data(sim: Simulator) -> None:
     assert all(u["active"] is True for u in users)  # accountEnabled, not hard-coded
 
 
-@pytest.mark.parametrize(("machines", "expected_calls"), [(10_000, 2), (10_001, 2), (9_999, 1)])
+@pytest.mark.parametrize(("machines", "expected_calls"), [(10_000, 2), (10_001, 3), (9_999, 2)])
 def test_machine_paging_edges(tmp_path: Path, machines: int, expected_calls: int) -> None:
     tenant = generate_tenant(machines=machines, users=1, vulns_per_machine=0, cves=1, seed=7)
     with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
@@ -142,7 +143,8 @@ def test_5xx_then_success(sim: Simulator) -> None:
     with open_session(settings, settings.tenants[0]) as s:
         machines = [m for page in s.defender.iter_machine_pages() for m in page]
     assert len(machines) == 9
-    assert s.stats.retries[MACHINES] == 2 and s.stats.requests[MACHINES] == 3
+    # two failed attempts, the page, and the request confirming that short page ended the list
+    assert s.stats.retries[MACHINES] == 2 and s.stats.requests[MACHINES] == 4
 
 
 def test_5xx_forever_fails_only_that_resource(sim: Simulator) -> None:
@@ -277,6 +279,8 @@ def test_logon_user_budget_rotates_through_machines(
     tenant = generate_tenant(
         machines=12, users=2, vulns_per_machine=0, cves=1, logon_users_per_machine=2, seed=9
     )
+    for m in tenant.machines.values():  # every one has logon users to rotate through
+        m["onboardingStatus"] = "Onboarded"
     with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
         data = yaml.safe_load(sim.config_yaml())
         data["http"] = FAST_HTTP

@@ -23,11 +23,10 @@ from monitor.model.schema import (
     TAG_ACCOUNT_NAME,
     USER,
     VULNERABILITY,
-    ModelError,
     epoch_ms,
     logon_users_scope,
 )
-from monitor.model.vulnerabilities import pairs_from_machine_vulnerabilities
+from monitor.model.vulnerabilities import pairs_from_machine_vulnerabilities, vulnerability_entity
 
 RECORDED = Path(__file__).resolve().parents[1] / "monitor" / "simulator" / "recorded"
 VULN_MACHINE = "6dd3f7ce1291c2ccd7a1da22f0934bca93ee2e24"
@@ -104,7 +103,12 @@ def test_recorded_counts(graph: Graph) -> None:
 def test_items_are_json_and_match_the_declared_properties(graph: Graph) -> None:
     for entity in graph.entities.values():
         declared = ENTITY_BY_TYPE[entity["_type"]]
-        assert set(entity) - ENTITY_BASE == set(declared.properties), entity["_type"]
+        # every written property is declared; unknown values are left out, never null
+        assert set(entity) - ENTITY_BASE <= set(declared.properties), entity["_type"]
+        assert {"name", "displayName", "id", *declared.keep_null} <= set(entity)
+        assert all(v is not None or k in declared.keep_null for k, v in entity.items()), entity[
+            "_type"
+        ]
         assert entity["_class"] == list(declared.classes)
         assert entity["_rawData"][0]["name"] == "default"
         assert isinstance(entity["displayName"], str) and entity["displayName"]
@@ -112,7 +116,8 @@ def test_items_are_json_and_match_the_declared_properties(graph: Graph) -> None:
         declared_rel = RELATIONSHIP_BY_TYPE[rel["_type"]]
         assert rel["displayName"] == rel["_class"] == declared_rel.rel_class
         if "_mapping" not in rel:
-            assert set(rel) - RELATIONSHIP_BASE == set(getattr(declared_rel, "properties", ()))
+            assert set(rel) - RELATIONSHIP_BASE <= set(getattr(declared_rel, "properties", ()))
+            assert all(isinstance(v, str | int | float | bool) for v in rel.values())
             assert rel["_fromEntityKey"] in graph.entities
             assert rel["_toEntityKey"] in graph.entities
     orjson.dumps(graph.export())  # no datetime or other non-JSON values anywhere
@@ -121,8 +126,10 @@ def test_items_are_json_and_match_the_declared_properties(graph: Graph) -> None:
 def test_account(graph: Graph) -> None:
     account = graph.entities[ACCOUNT.key(TENANT_ID)]
     assert account["_key"] == f"microsoft_defender_account:{TENANT_ID}"
-    assert account["name"] == account["displayName"] == "contoso"
+    # JupiterOne's converter: the organization's display name, vendor "Microsoft Defender"
+    assert account["name"] == account["displayName"] == "JupiterOne Azure Integration Development"
     assert account["organizationName"] == "JupiterOne Azure Integration Development"
+    assert account["vendor"] == "Microsoft Defender"
     assert account["id"] == TENANT_ID
     assert account["defaultDomain"] == "j1AzureIntegrationDev.onmicrosoft.com"
     assert account["verifiedDomains"] == ["j1AzureIntegrationDev.onmicrosoft.com"]
@@ -215,6 +222,36 @@ def test_mac_rule() -> None:
         ],
     }
     assert machine_mac_addresses(machine) == ["AA:BB:CC:DD:EE:01"]
+    # Unknown / null status and null type are real interfaces (JupiterOne's recordings have
+    # them); only explicit non-up states, loopback and all-zero MACs are left out
+    kept_and_dropped = {
+        "id": "m",
+        "ipAddresses": [
+            {"ipAddress": "10.1.0.1", "macAddress": "0A0000000001", "operationalStatus": "Unknown"},
+            {"ipAddress": "10.1.0.2", "macAddress": "0A0000000002", "operationalStatus": None},
+            {"ipAddress": "10.1.0.3", "macAddress": "0A0000000003", "type": None},
+            {"ipAddress": "10.1.0.4", "macAddress": "0A0000000004", "operationalStatus": "up"},
+            *(
+                {
+                    "ipAddress": "10.1.1.1",
+                    "macAddress": "0B000000000" + str(n),
+                    "operationalStatus": s,
+                }
+                for n, s in enumerate(
+                    ("Down", "Testing", "Dormant", "NotPresent", "LowerLayerDown")
+                )
+            ),
+            {"ipAddress": "10.1.0.9", "macAddress": "00:00:00:00:00:00", "operationalStatus": None},
+            {"ipAddress": "127.0.0.1", "macAddress": "0C0000000001", "operationalStatus": None},
+            {"ipAddress": "10.1.0.8", "macAddress": "0C0000000002", "type": "SoftwareLoopback"},
+        ],
+    }
+    assert machine_mac_addresses(kept_and_dropped) == [
+        "0A:00:00:00:00:01",
+        "0A:00:00:00:00:02",
+        "0A:00:00:00:00:03",
+        "0A:00:00:00:00:04",
+    ]
     # IPs: every interface, whatever its status, except loopback; distinct and sorted
     assert machine_ip_addresses(machine) == [
         "10.0.0.5",
@@ -230,8 +267,11 @@ def test_users(graph: Graph) -> None:
     alex = graph.entities[USER.key("eaca2822-9c62-4244-9c01-1818b5c4f98e")]
     assert alex["displayName"] == alex["name"] == "Alex Adler"
     assert alex["username"] == alex["userPrincipalName"] == raw[0]["userPrincipalName"]
-    assert alex["email"] is None and alex["mail"] is None
-    assert alex["active"] is None  # the recording has no accountEnabled: unknown, not True
+    assert "email" not in alex and "mail" not in alex
+    assert "active" not in alex  # the recording has no accountEnabled: unknown, not True
+    # the recording has no phones and no language: left out, not [] or null
+    assert raw[0]["businessPhones"] == [] and raw[0]["preferredLanguage"] is None
+    assert not {"businessPhones", "mobilePhone", "preferredLanguage"} & set(alex)
     blake = graph.entities[USER.key("bc6ef7fc-212e-4e35-a26c-a50460cfc266")]
     assert blake["email"] == "blake.hale@example.com"
     rel = graph.relationships[f"{ACCOUNT.key(TENANT_ID)}|has|{alex['_key']}"]
@@ -251,7 +291,14 @@ def test_user_active_follows_account_enabled() -> None:
                 "createdDateTime": "2024-01-02T03:04:05Z",
                 "userType": "Member",
             },
-            {"id": "u2", "displayName": "Two", "accountEnabled": True},
+            {
+                "id": "u2",
+                "displayName": "Two",
+                "accountEnabled": True,
+                "businessPhones": ["+1 425 555 0100", ""],
+                "mobilePhone": "+1 206 555 0199",
+                "preferredLanguage": "en-US",
+            },
         ]
     )
     assert n == 2
@@ -262,6 +309,8 @@ def test_user_active_follows_account_enabled() -> None:
     assert u1["createdOn"] == 1704164645000
     assert u1["userType"] == "Member"
     assert u2["active"] is True
+    assert u2["businessPhones"] == ["+1 425 555 0100"]
+    assert (u2["mobilePhone"], u2["preferredLanguage"]) == ("+1 206 555 0199", "en-US")
 
 
 def test_vulnerabilities(graph: Graph) -> None:
@@ -279,7 +328,7 @@ def test_vulnerabilities(graph: Graph) -> None:
     assert v["webLink"] == "https://nvd.nist.gov/vuln/detail/CVE-2023-5517"
     assert graph.entities[VULNERABILITY.key("CVE-2023-44487")]["public"] is True
     no_date = graph.entities[VULNERABILITY.key("CVE-2023-4911")]  # 0001-01-01T00:00:00Z
-    assert no_date["publishedOn"] is None and no_date["updatedOn"] is None
+    assert "publishedOn" not in no_date and "updatedOn" not in no_date
 
     mapped = graph.relationships[f"{v['_key']}|is|FORWARD:_type=cve:_key=cve-2023-5517"]
     assert mapped["_type"] == "microsoft_defender_vulnerability_is_cve"
@@ -291,7 +340,6 @@ def test_vulnerabilities(graph: Graph) -> None:
         "skipTargetCreation": False,
         "targetEntity": {
             "_type": "cve",
-            "_class": ["Vulnerability"],
             "_key": "cve-2023-5517",
             "id": "CVE-2023-5517",
             "name": "CVE-2023-5517",
@@ -303,7 +351,7 @@ def test_vulnerabilities(graph: Graph) -> None:
     }
     identified = graph.relationships[f"{MACHINE.key(VULN_MACHINE)}|identified|{v['_key']}"]
     assert identified["_type"] == "microsoft_defender_machine_identified_vulnerability"
-    assert identified["products"] == [] and identified["fixingKbIds"] == []
+    assert "products" not in identified and "fixingKbIds" not in identified
     assert graph.scope_of[identified["_key"]] == "vulnerabilities"
 
 
@@ -334,15 +382,15 @@ def test_two_products_of_one_pair_give_one_relationship() -> None:
     rels = [r for r in g.relationships.values() if r.get("_toEntityKey") == vkey]
     assert len(rels) == 2  # m1 and m2, not one per product
     m1 = g.relationships[f"{MACHINE.key('m1')}|identified|{vkey}"]
-    assert m1["products"] == ["ubuntu curl 7.58.0", "ubuntu libcurl4 7.58.0"]
-    assert m1["fixingKbIds"] == ["KB1", "KB2"]
+    assert m1["products"] == "ubuntu curl 7.58.0, ubuntu libcurl4 7.58.0"  # scalars only
+    assert m1["fixingKbIds"] == "KB1, KB2"
     assert g.entities[vkey]["severity"] == "Low"  # the CVE details win over the pair's severity
     # a second call (e.g. per machine) merges into the same relationship
     more = [pair("m1", "CVE-2023-28322", "ubuntu", "curl", "7.58.0", kb="KB3")]
     assert builder.add_machine_vulnerabilities(more, []) == 0
     m1 = g.relationships[f"{MACHINE.key('m1')}|identified|{vkey}"]
-    assert m1["products"] == ["ubuntu curl 7.58.0", "ubuntu libcurl4 7.58.0"]
-    assert m1["fixingKbIds"] == ["KB1", "KB2", "KB3"]
+    assert m1["products"] == "ubuntu curl 7.58.0, ubuntu libcurl4 7.58.0"
+    assert m1["fixingKbIds"] == "KB1, KB2, KB3"
     assert g.entities[vkey]["severity"] == "Low"  # still the detailed entity
 
 
@@ -357,10 +405,10 @@ def test_cve_missing_from_catalogue_comes_from_the_pairs() -> None:
     g = builder.graph()
     v = g.entities[VULNERABILITY.key("CVE-2099-0001")]
     assert v["severity"] == "Critical"
-    assert v["open"] is True and v["score"] is None and v["description"] is None
+    assert v["open"] is True and "score" not in v and "description" not in v
     assert v["_rawData"][0]["rawData"] == {"id": "CVE-2099-0001", "severity": "Critical"}
     tvm = g.entities[VULNERABILITY.key("TVM-2020-0002")]
-    assert tvm["webLink"] is None
+    assert "webLink" not in tvm
     mapped = [r for r in g.relationships.values() if "_mapping" in r]
     assert [r["_mapping"]["targetEntity"]["_key"] for r in mapped] == ["cve-2099-0001"]
     # a later call with the catalogue entry replaces the pair-only entity
@@ -449,27 +497,69 @@ def test_account_without_organization() -> None:
     builder = GraphBuilder(tenant())
     builder.add_account(None)
     account = builder.graph().entities[builder.account_key]
-    assert account["name"] == "contoso" and account["organizationName"] is None
+    assert account["name"] == "contoso" and "organizationName" not in account
+    assert account["vendor"] == "Microsoft Defender"
     assert account["_rawData"] == [{"name": "default", "rawData": None}]
 
 
 @pytest.mark.parametrize(
-    ("call", "message"),
+    ("call", "scope", "message"),
     [
-        (lambda b: b.add_machines([{"id": "m1"}, {"computerDnsName": "x"}]), "machines item 1"),
-        (lambda b: b.add_users(["not an object"]), "users item 0"),
-        (lambda b: b.add_machines([{"id": "m", "ipAddresses": "10.0.0.1"}]), "ipAddresses"),
-        (lambda b: b.add_logon_users("m1", [{"accountName": "x"}]), "logon_users:m1 item 0"),
+        (
+            lambda b: b.add_machines([{"id": "m1"}, {"computerDnsName": "x"}]),
+            "machines",
+            "machines item 1: machine: field 'id' must be a non-empty string (missing)",
+        ),
+        (lambda b: b.add_users(["not an object"]), "users", "users item 0: expected a JSON"),
+        (
+            lambda b: b.add_machines([{"id": "m", "ipAddresses": "10.0.0.1"}]),
+            "machines",
+            "machines item 0: machine: field 'ipAddresses' must be a list",
+        ),
+        (
+            lambda b: b.add_logon_users("m1", [{"accountName": "x"}]),
+            "logon_users:m1",
+            "logonusers item 0: logon user: field 'id'",
+        ),
         (
             lambda b: b.add_machine_vulnerabilities([{"cveId": "CVE-2024-1"}], []),
-            "'machineId'",
+            "vulnerabilities",
+            "machinesVulnerabilities item 0: machine vulnerability: field 'machineId'",
         ),
-        (lambda b: b.add_account({"verifiedDomains": "x"}), "verifiedDomains"),
+        (
+            lambda b: b.add_machine_vulnerabilities([], [{"name": "no id"}]),
+            "vulnerabilities",
+            "vulnerabilities item 0: vulnerability: field 'id'",
+        ),
+        (
+            lambda b: b.add_account({"verifiedDomains": "x"}),
+            "account",
+            "organization item 0: organization: field 'verifiedDomains' must be a list",
+        ),
     ],
 )
-def test_bad_input_names_the_item_and_field(call: Any, message: str) -> None:
-    with pytest.raises(ModelError, match=message):
-        call(GraphBuilder(tenant()))
+def test_bad_item_is_rejected_named_and_degrades_its_scope(
+    call: Any, scope: str, message: str
+) -> None:
+    builder = GraphBuilder(tenant())
+    call(builder)  # never raises: the bad item is left out
+    [rejected] = builder.rejected
+    assert rejected.scope == scope and str(rejected).startswith(message)
+    builder.set_scope(scope, ScopeStatus(ScopeState.COMPLETE, count=0))
+    status = builder.graph().scopes[scope]
+    assert status.state is ScopeState.FAILED  # never complete: nothing is deleted
+    assert status.error is not None and message in status.error
+    assert "previous data kept" in status.error
+    builder.set_scope("other", ScopeStatus(ScopeState.COMPLETE))
+    assert builder.graph().scopes["other"].state is ScopeState.COMPLETE
+
+
+def test_good_items_beside_a_bad_one_are_kept() -> None:
+    builder = GraphBuilder(tenant())
+    machines = values("mde_machines.json")
+    assert builder.add_machines([machines[0], {"computerDnsName": "no id"}, machines[1]]) == 2
+    assert MACHINE.key(machines[1]["id"]) in builder.graph().entities
+    assert [(r.resource, r.index) for r in builder.rejected] == [("machines", 1)]
 
 
 @pytest.mark.parametrize(
@@ -492,3 +582,10 @@ def test_bad_input_names_the_item_and_field(call: Any, message: str) -> None:
 )
 def test_epoch_ms(text: object, expected: int | None) -> None:
     assert epoch_ms(text) == expected
+
+
+def test_vulnerability_maps_epss_when_defender_sends_it() -> None:
+    cve = {**machine_cves()[0], "epss": 0.00123}
+    assert vulnerability_entity(cve)["epss"] == 0.00123
+    assert "epss" not in vulnerability_entity({**cve, "epss": None})
+    assert "epss" not in vulnerability_entity({**cve, "epss": "high"})  # not a number: left out

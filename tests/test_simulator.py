@@ -486,8 +486,10 @@ def test_generated_bulk_vulnerabilities_and_logon_users(
     assert len({i["id"] for i in items}) == len(items)
     vulns = get(sim, client, gen, "/api/vulnerabilities").json()["value"]
     exposed = {v["id"]: v["exposedMachines"] for v in vulns}
-    assert sum(exposed.values()) == len(pairs) and all(n > 0 for n in exposed.values())
-    machine_id = next(iter(gen.machines))
+    # the whole catalogue: CVEs on no machine are listed too, with exposedMachines 0
+    assert sum(exposed.values()) == len(pairs) and len(exposed) == len(gen.cves)
+    assert {c for c, n in exposed.items() if n > 0} == {c for _, c in pairs}
+    machine_id = next(m for m, d in gen.machines.items() if d["onboardingStatus"] == "Onboarded")
     logon = get(sim, client, gen, f"/api/machines/{machine_id}/logonusers").json()
     assert logon["@odata.context"] == f"{sim.defender_url}/api/$metadata#Users"
     assert len(logon["value"]) == 3
@@ -594,7 +596,7 @@ def test_rate_limits_429_with_retry_after(
     r = client.get(machines, headers=bearer)
     assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
     assert r.json()["error"]["code"] == "TooManyRequests"
-    machine_id = next(iter(gen.machines))
+    machine_id = next(m for m, d in gen.machines.items() if d["onboardingStatus"] == "Onboarded")
     # other endpoints have their own budget / none
     assert client.get(f"{machines}/{machine_id}/logonusers", headers=bearer).status_code == 200
     assert client.get(f"{machines}/{machine_id}", headers=bearer).status_code == 200
@@ -653,7 +655,9 @@ def test_admin_api_drives_a_simulator_over_http(
         info = admin.info()
         assert info["graph_url"] == sim.graph_url and info["ca_path"] == sim.ca_path
         assert all("secret" not in json.dumps(t) for t in info["tenants"])
-        machine_id = next(iter(gen.machines))
+        machine_id = next(
+            m for m, d in gen.machines.items() if d["onboardingStatus"] == "Onboarded"
+        )
         admin.mutate(gen.tenant_id, "set_machine", machine_id=machine_id, healthStatus="Inactive")
         m = get(sim, client, gen, f"/api/machines/{machine_id}").json()
         assert m["healthStatus"] == "Inactive"

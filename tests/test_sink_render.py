@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 from monitor.alerts.dispatch import Dispatcher
 from monitor.alerts.sinks import slack, stdout, teams
 from monitor.alerts.sinks.base import Notification, Sink
-from monitor.alerts.sinks.common import notification_document, to_json_line
+from monitor.alerts.sinks.common import notification_document, safe_text, to_json_line
 from monitor.alerts.sinks.registry import build_sink, sink_types
 from monitor.alerts.sinks.webhook import SIGNATURE_PLACEHOLDER
 from monitor.cli import app
@@ -133,7 +133,8 @@ def check_payload(kind: str, sink: Sink, n: Notification, text: str, tmp_path: P
         doc = orjson.loads(text)
         assert doc["routing_key"] == "***" and doc["event_action"] == "trigger"
         assert doc["dedup_key"] == n.group_key and doc["payload"]["severity"] == "error"
-        assert doc["payload"]["custom_details"]["events"][0]["displayName"] == HOSTILE
+        # shown in PagerDuty's UI: display-safe (issue 10 item 9), like every sink's text
+        assert doc["payload"]["custom_details"]["events"][0]["displayName"] == safe_text(HOSTILE)
     elif kind == "email":
         msg = email.message_from_string(text, policy=email.policy.default)
         assert str(msg["Subject"]).startswith("[mde-monitor] <!channel>")

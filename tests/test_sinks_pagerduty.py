@@ -10,6 +10,7 @@ import pytest
 from sink_receivers import HOSTILE, Receiver, Reply, hostile_notification, make_notification
 
 from monitor.alerts.sinks.base import DeliveryError
+from monitor.alerts.sinks.common import safe_text
 from monitor.alerts.sinks.pagerduty import PagerDutySettings, PagerDutySink, dedup_key
 
 ROUTING_KEY = "R0UTINGkeySECRET0123456789abcdef"
@@ -64,7 +65,8 @@ def test_long_and_hostile_values(rx: Receiver) -> None:
     doc = orjson.loads(rx.wait_for(1)[0].body)
     summary = doc["payload"]["summary"]
     assert len(summary) <= 1024 and "\u202e" not in summary and "\x1b" not in summary
-    assert doc["payload"]["custom_details"]["events"][0]["displayName"] == HOSTILE
+    # shown in PagerDuty's UI: display-safe (issue 10 item 9), like every sink's text
+    assert doc["payload"]["custom_details"]["events"][0]["displayName"] == safe_text(HOSTILE)
     assert len(dedup_key("k" * 300)) <= 255 and dedup_key("k" * 300) == dedup_key("k" * 300)
 
 

@@ -5,7 +5,8 @@ Keys under `<prefix>:alerts:`
 - `queue` sorted set: delivery id -> when it is due;
 - `deliveries` sorted set: every delivery id -> created (for listing);
 - `log` stream: every attempt (sink, status, latency, attempt, error) and every silenced event;
-- `dead` stream: deliveries that ran out of retries or failed for good;
+- `dead` stream: deliveries that are dead now (ran out of retries or failed for good); a retried
+  one leaves it (`requeue`), so its length is the dead-letter count;
 - `sinks:disabled` hash: sinks the receiver told us are gone (HTTP 410), until `sinks enable`;
 - `held:<sink>` set: deliveries parked while their sink is disabled.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +32,7 @@ import redis
 
 from monitor.alerts.rules import DeliveryPolicy
 from monitor.alerts.sinks.base import DeliveryError, Notification, Sink
+from monitor.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +58,6 @@ def crash_point(name: str) -> None:
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
     if _crash_hits[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-_URL = re.compile(r"\b([a-z][a-z0-9+.-]*://)(?:[^/\s@]*@)?([^/\s?#]+)[^\s]*", re.I)
-_SECRETISH = re.compile(
-    r"(?i)\b(token|secret|password|passwd|signature|sig|api[_-]?key|key|authorization)"
-    r"(\s*[=:]\s*)(?:bearer\s+)?\S+"
-)
-_BEARER = re.compile(r"(?i)\b(bearer)(\s+)\S+")
-
-
-def scrub(text: str, limit: int = 300) -> str:
-    """Error text safe to log: URLs cut to scheme://host, key=value secrets masked, bounded."""
-    text = _URL.sub(lambda m: f"{m.group(1)}{m.group(2)}/…", text)
-    text = _SECRETISH.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def backoff_delay(attempt: int, policy: DeliveryPolicy, rng: random.Random | None = None) -> float:
@@ -549,6 +534,20 @@ class DeliveryQueue:
         pipe.hset(self.record_key(did), mapping={"status": "queued", "attempts": 0, "next_at": now})
         pipe.zadd(self.queue_key, {did: now})
 
+    def _dead_entries(self, dids: set[str]) -> list[str]:
+        """Ids of the dead-letter stream entries of these deliveries."""
+        found: list[str] = []
+        start = "-"
+        while dids:
+            batch: Any = self.client.xrange(self.dead_key, min=start, max="+", count=1000)
+            for eid, fields in batch:
+                if _s(fields.get(b"delivery", fields.get("delivery", b""))) in dids:
+                    found.append(_s(eid))
+            if len(batch) < 1000:
+                break
+            start = "(" + _s(batch[-1][0])
+        return found
+
     def _requeue(self, pipe: Any, rec: dict[str, Any], now: float) -> None:
         did = rec["id"]
         self._queue_now(pipe, did, now)
@@ -560,8 +559,11 @@ class DeliveryQueue:
         rec = self.get(did)
         if rec is None or rec.get("status") == "sent":
             return False
+        dead = self._dead_entries({did})
         pipe = self.client.pipeline(transaction=True)
         self._requeue(pipe, {**rec, "id": did}, self.clock())
+        if dead:  # no longer a dead letter; if it fails for good again it is re-added
+            pipe.xdel(self.dead_key, *dead)
         pipe.execute()
         return True
 
@@ -574,9 +576,12 @@ class DeliveryQueue:
             if rec.get("status") in ("dead", "held") and rec.get("sink") not in disabled
         ]
         now = self.clock()
+        dead = self._dead_entries({rec["id"] for rec in recs})
         for start in range(0, len(recs), 500):  # one transaction per 500, not per delivery
             pipe = self.client.pipeline(transaction=True)
             for rec in recs[start : start + 500]:
                 self._requeue(pipe, rec, now)
+            if start == 0 and dead:
+                pipe.xdel(self.dead_key, *dead)
             pipe.execute()
         return [rec["id"] for rec in recs]

@@ -6,26 +6,49 @@ and commits the group/firing/throttle writes and the XACK of the batch in one MU
 event is either fully accounted for or re-read. Due groups are then flushed: each flush renders
 one notification and queues one delivery per sink in the same transaction that resets the group
 (optimistic WATCH on the group). `deliver` makes one attempt; `drain` does everything now.
+
+While the rule set cannot be loaded (no alerts directory, no rule file, or no rule compiled because
+every rule file is broken) dispatch is *blocked*: it neither reads nor acknowledges the stream nor
+flushes groups, so events wait in the stream until the rules load again; the reason is logged every
+run and kept in Redis (`dispatch_blocked_key`) for `status` and the metrics. A broken file among
+good ones does not block: the good rules keep alerting and the errors are reported (blocking all
+alerting for one bad file would be the larger outage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
 
 from monitor.alerts import group as groups
-from monitor.alerts import throttle
-from monitor.alerts.deliver import DeliveryOutcome, DeliveryQueue, crash_point
+from monitor.alerts import quarantine, throttle
+from monitor.alerts.deliver import (
+    CRASH_ENV,
+    DeliveryOutcome,
+    DeliveryQueue,
+    crash_point,
+    scrub,
+)
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import headline, render_notification
-from monitor.alerts.rules import LoadError, Rule, RuleSet, build_sinks, load_rules
+from monitor.alerts.rules import (
+    SINKS_FILE_NAMES,
+    LoadError,
+    Rule,
+    RuleSet,
+    build_sinks,
+    load_rules,
+)
 from monitor.alerts.silences import Silence, SilenceStore, silenced_by
 from monitor.alerts.sinks.base import Notification, Sink
 from monitor.config import Settings
@@ -47,6 +70,45 @@ def firing_count_key(prefix: str) -> str:
     return f"{prefix}:alerts:firing_count"
 
 
+def dispatch_blocked_key(prefix: str) -> str:
+    """JSON {reason, since, errors} while dispatch is blocked because no rule loads."""
+    return f"{prefix}:alerts:dispatch:blocked"
+
+
+BLOCKED_MESSAGE = "dispatch blocked: rules not loaded"
+
+
+def blocked_reason(ruleset: RuleSet) -> str | None:
+    """Why no event may be read with this rule set (None: dispatch can run).
+
+    Blocked when no rule compiled and either something failed to load or there is no rule file.
+    A directory whose rule files load but declare no rule is a deliberate choice, not blocked.
+    """
+    if ruleset.rules:
+        return None
+    root = ruleset.directory
+    if root is None:
+        return None  # a rule set built in code (tests, replays)
+    if not Path(root).is_dir():
+        return f"alerts directory not found: {root}"
+    problems = ruleset.problems
+    files = [
+        p
+        for p in Path(root).iterdir()
+        if p.suffix in (".yaml", ".yml") and p.is_file() and p.name not in SINKS_FILE_NAMES
+    ]
+    if not files:
+        return f"no rule file (*.yaml) in {root}"
+    if problems:
+        first = problems[0]
+        return f"no rule loaded from {root}: {len(problems)} error(s), first: {first}"
+    return None
+
+
+def _sid(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def subject_of(event: Event) -> str:
     data = event.get("data") if isinstance(event.get("data"), dict) else {}
     assert isinstance(data, dict)
@@ -64,6 +126,7 @@ class DispatchStats:
     silenced: int = 0
     throttled: int = 0
     eval_errors: int = 0
+    quarantined: int = 0
     groups_flushed: int = 0
     notifications: int = 0
     queued: int = 0
@@ -74,6 +137,7 @@ class DispatchStats:
     skipped: int = 0
     waiting: int = 0  # deliveries still queued (retries scheduled beyond the drain)
     load_errors: int = 0
+    blocked: int = 0  # 1: no rule loaded, the stream was left untouched
 
     def add_outcome(self, outcome: DeliveryOutcome) -> None:
         if outcome.status in ("sent", "retrying", "dead", "held", "skipped"):
@@ -81,10 +145,11 @@ class DispatchStats:
 
     def merge(self, other: DispatchStats) -> None:
         for k, v in asdict(other).items():
-            if k not in ("waiting", "load_errors"):
+            if k not in ("waiting", "load_errors", "blocked"):
                 setattr(self, k, getattr(self, k) + v)
         self.waiting = other.waiting
         self.load_errors = other.load_errors
+        self.blocked = other.blocked
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -140,6 +205,8 @@ class Dispatcher:
         self.batch_size = batch_size
         self.claim_idle_s = claim_idle_s
         self._reported_at: float | None = None
+        self._quarantined: list[tuple[str, Event, str]] = []
+        self._deployment_id: str | None = None
         self.clock = clock
         self.sleep = sleep
         injected = dict(sinks or {})
@@ -155,6 +222,7 @@ class Dispatcher:
         )
         self.sinks: dict[str, Sink] = {**built, **injected}
         self.errors: list[LoadError] = [*self.ruleset.errors, *sink_errors]
+        self.blocked: str | None = blocked_reason(self.ruleset)
         self.queue = DeliveryQueue(
             redis_client, self.prefix, self.ruleset.delivery, consumer=consumer, clock=clock
         )
@@ -180,18 +248,15 @@ class Dispatcher:
         """Read own pending then new events, match, group, and queue due deliveries."""
         stats = DispatchStats(load_errors=len([e for e in self.errors if e.level == "error"]))
         self.report_errors(every_s=0 if block_ms is None else 600.0)
+        if self._check_blocked():
+            stats.blocked = 1
+            if block_ms:  # a loop: do not spin while blocked
+                self.sleep(min(block_ms / 1000, 5.0))
+            stats.waiting = self.queue.queued_count()
+            return stats
         silences = self.silences.active(self.clock())
         self._claim_abandoned()
-        last_pending: list[str] | None = None
-        while True:  # recovery: entries this consumer read but did not acknowledge
-            batch = stream.read_group(
-                self.client, self.prefix, self.group, self.consumer, self.batch_size, pending=True
-            )
-            ids = [sid for sid, _ in batch]
-            if not batch or ids == last_pending:
-                break
-            last_pending = ids
-            self._ingest(batch, silences, stats)
+        self._recover(silences, stats)
         block = block_ms
         while True:
             batch = stream.read_group(
@@ -204,6 +269,93 @@ class Dispatcher:
         self._flush(flush_all, stats)
         stats.waiting = self.queue.queued_count()
         return stats
+
+    def _check_blocked(self) -> bool:
+        """Record (or clear) the blocked state in Redis; log it on every blocked run."""
+        key = dispatch_blocked_key(self.prefix)
+        if self.blocked is None:
+            self.client.delete(key)
+            return False
+        log.error(
+            "%s: events stay in the stream until the rules load (%s)",
+            BLOCKED_MESSAGE,
+            self.blocked,
+            extra={"alerts_dir": str(self.ruleset.directory)},
+        )
+        previous: Any = self.client.get(key)
+        since = self.clock()
+        if previous:
+            with contextlib.suppress(ValueError, AttributeError):
+                since = float(orjson.loads(previous).get("since", since))
+        doc = {
+            "reason": self.blocked,
+            "since": since,
+            "checked": self.clock(),
+            "errors": [str(e) for e in self.ruleset.problems[:20]],
+        }
+        self.client.set(key, orjson.dumps(doc))
+        return True
+
+    def _recover(self, silences: list[Silence], stats: DispatchStats) -> None:
+        """Entries this consumer read but did not acknowledge (its previous run died mid-batch).
+
+        Delivered once before: re-read as a batch. Delivered twice or more: one at a time, so a
+        poison event is isolated and the others commit. Delivered `MAX_EVAL_TRIES` times:
+        quarantined with the reason (see monitor.alerts.quarantine) and acknowledged.
+        """
+        key = stream.stream_key(self.prefix)
+        last: list[str] | None = None
+        for _ in range(10_000):
+            pend: Any = self.client.xpending_range(
+                key, self.group, "-", "+", self.batch_size, consumername=self.consumer
+            )
+            ids = [_sid(p["message_id"]) for p in pend]
+            if not ids or ids == last:
+                return
+            last = ids
+            fresh: list[str] = []
+            for p in pend:
+                sid, tries = _sid(p["message_id"]), int(p["times_delivered"])
+                if tries >= quarantine.MAX_EVAL_TRIES:
+                    self._quarantine_pending(sid, tries, stats)
+                elif tries >= 2:
+                    self._ingest_claimed([sid], silences, stats)
+                else:
+                    fresh.append(sid)
+            if fresh:
+                self._ingest_claimed(fresh, silences, stats)
+
+    def _ingest_claimed(
+        self, ids: list[str], silences: list[Silence], stats: DispatchStats
+    ) -> None:
+        """Claim own pending `ids` again (counts a delivery) and ingest them as one batch."""
+        key = stream.stream_key(self.prefix)
+        claimed: Any = self.client.xclaim(key, self.group, self.consumer, 0, list[Any](ids))
+        batch = list(stream.entries(claimed))
+        present = {sid for sid, _ in batch}
+        gone = [sid for sid in ids if sid not in present]  # trimmed, or no event in the entry
+        if gone:
+            stream.ack(self.client, self.prefix, self.group, gone)
+        if batch:
+            self._ingest(batch, silences, stats)
+
+    def _quarantine_pending(self, sid: str, tries: int, stats: DispatchStats) -> None:
+        rows: Any = self.client.xrange(stream.stream_key(self.prefix), min=sid, max=sid)
+        event = stream.entry_event(rows[0][1]) if rows else None
+        pipe = self.client.pipeline(transaction=True)
+        if event is not None:
+            quarantine.record(
+                pipe,
+                self.prefix,
+                sid,
+                event,
+                f"evaluation did not complete after {tries} deliveries (the dispatcher crashed"
+                " or was stopped while handling this event)",
+                tries,
+            )
+            stats.quarantined += 1
+        stream.ack(pipe, self.prefix, self.group, [sid])
+        pipe.execute()
 
     def _claim_abandoned(self) -> None:
         """Take over events another consumer read but never acknowledged (it died)."""
@@ -240,15 +392,20 @@ class Dispatcher:
         now = self.clock()
         out: list[_Admission] = []
         keys: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        crash_each = bool(os.environ.get(CRASH_ENV, "").startswith("evaluate_"))
         for sid, event in batch:
+            if crash_each:  # test hook: a poison event that kills the dispatcher
+                crash_point(f"evaluate_{event.get('id')}")
             if self._is_stale(event, now):
                 stats.stale += 1
                 continue
             try:
                 hits = self.ruleset.evaluate(event)
-            except Exception:
+            except Exception as exc:  # deterministic: quarantined now, acked with the batch
                 stats.eval_errors += 1
-                log.exception("could not evaluate event %s", event.get("id"))
+                stats.quarantined += 1
+                reason = f"evaluation failed: {type(exc).__name__}: {scrub(str(exc))}"
+                self._quarantined.append((sid, event, reason))
                 continue
             for rule, status in hits:
                 adm = _Admission(rule, status, event, sid, subject_of(event))
@@ -273,6 +430,7 @@ class Dispatcher:
         self, batch: list[tuple[str, Event]], silences: list[Silence], stats: DispatchStats
     ) -> None:
         stats.read += len(batch)
+        self._quarantined = []
         adms = self._admissions(batch, silences, stats)
         now = self.clock()
         # read 1: firing state of the subjects involved, one HMGET per rule
@@ -405,6 +563,8 @@ class Dispatcher:
                 g.headlines,
                 now,
             )
+        for sid, event, reason in self._quarantined:
+            quarantine.record(pipe, self.prefix, sid, event, reason, 1)
         stream.ack(pipe, self.prefix, self.group, [sid for sid, _ in batch])
         crash_point("before_ingest_commit")
         pipe.execute()
@@ -465,6 +625,14 @@ class Dispatcher:
                     continue
         log.warning("group %s:%s kept changing; will flush on the next run", key, status)
 
+    def _deployment(self) -> str:
+        if self._deployment_id is None:
+            self._deployment_id = groups.deployment_id(self.client, self.prefix)
+        return self._deployment_id
+
+    def _next_counter(self) -> int:
+        return int(self.client.incr(groups.notification_counter_key(self.prefix)))  # type: ignore[arg-type]
+
     def _notification(self, rule: Rule, state: groups.GroupState) -> Notification:
         seq = state.seq + 1
         title, summary = render_notification(
@@ -479,7 +647,7 @@ class Dispatcher:
         if state.headlines:
             extra["headlines"] = state.headlines
         return Notification(
-            id=groups.notification_id(rule.name, state.key, state.status, seq),
+            id=groups.notification_id(self._deployment(), self._next_counter()),
             rule=rule.name,
             description=rule.description,
             severity=rule.severity,

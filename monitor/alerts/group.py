@@ -16,6 +16,7 @@ group are separate digests with the same group key (PagerDuty's dedup_key).
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +56,37 @@ def group_key(rule: str, labels: dict[str, str]) -> str:
     return hashlib.sha256(body).hexdigest()[:24]
 
 
-def notification_id(rule: str, key: str, status: str, seq: int) -> str:
-    """Idempotency key of a group flush: deterministic from rule, group, status and sequence."""
-    return hashlib.sha256(f"{rule}\x1f{key}\x1f{status}\x1f{seq}".encode()).hexdigest()[:32]
+def deployment_key(prefix: str) -> str:
+    """String: this deployment's random id (set once, never expires)."""
+    return f"{prefix}:deployment_id"
+
+
+def notification_counter_key(prefix: str) -> str:
+    """Counter of every notification this deployment ever flushed (never expires)."""
+    return f"{prefix}:alerts:notification_counter"
+
+
+def deployment_id(client: redis.Redis, prefix: str) -> str:
+    """This deployment's id: 12 random hex digits, created on first use and kept forever.
+
+    Two deployments that watch the same tenant (even with the same Redis prefix on different
+    Redis servers) get different ids, so their notification ids never collide.
+    """
+    key = deployment_key(prefix)
+    client.set(key, secrets.token_hex(6), nx=True)
+    value: Any = client.get(key)
+    return _s(value)
+
+
+def notification_id(deployment: str, counter: int) -> str:
+    """Idempotency key of one group flush, unique forever: deployment, counter, random part.
+
+    `<deployment>-<counter, hex>-<8 random hex>`: the counter never expires (unlike a group's
+    state), the random part covers a Redis restored from an old backup. The id is stored with
+    the queued delivery, so every retry of that delivery carries the same id. Not to be confused
+    with the group key (PagerDuty's `dedup_key`), which is *meant* to repeat across flushes.
+    """
+    return f"{deployment}-{counter:x}-{secrets.token_hex(4)}"
 
 
 def state_key(prefix: str, key: str, status: str) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import re2
+
 from monitor.events.envelope import Event
 from monitor.model.schema import LEVELS, level_rank
 
@@ -200,6 +202,69 @@ def _member(value: Any, options: list[Any]) -> bool:
     return any(values_equal(value, o) for o in options)
 
 
+# Regexes run on RE2 (linear time in the input, whatever the pattern): no catastrophic
+# backtracking, so one rule can never stall dispatch. RE2 refuses what needs backtracking.
+MAX_REGEX_INPUT = 65_536  # characters of a value a regex looks at
+MAX_REGEX_ITEMS = 1_000  # items of a list value a regex looks at
+REGEX_MAX_MEM = 8 << 20  # bytes RE2 may use for one compiled pattern
+REFUSED_REGEX = (
+    "backreferences, lookahead/lookbehind, possessive quantifiers, atomic groups,"
+    " repetition counts above 1000"
+)
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = REGEX_MAX_MEM
+_RE2_OPTIONS.log_errors = False
+# a group holding a quantifier, itself quantified: (a+)+, (x*y)*, (\w+\s?){2,}
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)\s*(?:[+*]|\{\d*,)")
+
+
+def compile_regex(pattern: str) -> Any:
+    """An RE2 pattern; ConditionError naming what RE2 refuses (see REFUSED_REGEX)."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ConditionError(
+            f"bad regex {pattern!r}: {detail} (regexes run on RE2, linear time; it refuses"
+            f" {REFUSED_REGEX})"
+        ) from None
+
+
+def regex_warnings(
+    specs: Any, path: tuple[str | int, ...] = ()
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """(path, message) for every regex condition with a nested quantifier such as `(a+)+`.
+
+    RE2 evaluates them in linear time, but they are the classic catastrophic-backtracking shape
+    (and a sign the pattern does not say what was meant), so `rules check` flags them.
+    """
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(specs, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, (*where, i)) for i, item in enumerate(node))
+        elif isinstance(node, dict):
+            for kind in ("any", "all", "not"):
+                if kind in node:
+                    stack.append((node[kind], (*where, kind)))
+            value = node.get("value")
+            if (
+                node.get("op") == "regex"
+                and isinstance(value, str)
+                and _NESTED_QUANTIFIER.search(value)
+            ):
+                out.append(
+                    (
+                        (*where, "value"),
+                        f"regex {value!r} has a nested quantifier (catastrophic on"
+                        " backtracking engines; RE2 runs it in linear time, but check it"
+                        " means what you want)",
+                    )
+                )
+    return out
+
+
 def _field_test(op: str, value: Any, has_value: bool) -> Callable[[Any], bool]:
     """A test of one resolved field value (MISSING when absent)."""
     if op == "exists":
@@ -234,18 +299,15 @@ def _field_test(op: str, value: Any, has_value: bool) -> Callable[[Any], bool]:
     if op == "regex":
         if not isinstance(value, str):
             raise ConditionError("regex needs a string pattern")
-        try:
-            rx = re.compile(value)
-        except re.error as exc:
-            raise ConditionError(f"bad regex {value!r}: {exc}") from None
+        rx = compile_regex(value)
 
         def search(v: Any) -> bool:
             if isinstance(v, list | tuple):
-                return any(search(x) for x in v)
+                return any(search(x) for x in v[:MAX_REGEX_ITEMS])
             if v is MISSING or v is None or isinstance(v, dict):
                 return False
             text = str(v).lower() if isinstance(v, bool) else str(v)
-            return rx.search(text) is not None
+            return rx.search(text[:MAX_REGEX_INPUT]) is not None
 
         return search
     if op in _CMP:

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
+from monitor import safe_yaml
 from monitor.alerts.match import (
     ConditionError,
     FieldPath,
@@ -32,9 +33,11 @@ from monitor.alerts.match import (
     compile_conditions,
     glob_matcher,
     is_glob,
+    regex_warnings,
 )
 from monitor.alerts.sinks.base import Severity, Sink, Status
 from monitor.events.envelope import EVENT_TYPES, Event
+from monitor.safe_yaml import BoundedSafeLoader
 
 SINKS_FILE_NAMES = ("sinks.yaml", "sinks.yml")
 SEVERITIES: tuple[str, ...] = ("info", "low", "medium", "high", "critical")
@@ -52,6 +55,7 @@ _PAIRS: tuple[tuple[str, str], ...] = (
     ("mde.user.created", "mde.user.deleted"),
     ("mde.logon_user.created", "mde.logon_user.deleted"),
     ("mde.vulnerability.created", "mde.vulnerability.deleted"),
+    ("mde.query.entered", "mde.query.left"),
     ("mde.group.member_added", "mde.group.member_removed"),
     ("mde.role.assigned", "mde.role.unassigned"),
 )
@@ -110,8 +114,8 @@ class LineDict(dict[Any, Any]):
     duplicates: list[tuple[Any, int]]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings are LineDicts; duplicate keys are recorded (first one kept)."""
+class _LineLoader(BoundedSafeLoader):
+    """Bounded SafeLoader whose mappings are LineDicts; duplicate keys are recorded (first kept)."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
@@ -137,21 +141,28 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_yaml_with_lines(text: str) -> Any:
-    """Parse YAML; every mapping is a LineDict (raises yaml.YAMLError with a mark)."""
-    return yaml.load(text, Loader=_LineLoader)
+def load_yaml_with_lines(text: str, file: str = "<string>") -> Any:
+    """Parse YAML within bounds (monitor.safe_yaml); every mapping is a LineDict.
+
+    Raises YamlFileError naming `file` and the line."""
+    return safe_yaml.loads(text, file, _LineLoader)
 
 
 def duplicate_keys(node: Any) -> list[tuple[str, int]]:
     """(key, line) of every repeated mapping key below `node` (YAML keeps the first)."""
     found: list[tuple[str, int]] = []
-    if isinstance(node, LineDict):
-        found += [(str(k), line) for k, line in node.duplicates]
-        for v in node.values():
-            found += duplicate_keys(v)
-    elif isinstance(node, list):
-        for v in node:
-            found += duplicate_keys(v)
+    stack = [node]
+    seen: set[int] = set()
+    while stack:  # iterative: aliases may share nodes, and depth never costs recursion
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, LineDict):
+            found += [(str(k), line) for k, line in cur.duplicates]
+            stack.extend(reversed(list(cur.values())))
+        elif isinstance(cur, list):
+            stack.extend(reversed(cur))
     return found
 
 
@@ -242,7 +253,10 @@ class RuleSpec(_Spec):
     description: str = ""
     severity: Literal["info", "low", "medium", "high", "critical"] = "medium"
     enabled: bool = True
-    match: MatchSpec
+    match: MatchSpec | None = None
+    query: str | None = Field(default=None, min_length=1)  # J1QL: a query rule (see query_rules)
+    tenant: StrOrList | None = None  # query rules: which tenants (globs); match rules use match
+    alert_on_baseline: bool = False  # query rules: fire for the first evaluation's result set
     sinks: list[str] = Field(min_length=1)
     group_by: list[str] = Field(default_factory=lambda: ["tenant"])
     group_wait: Duration = 30.0
@@ -285,6 +299,8 @@ class Rule:
     max_events: int = 10
     file: str = ""
     line: int = 0
+    query: str | None = None  # J1QL of a query rule (None: an event rule)
+    alert_on_baseline: bool = False
     _type_ok: Callable[[str], bool] = field(init=False, repr=False)
     _resolve_type_ok: Callable[[str], bool] = field(init=False, repr=False)
     _tenant_ok: Callable[[str], bool] | None = field(init=False, repr=False)
@@ -339,6 +355,11 @@ class Rule:
             "resolve_on": list(self.resolve_types),
             "file": self.file,
             "line": self.line,
+            **(
+                {"query": self.query, "alert_on_baseline": self.alert_on_baseline}
+                if self.query
+                else {}
+            ),
         }
 
 
@@ -468,7 +489,7 @@ def compile_rule(
     raw: Any, file: str, index: int, known_sinks: Iterable[str]
 ) -> tuple[Rule | None, list[LoadError]]:
     """Validate and compile one rule mapping; errors name file, line and rule."""
-    from monitor.alerts.render import TemplateError, compile_template
+    from monitor.alerts.render import TemplateError, compile_template, trial_render
 
     base_line = raw.line if isinstance(raw, LineDict) else 0
     name = raw.get("name") if isinstance(raw, dict) else None
@@ -495,17 +516,46 @@ def compile_rule(
     ) -> None:
         errors.append(LoadError(file, line_of(raw, loc, base_line), label, message, level))
 
-    try:
-        where = all_of(compile_conditions(spec.match.where, ("match", "where")))
-    except ConditionError as exc:
-        err(exc.path, f"{_loc_text(exc.path)}: {exc}")
-        where = all_of([])
-    types = _as_list(spec.match.type)
-    if not types:
-        err(("match", "type"), "match.type: give at least one event type")
-    errors += _type_problems(
-        types, file, line_of(raw, ("match", "type"), base_line), label, "match.type"
-    )
+    tenants: tuple[str, ...] = ()
+    if spec.query is not None:  # a query rule: see monitor/alerts/query_rules.py
+        from monitor.alerts import query_rules
+
+        if spec.match is not None:
+            err(("query",), "give match: (an event rule) or query: (a query rule), not both")
+        if spec.resolve_on is not None:
+            err(("resolve_on",), "resolve_on: a query rule resolves when results leave the set")
+        problem = query_rules.check_query(spec.query)
+        if problem is not None:
+            err(("query",), f"query: {problem}")
+        where = query_rules.rule_predicate(spec.name)
+        types: tuple[str, ...] = (query_rules.QUERY_ENTERED,)
+        tenants = _as_list(spec.tenant)
+    elif spec.match is None:
+        err((), "give match: (an event rule) or query: (a J1QL query rule)")
+        return None, errors
+    else:
+        if spec.tenant is not None or spec.alert_on_baseline:
+            err(("tenant",), "tenant and alert_on_baseline are for query rules (use match.tenant)")
+        try:
+            where = all_of(compile_conditions(spec.match.where, ("match", "where")))
+        except ConditionError as exc:
+            err(exc.path, f"{_loc_text(exc.path)}: {exc}")
+            where = all_of([])
+        for loc, message in [
+            *regex_warnings(spec.match.where, ("match", "where")),
+            *regex_warnings(
+                spec.resolve_on.where if isinstance(spec.resolve_on, ResolveSpec) else [],
+                ("resolve_on", "where"),
+            ),
+        ]:
+            err(loc, f"{_loc_text(loc)}: {message}", "warning")
+        types = _as_list(spec.match.type)
+        tenants = _as_list(spec.match.tenant)
+        if not types:
+            err(("match", "type"), "match.type: give at least one event type")
+        errors += _type_problems(
+            types, file, line_of(raw, ("match", "type"), base_line), label, "match.type"
+        )
     known = set(known_sinks)
     for i, s in enumerate(spec.sinks):
         if s not in known:
@@ -540,6 +590,8 @@ def compile_rule(
             err(exc.path, f"{_loc_text(exc.path)}: {exc}")
     else:
         resolve_types = derived_resolve_types(types)
+        if spec.query is not None:
+            resolve_where = where
     if spec.send_resolved and "send_resolved" in spec.model_fields_set and not resolve_types:
         err(
             ("send_resolved",),
@@ -556,6 +608,13 @@ def compile_rule(
                 templates[part] = compile_template(text)
             except TemplateError as exc:
                 err(("template", part), f"template.{part}: {exc}")
+                continue
+            over = trial_render(templates[part], types[0] if types else "mde.machine.updated")
+            if over is not None:
+                err(
+                    ("template", part),
+                    f"template.{part}: over the render budget on a sample event ({over})",
+                )
     if any(e.level == "error" for e in errors):
         return None, errors
     rule = Rule(
@@ -563,7 +622,7 @@ def compile_rule(
         description=spec.description,
         severity=spec.severity,
         types=types,
-        tenants=_as_list(spec.match.tenant) or None,
+        tenants=tenants or None,
         where=where,
         sinks=tuple(dict.fromkeys(spec.sinks)),
         group_by=tuple(group_by),
@@ -578,22 +637,19 @@ def compile_rule(
         max_events=spec.max_events,
         file=file,
         line=base_line,
+        query=spec.query,
+        alert_on_baseline=spec.alert_on_baseline,
     )
     return (rule if spec.enabled else None), errors
 
 
 def _read_yaml(path: Path, shown: str) -> tuple[Any, LoadError | None]:
+    """One file through the bounded loader: unreadable, non-UTF-8, too deep, too big or bad
+    YAML is one LoadError naming the file and line; the other files keep loading."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        return None, LoadError(shown, 0, None, f"cannot read: {exc.strerror or exc}")
-    try:
-        return load_yaml_with_lines(text), None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else 0
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        return None, LoadError(shown, line, None, f"invalid YAML: {problem}")
+        return safe_yaml.load_file(path, shown, _LineLoader), None
+    except safe_yaml.YamlFileError as exc:
+        return None, LoadError(shown, exc.line, None, exc.message)
 
 
 def _load_sinks_file(path: Path, shown: str, ruleset: RuleSet) -> None:
@@ -732,6 +788,9 @@ def load_rules(directory: str | Path, extra_sinks: Iterable[str] = ()) -> RuleSe
     return ruleset
 
 
+_SECRET_SETTING = re.compile(r"(?i)url|key|secret|token|password|passphrase")
+
+
 def build_sinks(
     ruleset: RuleSet,
     *,
@@ -740,8 +799,8 @@ def build_sinks(
     ca_bundle: Path | None = None,
 ) -> tuple[dict[str, Sink], list[LoadError]]:
     """Build the declared sinks through the sink registry; failures become LoadErrors."""
-    from monitor.alerts.deliver import scrub
     from monitor.alerts.sinks.registry import build_sink
+    from monitor.redact import register_secret, register_secrets, scrub, secrets_in
 
     sinks: dict[str, Sink] = {}
     errors: list[LoadError] = []
@@ -749,6 +808,9 @@ def build_sinks(
         if cfg.error:
             continue
         source = f"{cfg.file}:{cfg.line}"
+        for key, value in cfg.settings.items():  # before building: its errors are masked too
+            if isinstance(value, str) and _SECRET_SETTING.search(str(key)):
+                register_secret(value)
         try:
             sinks[cfg.name] = build_sink(
                 cfg.name,
@@ -759,6 +821,7 @@ def build_sinks(
                 redis_prefix=redis_prefix,
                 ca_bundle=ca_bundle,
             )
+            register_secrets(secrets_in(getattr(sinks[cfg.name], "settings", None)))
         except Exception as exc:
             lines = [
                 scrub(line.removeprefix(f"{source}: ").strip())

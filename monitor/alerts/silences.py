@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import redis
 
-from monitor.alerts.match import MISSING, FieldPath
+from monitor.alerts.match import MAX_REGEX_INPUT, MISSING, ConditionError, FieldPath, compile_regex
 from monitor.events.envelope import Event
 
 KEEP_EXPIRED_SECONDS = 7 * 86400
@@ -44,7 +44,7 @@ class Matcher:
     op: str
     value: str
     _path: FieldPath | None = field(default=None, repr=False, compare=False)
-    _rx: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _rx: Any = field(default=None, repr=False, compare=False)  # RE2 (linear time)
 
     @classmethod
     def parse(cls, raw: str) -> Matcher:
@@ -57,9 +57,9 @@ class Matcher:
         rx = None
         if op in ("=~", "!~"):
             try:
-                rx = re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"bad matcher {raw!r}: bad regex: {exc}") from None
+                rx = compile_regex(value)
+            except ConditionError as exc:
+                raise ValueError(f"bad matcher {raw!r}: {exc}") from None
         path = None if name == "rule" else FieldPath.parse(name)
         return cls(raw.strip(), name, op, value, path, rx)
 
@@ -75,7 +75,9 @@ class Matcher:
             )
         else:
             assert self._rx is not None
-            hit = any(v is not MISSING and self._rx.search(_text(v)) for v in values)
+            hit = any(
+                v is not MISSING and self._rx.search(_text(v)[:MAX_REGEX_INPUT]) for v in values
+            )
         return hit if self.op in ("=", "=~") else not hit
 
 

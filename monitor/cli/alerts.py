@@ -34,7 +34,7 @@ from monitor.alerts.rules import (
 from monitor.alerts.silences import SilenceStore
 from monitor.alerts.sinks.base import Notification, Sink
 from monitor.alerts.throttle import window
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.events import stream
 from monitor.events.envelope import EVENT_TYPES, Event, make_event
 from monitor.redis_conn import connect
@@ -50,7 +50,7 @@ app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(silence_app, name="silence")
 app.add_typer(sinks_app, name="sinks")
 
-JSON_OPT = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+JSON_OPT = json_option()
 
 
 def _alerts_dir() -> Path:
@@ -225,8 +225,19 @@ def rules_test(
     tenant: str = typer.Option("contoso", "--tenant"),
     subject: str = typer.Option("microsoft_defender_machine:test", "--subject"),
     json_out: bool = JSON_OPT,
+    query: bool = typer.Option(
+        False, "--query", help="Query rules: what would enter or leave now (nothing written)."
+    ),
 ) -> None:
-    """Which rules an event fires or resolves, and the message each sink would get (nothing sent)."""
+    """Which rules an event fires or resolves, and the message each sink would get (nothing sent).
+
+    With --query: every query rule over every tenant's latest snapshot, against its stored set.
+    """
+    if query:
+        from monitor.cli.query import test_query_rules
+
+        test_query_rules(json_out)
+        return
     event = _test_event(event_file, type_, field, tenant, subject)
     ruleset, sinks, errors = _load()
     results: list[dict[str, Any]] = []
@@ -235,7 +246,7 @@ def rules_test(
         key = group_key(rule.name, labels)
         title, summary = render_notification(rule, status, labels, [event], 1)
         n = Notification(
-            id=notification_id(rule.name, key, status, 0),
+            id=notification_id("preview", 0),
             rule=rule.name,
             description=rule.description,
             severity=rule.severity,
@@ -406,7 +417,13 @@ def dispatch(
         finally:
             d.close()
         if json_out:
-            print_json({**stats.to_dict(), "errors": [e.to_dict() for e in d.errors]})
+            print_json(
+                {
+                    **stats.to_dict(),
+                    "blocked_reason": d.blocked,
+                    "errors": [e.to_dict() for e in d.errors],
+                }
+            )
         else:
             table = Table(title="dispatch --once")
             table.add_column("count")
@@ -415,9 +432,15 @@ def dispatch(
                 table.add_row(k, str(v))
             out.print(table)
             _print_errors(d.errors)
+        if d.blocked:
+            console.print(
+                f"[bold red]dispatch blocked: rules not loaded[/bold red]: {escape(d.blocked)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         if stats.dead or stats.held:
             raise typer.Exit(ExitCode.FAILED)
-        if any(e.level == "error" for e in d.errors):
+        if d.blocked or any(e.level == "error" for e in d.errors):
             raise typer.Exit(ExitCode.USAGE)
         return
     stop = threading.Event()

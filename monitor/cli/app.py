@@ -40,8 +40,10 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-console = Console(stderr=True)
-out = Console()
+# Messages (stderr) never hard-wrap: a long path or error stays one greppable line. Output on
+# stdout wraps only on a terminal (piped into a file or another program, lines stay whole).
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=not sys.stdout.isatty())
 
 
 @dataclass
@@ -88,6 +90,37 @@ def _global(
     setup_logging(log_level)
 
 
+_json_stdout: list[Any] = []  # the real stdout while a --json command runs
+
+
+def _json_mode(ctx: typer.Context, value: bool) -> bool:
+    """With --json, stdout carries only the JSON: everything else written there goes to stderr."""
+    if value and not _json_stdout:
+        real = sys.stdout
+        _json_stdout.append(real)
+        sys.stdout = sys.stderr
+
+        def restore() -> None:
+            if _json_stdout and _json_stdout[0] is real:
+                _json_stdout.clear()
+                sys.stdout = real
+
+        ctx.call_on_close(restore)
+    return value
+
+
+def json_option(help: str = "Machine-readable output on stdout (and nothing else there).") -> Any:
+    """The `--json` option of every command (see `_json_mode`)."""
+    return typer.Option(False, "--json", help=help, callback=_json_mode)
+
+
+def json_stream() -> Any:
+    """Where machine-readable output goes: the real stdout (also while --json diverts it)."""
+    return _json_stdout[0] if _json_stdout else sys.stdout
+
+
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    stream = json_stream()
+    stream.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    stream.flush()

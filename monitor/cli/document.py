@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from monitor.cli.app import ExitCode, app, console, print_json
+from monitor.cli.app import ExitCode, app, console, json_option, print_json
 from monitor.model.document import (
     check_document,
     data_model_markdown,
@@ -27,7 +27,7 @@ def document(
         "--check",
         help="Exit 1 if FILE's generated blocks (Data Model tables, property list) are stale.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the declarations as JSON."),
+    as_json: bool = json_option("Print the declarations as JSON."),
 ) -> None:
     """The data model (entity, relationship and mapped-relationship tables) from the schema."""
     if check is not None:

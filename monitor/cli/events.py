@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-
 import orjson
 import redis
 import typer
 from rich.markup import escape
 
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, json_stream, out, print_json, state
 from monitor.events import history
 from monitor.events.envelope import Event
-from monitor.redis_conn import connect
+from monitor.redis_conn import connect, describe_error
 
-JSON_OPT = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+JSON_OPT = json_option()
 
 
 def _client() -> tuple[redis.Redis, str]:
@@ -48,8 +46,9 @@ def _line(ev: Event) -> str:
 
 def _emit(ev: Event, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(orjson.dumps(ev).decode() + "\n")
-        sys.stdout.flush()
+        stream = json_stream()
+        stream.write(orjson.dumps(ev).decode() + "\n")
+        stream.flush()
     else:
         out.print(_line(ev), markup=False, highlight=False, soft_wrap=True)
 
@@ -83,7 +82,7 @@ def events_cmd(
     except KeyboardInterrupt:
         return
     except redis.RedisError as exc:
-        console.print(f"[red]redis error[/red]: {escape(str(exc))}", markup=True, highlight=False)
+        console.print(f"[red]error[/red]: {escape(describe_error(exc))}", highlight=False)
         raise typer.Exit(ExitCode.FAILED) from None
 
 
@@ -100,7 +99,7 @@ def history_cmd(
     try:
         events = history.entity_history(client, prefix, key, tenant=tenant, since_ms=since_ms)
     except redis.RedisError as exc:
-        console.print(f"[red]redis error[/red]: {escape(str(exc))}", markup=True, highlight=False)
+        console.print(f"[red]error[/red]: {escape(describe_error(exc))}", highlight=False)
         raise typer.Exit(ExitCode.FAILED) from None
     if as_json:
         print_json(events)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import redis
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.config import CONFIG_ENV, Settings
+from monitor.redis_conn import describe_error, is_redis_error
 
 
 def _redis(settings: Settings) -> redis.Redis:
@@ -30,9 +32,30 @@ def _export_config_env(settings: Settings) -> None:
 
 
 def _celery_main(argv: list[str]) -> None:
+    """Run Celery; exit with its status (non-zero when it failed, so supervisors restart it)."""
+    import click
+    from celery.bin.celery import celery as celery_cmd
+
     from monitor.celery_app import app as celery_app
 
-    celery_app.start(argv)
+    # `Celery.start` drops the exit status click returns; call the command the same way, keep it
+    celery_cmd.params[0].default = celery_app
+    try:
+        result = celery_cmd.main(args=argv, standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except (SystemExit, typer.Exit):
+        raise
+    except Exception as exc:  # beat re-raises what stopped it (after logging it)
+        why = describe_error(exc) if is_redis_error(exc) else f"{type(exc).__name__}: {exc}"
+        console.print(f"[red]{argv[0]} stopped[/red]: {why}", highlight=False, soft_wrap=True)
+        raise typer.Exit(ExitCode.FAILED) from None
+    finally:
+        celery_cmd.params[0].default = None
+    if code:
+        console.print(f"[red]{argv[0]} exited with status {code}[/red]", highlight=False)
+    raise typer.Exit(int(code or 0))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -85,7 +108,7 @@ def trigger(
     all_tenants: bool = typer.Option(False, "--all", help="Every configured tenant."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the sync(s) to finish."),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait with --wait."),
-    as_json: bool = typer.Option(False, "--json", help="Print task ids (and results) as JSON."),
+    as_json: bool = json_option("Print task ids (and results) as JSON."),
 ) -> None:
     """Enqueue a sync now (also for DISABLED tenants); workers pick it up from the `sync` queue."""
     from monitor.celery_app import SYNC_QUEUE, SYNC_TASK, build_app
@@ -98,6 +121,7 @@ def trigger(
     else:
         console.print("choose a tenant with --tenant NAME or --all")
         raise typer.Exit(ExitCode.USAGE)
+    _redis(settings).ping()  # Redis away: one line now, not Celery's minute of retries
     celery_app = build_app(settings)
     sent = {
         name: celery_app.send_task(
@@ -156,12 +180,12 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+def status(as_json: bool = json_option("Print the status as JSON.")) -> None:
     """Per tenant: last sync (when, status, counts), next run; event backlog; dead letters.
 
-    Exit 0, or 1 when some tenant's last sync failed.
+    Exit 0, or 1 when some tenant's last sync failed or dispatch is blocked (rules not loaded).
     """
-    from monitor.status import any_failed, collect_status
+    from monitor.status import DISPATCH_BLOCKED, any_failed, collect_status
 
     settings = state.settings()
     st = collect_status(settings, _redis(settings))
@@ -196,6 +220,15 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         for t in st.tenants:
             if t.last_completed and t.last_completed.error:
                 out.print(f"  {t.name}: {t.last_completed.error}", markup=False, highlight=False)
+        if st.dispatch_blocked is not None:
+            since = st.dispatch_blocked.get("since")
+            out.print(
+                f"[bold red]{DISPATCH_BLOCKED}[/bold red]"
+                f" (since {_ago(float(since), now) if since else '?'}):"
+                f" {escape(str(st.dispatch_blocked.get('reason', '')))}",
+                highlight=False,
+                soft_wrap=True,
+            )
         groups = ", ".join(f"{g.name}: {g.pending} pending, {g.lag or 0} unread" for g in st.groups)
         out.print(f"events: {st.stream_length:,} in stream" + (f" ({groups})" if groups else ""))
         if st.dead_letters is not None:
@@ -234,7 +267,7 @@ def demo(
     live: bool | None = typer.Option(
         None, "--live/--no-live", help="Live view (default: on a terminal)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = json_option("Print the summary as JSON."),
 ) -> None:
     """The whole product on this machine: simulator, Redis, worker, beat, alerts, webhook receiver.
 

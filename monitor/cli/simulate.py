@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from monitor.cli.app import ExitCode, app, console, out, print_json
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json
 
 SMALL_TENANT = {"machines": 25, "users": 50, "vulns_per_machine": 8, "cves": 200}
 
@@ -56,7 +56,7 @@ def simulate(
         max=65532,
         help="Listen on BASE..BASE+3 (login, graph, defender, admin); 0 = ephemeral ports.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the URLs and paths as JSON."),
+    as_json: bool = json_option("Print the URLs and paths as JSON."),
 ) -> None:
     """Start the Entra ID / Graph / Defender simulator on 127.0.0.1 and serve until Ctrl-C.
 

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from monitor.cli.app import ExitCode, app, console, out, print_json, state
+from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.collect.check import check_tenant
 from monitor.collect.progress import Progress as ProgressFn
 from monitor.collect.progress import no_progress
@@ -105,7 +105,7 @@ def sync(
     accept_drop: bool = typer.Option(
         False, "--accept-drop", help="Apply deletions held back by the suspicious-drop guard rail."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = json_option("Print the summary as JSON."),
 ) -> None:
     """Sync now: collect, diff against the last snapshot, save the snapshot and its change events.
 
@@ -149,7 +149,7 @@ def sync(
 @app.command()
 def check(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name (default: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the probes as JSON."),
+    as_json: bool = json_option("Print the probes as JSON."),
 ) -> None:
     """Sign in and probe each API permission with one cheap call; exit 5 if any is missing."""
     settings = state.settings()

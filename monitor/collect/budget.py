@@ -50,19 +50,21 @@ class Budget(Protocol):
         """
         ...
 
+    def block(self, endpoint: str, seconds: float) -> None:
+        """Microsoft answered 429 with Retry-After: nobody calls `endpoint` for `seconds`."""
+        ...
+
 
 class _SlidingBudget:
     """Shared acquire loop: ask `_try` for the wait, sleep, ask again."""
 
     sleep: Callable[[float], None] = staticmethod(time.sleep)
 
-    def _try(self, endpoint: str, limit: Limit) -> float:
+    def _try(self, endpoint: str, limit: Limit | None) -> float:
         raise NotImplementedError
 
     def acquire(self, endpoint: str, max_wait: float) -> float:
-        limit = ENDPOINT_LIMITS.get(endpoint)
-        if limit is None:
-            return 0.0
+        limit = ENDPOINT_LIMITS.get(endpoint)  # None: only a 429's Retry-After holds it back
         waited = 0.0
         while True:
             wait = self._try(endpoint, limit)
@@ -79,11 +81,22 @@ class LocalBudget(_SlidingBudget):
 
     def __init__(self) -> None:
         self._calls: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def _try(self, endpoint: str, limit: Limit) -> float:
+    def block(self, endpoint: str, seconds: float) -> None:
+        with self._lock:
+            until = time.monotonic() + max(0.0, seconds)
+            self._blocked[endpoint] = max(self._blocked.get(endpoint, 0.0), until)
+
+    def _try(self, endpoint: str, limit: Limit | None) -> float:
         now = time.monotonic()
         with self._lock:
+            blocked = self._blocked.get(endpoint, 0.0) - now
+            if blocked > 0:
+                return blocked
+            if limit is None:
+                return 0.0
             calls = self._calls.setdefault(endpoint, deque())
             while calls and calls[0] <= now - 3600:
                 calls.popleft()
@@ -100,9 +113,13 @@ class LocalBudget(_SlidingBudget):
             return 0.0
 
 
-# KEYS: minute zset, hour zset. ARGV: per_minute, per_hour, unique member.
-# Uses the server's clock so workers with skewed clocks agree.
+# KEYS: minute zset, hour zset, blocked-until key (a 429's Retry-After). ARGV: per_minute,
+# per_hour, unique member. Uses the server's clock so workers with skewed clocks agree.
 _LUA = """
+local blocked = redis.call('PTTL', KEYS[3])
+if blocked > 0 then
+  return blocked
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
@@ -142,13 +159,29 @@ class RedisBudget(_SlidingBudget):
         self._lock = threading.Lock()
         self._id = f"{time.time_ns()}-{id(self)}"
 
-    def _try(self, endpoint: str, limit: Limit) -> float:
+    def _try(self, endpoint: str, limit: Limit | None) -> float:
+        if limit is None:
+            return float(self._client.pttl(f"{self._base}:{endpoint}:blocked")) / 1000.0  # type: ignore[arg-type]
         with self._lock:
             self._seq += 1
             member = f"{self._id}-{self._seq}"
-        keys = [f"{self._base}:{endpoint}:m", f"{self._base}:{endpoint}:h"]
+        keys = [
+            f"{self._base}:{endpoint}:m",
+            f"{self._base}:{endpoint}:h",
+            f"{self._base}:{endpoint}:blocked",
+        ]
         wait_ms = self._script(keys=keys, args=[limit.per_minute, limit.per_hour, member])
         return float(wait_ms) / 1000.0
+
+    def block(self, endpoint: str, seconds: float) -> None:
+        ms = int(max(0.0, seconds) * 1000)
+        if ms <= 0:
+            return
+        key = f"{self._base}:{endpoint}:blocked"
+        # keep the later of an existing block and this one
+        current = self._client.pttl(key)
+        if not isinstance(current, int) or current < ms:
+            self._client.set(key, "1", px=ms)
 
     def used(self, endpoint: str) -> tuple[int, int]:
         """Calls in the last minute and hour (for `status` and the fleet bench)."""
@@ -164,3 +197,6 @@ class UnmeteredBudget:
 
     def acquire(self, endpoint: str, max_wait: float) -> float:
         return 0.0
+
+    def block(self, endpoint: str, seconds: float) -> None:
+        """Not paced: the 429 is retried by the client as usual."""

@@ -7,13 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from monitor.collect.collector import TenantSession, open_session
-from monitor.collect.defender_api import (
-    LOGON_USERS,
-    MACHINES,
-    NO_MACHINES_CODE,
-    VULNERABILITIES,
-)
-from monitor.collect.errors import AuthError, CollectError, PermissionMissing
+from monitor.collect.defender_api import LOGON_USERS, MACHINES, VULNERABILITIES
+from monitor.collect.errors import AuthError, CollectError, FeatureDisabled, PermissionMissing
 from monitor.collect.graph_api import ORGANIZATION, USERS
 from monitor.config import Settings, TenantConfig
 
@@ -24,6 +19,9 @@ class Probe:
     api: str  # "Microsoft Graph" | "WindowsDefenderATP"
     ok: bool | None  # None: could not be probed (e.g. no machine to ask about)
     detail: str  # "ok", or the AADSTS / HTTP code and what to do
+    # why it failed: "permission" (missing/not consented), "not_enabled" (feature not enabled or
+    # not licensed in the tenant), "sign_in" (no token for the API's scope), "error" (other)
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -34,17 +32,38 @@ def _probe(permission: str, api: str, call: Callable[[], Any]) -> Probe:
         call()
     except PermissionMissing as exc:
         code = f" {exc.code}" if exc.code else ""
-        return Probe(permission, api, False, f"HTTP {exc.status}{code}: missing or not consented")
-    except CollectError as exc:  # sign-in and API errors say what happened themselves
-        return Probe(permission, api, False, str(exc))
+        return Probe(
+            permission,
+            api,
+            False,
+            f"HTTP {exc.status}{code}: missing or not consented",
+            "permission",
+        )
+    except FeatureDisabled as exc:
+        return Probe(
+            permission,
+            api,
+            False,
+            f"HTTP 403 {exc.code}: {exc.detail} (the permission itself is granted)",
+            "not_enabled",
+        )
+    except AuthError as exc:
+        return Probe(permission, api, False, str(exc), "sign_in")
+    except CollectError as exc:  # API errors say what happened themselves
+        return Probe(permission, api, False, str(exc), "error")
     return Probe(permission, api, True, "ok")
 
 
 def check_tenant(settings: Settings, tenant: TenantConfig) -> list[Probe]:
-    """One row per permission of the seed's list (and one for sign-in when it fails)."""
+    """One row per permission of the seed's list, plus a sign-in row per API whose scope fails.
+
+    Each API's token is asked for separately, so a Defender audience problem still lets the
+    Graph permissions be probed (and the other way round); the sign-in row names the scope.
+    """
     with open_session(settings, tenant) as s:
         endpoints = tenant.cloud_endpoints()
         sign_in: list[Probe] = []
+        failed_apis: set[str] = set()
         for api_name, scope in (
             ("Microsoft Graph", endpoints.graph.scope),
             ("WindowsDefenderATP", endpoints.defender.scope),
@@ -52,10 +71,11 @@ def check_tenant(settings: Settings, tenant: TenantConfig) -> list[Probe]:
             try:
                 s.tokens.token(scope)
             except AuthError as exc:
-                sign_in.append(Probe("sign-in", api_name, False, str(exc)))
-        if sign_in:
+                failed_apis.add(api_name)
+                sign_in.append(Probe(f"sign-in ({scope})", api_name, False, str(exc), "sign_in"))
+        if len(failed_apis) == 2:
             return sign_in
-        return _probes(s)
+        return sign_in + [p for p in _probes(s) if p.api not in failed_apis]
 
 
 def _probes(s: TenantSession) -> list[Probe]:
@@ -68,7 +88,7 @@ def _probes(s: TenantSession) -> list[Probe]:
             "/api/machines",
             {"$top": 1},
             permission="Machine.Read.All",
-            empty_on_not_found_code=NO_MACHINES_CODE,
+            empty_on_not_found=True,
         )
         first_machine.extend(
             m["id"] for m in body.get("value", [])[:1] if isinstance(m, dict) and "id" in m

@@ -64,7 +64,7 @@ def open_session(
     own_client = http_client is None
     http = http_client or build_http_client(settings)
     try:
-        tokens = TokenProvider(tenant, http)
+        tokens = TokenProvider(tenant, http, settings.http, sleep)
         endpoints = tenant.cloud_endpoints()
         stats = RequestStats()
         if budget is None:
@@ -116,6 +116,8 @@ class CollectResult:
                 "refreshed": len(self.logon.refreshed),
                 "skipped": self.logon.skipped,
                 "failed": self.logon.failed,
+                "not_found": len(self.logon.not_found),
+                "throttled": self.logon.throttled,
             }
             if self.logon
             else None,
@@ -143,12 +145,20 @@ def collect_tenant(
         settings, tenant, redis_client=redis_client, http_client=http_client, budget=budget
     ) as s:
         endpoints = tenant.cloud_endpoints()
-        try:
-            progress("sign-in", 0, 2)
-            s.tokens.token(endpoints.graph.scope)
-            s.tokens.token(endpoints.defender.scope)
-            progress("sign-in", 2, 2)
-        except AuthError as exc:
+        # Each API's token on its own: a Defender audience problem fails the Defender scopes
+        # (named in their errors), not the Graph part; only when neither API can be signed in
+        # to (or the sign-in endpoint is down) is the sync a sign-in failure.
+        sign_in_errors: list[AuthError] = []
+        for i, scope in enumerate((endpoints.graph.scope, endpoints.defender.scope)):
+            progress("sign-in", i, 2)
+            try:
+                s.tokens.token(scope)
+            except AuthError as exc:
+                sign_in_errors.append(exc)
+                if exc.transient:  # the sign-in endpoint itself is down: no use asking again
+                    break
+        progress("sign-in", 2, 2)
+        if len(sign_in_errors) == 2 or any(e.transient for e in sign_in_errors):
             return CollectResult(
                 tenant.name,
                 None,
@@ -156,7 +166,7 @@ def collect_tenant(
                 started,
                 _now_iso(),
                 time.monotonic() - t0,
-                auth_error=exc,
+                auth_error=sign_in_errors[0],
             )
         builder = GraphBuilder(tenant)
 
@@ -182,7 +192,9 @@ def collect_tenant(
         if machines.complete:
             t = time.monotonic()
             ledger = RefreshLedger(redis_client, settings.redis_prefix, tenant.name).load()
-            plan = plan_refresh(machines.last_seen, ledger, tenant.logon_user_budget)
+            plan = plan_refresh(
+                machines.last_seen, ledger, tenant.logon_user_budget, machines.onboarded
+            )
             logon = collect_logon_users(
                 s.defender,
                 builder,

@@ -17,12 +17,9 @@ MACHINES_TOP = 10_000  # documented maximum page size
 MACHINES_VULNERABILITIES_TOP = 10_000
 VULNERABILITIES_TOP = 8_000
 
-# Documented: /api/machines answers 404 when the tenant has no recently seen machines.
-NO_MACHINES_CODE = "ResourceNotFound"
-
 
 class DefenderClient:
-    """Typed Defender API calls; list endpoints page with `$top`/`$skip` (no nextLink)."""
+    """Typed Defender API calls; list endpoints page with `$top`/`$skip` and `@odata.nextLink`."""
 
     def __init__(self, api: ApiClient) -> None:
         self.api = api
@@ -33,12 +30,17 @@ class DefenderClient:
             "/api/machines",
             top,
             permission="Machine.Read.All",
-            empty_on_not_found_code=NO_MACHINES_CODE,
+            # documented: 404 when the tenant has no recently seen machines
+            empty_on_not_found=True,
         )
 
     def logon_users(self, machine_id: str) -> list[Json]:
+        """One machine's logon users; a 429 raises Throttled at once (the batch stops)."""
         body = self.api.get_json(
-            LOGON_USERS, f"/api/machines/{machine_id}/logonusers", permission="User.Read.All"
+            LOGON_USERS,
+            f"/api/machines/{machine_id}/logonusers",
+            permission="User.Read.All",
+            wait_on_throttle=False,
         )
 
         return page_value(LOGON_USERS, body)
@@ -55,7 +57,7 @@ class DefenderClient:
         )
 
     def iter_vulnerability_pages(self, top: int = VULNERABILITIES_TOP) -> Iterator[list[Json]]:
-        """The CVE catalogue entries of the tenant (details for the pairs)."""
+        """Microsoft's whole CVE catalogue (most entries are on no machine of the tenant)."""
         yield from self.api.iter_skip_pages(
             VULNERABILITIES, "/api/vulnerabilities", top, permission="Vulnerability.Read.All"
         )

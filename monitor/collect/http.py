@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 import threading
@@ -18,10 +19,20 @@ import orjson
 from monitor import __version__
 from monitor.auth import TokenProvider
 from monitor.collect.budget import Budget
-from monitor.collect.errors import ApiError, PageError, PermissionMissing
+from monitor.collect.errors import (
+    FEATURE_DISABLED_CODES,
+    ApiError,
+    FeatureDisabled,
+    NotFound,
+    PageError,
+    PermissionMissing,
+    Throttled,
+)
 from monitor.config import HttpSettings, Settings, origin
 
 Json = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 def build_http_client(settings: Settings) -> httpx.Client:
@@ -89,18 +100,48 @@ def _retry_after(resp: httpx.Response) -> float | None:
             return None
 
 
-def _error_code(resp: httpx.Response) -> tuple[str | None, str]:
-    """Microsoft's `{"error": {"code", "message"}}` (Graph and Defender share the shape)."""
+@dataclass(frozen=True)
+class ErrorBody:
+    """Microsoft's `{"error": {...}}` (Graph and Defender share the shape), `json` False when
+    the body was not JSON at all."""
+
+    code: str | None
+    message: str
+    support: str | None  # Defender `target`, Graph `innerError` request-id and date
+    json: bool = True
+
+
+def _error_body(resp: httpx.Response) -> ErrorBody:
     try:
-        body = resp.json()
-    except ValueError:
-        return None, resp.reason_phrase or "error"
+        body = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return ErrorBody(None, resp.reason_phrase or "error", None, json=False)
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
-        return err.get("code"), str(err.get("message") or "")[:300]
+        support: list[str] = []
+        target = err.get("target")
+        if isinstance(target, str) and target:
+            support.append(f"target {target[:100]}")
+        inner = err.get("innerError") or err.get("innererror")
+        if isinstance(inner, dict):
+            for key in ("request-id", "date"):
+                value = inner.get(key)
+                if isinstance(value, str) and value:
+                    support.append(f"{key} {value[:100]}")
+        code = err.get("code")
+        return ErrorBody(
+            code if isinstance(code, str) else None,
+            str(err.get("message") or "")[:300],
+            ", ".join(support) or None,
+        )
     if isinstance(err, str):
-        return err, str(body.get("error_description") or "")[:300]
-    return None, resp.reason_phrase or "error"
+        return ErrorBody(err, str(body.get("error_description") or "")[:300], None)
+    return ErrorBody(None, resp.reason_phrase or "error", None)
+
+
+# A 404 with one of these codes (or with no JSON body) on a list's first page means "no items"
+# (Defender answers so when a tenant has no recently seen machines).
+EMPTY_LIST_CODES = frozenset({"NotFound", "ResourceNotFound"})
 
 
 class ApiClient:
@@ -139,14 +180,18 @@ class ApiClient:
         params: dict[str, str | int] | None = None,
         *,
         permission: str,
-        empty_on_not_found_code: str | None = None,
+        empty_on_not_found: bool = False,
+        wait_on_throttle: bool = True,
     ) -> Json:
         """GET `url` (absolute or relative to the base) and return the JSON object.
 
-        Retries 429 (honouring Retry-After), 5xx, timeouts, connection errors and unparsable
-        bodies with capped exponential backoff and jitter, within `max_attempts` and
-        `max_retry_seconds`; a 401 refreshes the token once. 403 raises PermissionMissing;
-        404 raises, unless its error code equals `empty_on_not_found_code` (an empty list).
+        Retries 429 (honouring Retry-After, which also holds the shared budget), 5xx, timeouts,
+        connection errors and unparsable bodies with capped exponential backoff and jitter,
+        within `max_attempts` and `max_retry_seconds`; a 401 refreshes the token once. 403
+        raises FeatureDisabled (DisabledFeature / DisallowedOperation) or PermissionMissing;
+        404 raises NotFound, unless `empty_on_not_found` and the answer carries NotFound,
+        ResourceNotFound or no JSON body (then an empty list). With `wait_on_throttle` False a
+        429 raises Throttled at once (per-machine loops stop their batch instead of waiting).
         """
         if not url.startswith("http"):
             url = f"{self.base_url}{url}"
@@ -160,7 +205,7 @@ class ApiClient:
             attempt += 1
             try:
                 return self._attempt(
-                    endpoint, url, params, permission, empty_on_not_found_code, deadline
+                    endpoint, url, params, permission, empty_on_not_found, deadline
                 )
             except _TokenRejected as rejected:
                 if refreshed_token:
@@ -170,6 +215,15 @@ class ApiClient:
                 attempt -= 1
                 continue
             except _Retry as r:
+                err = r.error
+                if err.status == 429 and not wait_on_throttle:
+                    raise Throttled(
+                        endpoint,
+                        err.detail,
+                        retry_after=r.retry_after,
+                        code=err.code,
+                        support=err.support,
+                    ) from None
                 remaining = deadline - time.monotonic()
                 if r.retry_after is not None:
                     wait = r.retry_after
@@ -179,7 +233,6 @@ class ApiClient:
                     )
                     wait = backoff / 2 + random.uniform(0, backoff / 2)
                 if attempt >= s.max_attempts or wait > remaining:
-                    err = r.error
                     raise ApiError(
                         endpoint,
                         f"gave up after {attempt} attempt(s): {err.args[0]}",
@@ -196,14 +249,14 @@ class ApiClient:
         url: str,
         params: dict[str, str | int] | None,
         permission: str,
-        empty_code: str | None,
+        empty_on_not_found: bool,
         deadline: float,
     ) -> Json:
         # BudgetExhausted propagates: the caller decides (logon users: skip the rest this sync)
         waited = self._budget.acquire(endpoint, max_wait=max(0.0, deadline - time.monotonic()))
         if waited:
             self.stats.add_budget_wait(waited)
-        token = self._tokens.token(self.scope)
+        token = self._tokens.token(self.scope)  # AuthError (naming the scope) propagates
         self.stats.count(self.stats.requests, endpoint)
         try:
             resp = self._http.get(url, params=params, headers={"Authorization": f"Bearer {token}"})
@@ -222,35 +275,76 @@ class ApiClient:
             if not isinstance(body, dict):
                 raise _Retry(PageError(endpoint, "response is not a JSON object", status=200))
             return body
-        code, message = _error_code(resp)
+        err = _error_body(resp)
+        code, message, support = err.code, err.message, err.support
+        if status >= 400:
+            log.info(
+                "api error",
+                extra={
+                    "endpoint": endpoint,
+                    "status": status,
+                    "code": code,
+                    "support": support,
+                    "error": message,
+                },
+            )
         if status == 401:
             raise _TokenRejected(
-                ApiError(endpoint, f"token rejected: {message}", status=401, code=code)
+                ApiError(
+                    endpoint, f"token rejected: {message}", status=401, code=code, support=support
+                )
             )
         if status == 403:
-            raise PermissionMissing(endpoint, permission, code=code)
-        if status == 404 and empty_code is not None and code == empty_code:
-            return {"value": []}
+            if code in FEATURE_DISABLED_CODES:
+                raise FeatureDisabled(endpoint, message, code=code, support=support)
+            raise PermissionMissing(endpoint, permission, code=code, support=support)
+        if status == 404:
+            if empty_on_not_found and (not err.json or code in EMPTY_LIST_CODES):
+                return {"value": []}
+            raise NotFound(endpoint, message, status=404, code=code, support=support)
         if status == 429:
             self.stats.count(self.stats.throttled, endpoint)
+            retry_after = _retry_after(resp)
+            if retry_after is not None:
+                self._budget.block(endpoint, retry_after)  # every worker of this tenant waits
             raise _Retry(
-                ApiError(endpoint, f"throttled: {message}", status=429, code=code),
-                _retry_after(resp),
+                ApiError(endpoint, f"throttled: {message}", status=429, code=code, support=support),
+                retry_after,
             )
         if status >= 500 or status == 408:
-            raise _Retry(ApiError(endpoint, message, status=status, code=code), _retry_after(resp))
-        raise ApiError(endpoint, message, status=status, code=code)
+            raise _Retry(
+                ApiError(endpoint, message, status=status, code=code, support=support),
+                _retry_after(resp),
+            )
+        raise ApiError(endpoint, message, status=status, code=code, support=support)
 
     def iter_next_link_pages(
         self, endpoint: str, path: str, params: dict[str, str | int], *, permission: str
     ) -> Iterator[list[Json]]:
-        """Graph paging: follow `@odata.nextLink` until absent (pages may be shorter than $top)."""
+        """Graph paging: follow `@odata.nextLink` until absent (pages may be shorter than $top).
+
+        When the first page carries `@odata.count`, a list that ends with fewer items is an
+        error (PageError) instead of a complete list.
+        """
         url: str | None = path
         page_params: dict[str, str | int] | None = params
+        expected: int | None = None
+        fetched = 0
         while url:
             body = self.get_json(endpoint, url, page_params, permission=permission)
-            yield page_value(endpoint, body)
+            items = page_value(endpoint, body)
+            count = body.get("@odata.count")
+            if expected is None and isinstance(count, int) and not isinstance(count, bool):
+                expected = count
+            fetched += len(items)
             url = body.get("@odata.nextLink")
+            if not url and expected is not None and fetched < expected:
+                raise PageError(
+                    endpoint,
+                    f"short list: {fetched} items of @odata.count {expected} and no nextLink",
+                    status=200,
+                )
+            yield items
             page_params = None  # the link carries them
 
     def iter_skip_pages(
@@ -261,29 +355,67 @@ class ApiClient:
         *,
         permission: str,
         params: dict[str, str | int] | None = None,
-        empty_on_not_found_code: str | None = None,
+        empty_on_not_found: bool = False,
     ) -> Iterator[list[Json]]:
-        """Defender paging: `$top`/`$skip`, no nextLink; a page shorter than `$top` ends the list."""
-        skip = 0
+        """Defender paging: `$top`/`$skip`, and `@odata.nextLink` whenever the server sends one.
+
+        A same-host nextLink is always followed (a link to another host is an error). Without
+        one, a full page asks for the next `$skip`; a short page ends the list when the server
+        has been paging with links, when `@odata.count` confirms it, or else when a confirming
+        request for the next `$skip` comes back empty (a server that answers fewer items than
+        `$top` without a link must not look like the end of the list). With `@odata.count`, a
+        list that ends short is an error.
+        """
+        fetched = 0
+        next_link: str | None = None
+        confirming = False
+        links_seen = False
+        expected: int | None = None
         while True:
-            page_params: dict[str, str | int] = {**(params or {}), "$top": top, "$skip": skip}
-            body = self.get_json(
-                endpoint,
-                path,
-                page_params,
-                permission=permission,
-                empty_on_not_found_code=empty_on_not_found_code if skip == 0 else None,
-            )
+            if next_link:
+                body = self.get_json(endpoint, next_link, None, permission=permission)
+            else:
+                page_params: dict[str, str | int] = {
+                    **(params or {}),
+                    "$top": top,
+                    "$skip": fetched,
+                }
+                body = self.get_json(
+                    endpoint,
+                    path,
+                    page_params,
+                    permission=permission,
+                    # the first page, and the request confirming a short last page
+                    empty_on_not_found=empty_on_not_found and (fetched == 0 or confirming),
+                )
             items = page_value(endpoint, body)
             count = body.get("@odata.count")
-            if isinstance(count, int) and skip == 0 and len(items) < top and count > len(items):
-                raise PageError(
-                    endpoint, f"truncated page: {len(items)} items of {count}", status=200
-                )
-            yield items
-            if len(items) < top:
+            if isinstance(count, int) and not isinstance(count, bool):
+                expected = count
+            fetched += len(items)
+            link = body.get("@odata.nextLink")
+            next_link = link if isinstance(link, str) and link else None
+            links_seen = links_seen or next_link is not None
+            if items:
+                yield items
+            if next_link:
+                confirming = False
+                continue
+            if not items or (expected is not None and fetched >= expected):
+                if expected is not None and fetched < expected:
+                    raise PageError(
+                        endpoint,
+                        f"short list: {fetched} items of @odata.count {expected}",
+                        status=200,
+                    )
                 return
-            skip += top
+            if len(items) >= top:
+                confirming = False
+                continue
+            if links_seen:  # a server that pages with links ends the list by leaving it out
+                return
+            # a short page without a link: ask for the next $skip to be sure the list ended
+            confirming = True
 
 
 class _TokenRejected(Exception):

@@ -1,4 +1,4 @@
-"""Machines: Defender's machine list (Machine.Read.All), `$top=10000` pages with `$skip`."""
+"""Machines: Defender's machine list (Machine.Read.All), `$top=10000` pages, `$skip`/nextLink."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from monitor.model.schema import SCOPE_MACHINES
 class MachinesResult:
     status: ScopeStatus
     last_seen: dict[str, str | None] = field(default_factory=dict)  # machine id -> lastSeen
+    onboarded: set[str] = field(default_factory=set)  # ids with onboardingStatus Onboarded
 
     @property
     def complete(self) -> bool:
@@ -25,14 +26,23 @@ class MachinesResult:
 def collect_machines(
     defender: DefenderClient, builder: GraphBuilder, progress: Progress
 ) -> MachinesResult:
-    """Fetch every machine; a page shorter than `$top` ends the list."""
+    """Fetch every machine (every page: see `ApiClient.iter_skip_pages`)."""
     try:
         machines = read_all(defender.iter_machine_pages(), progress, "machines")
     except IncompleteList as exc:
         status = exc.status()
         builder.set_scope(SCOPE_MACHINES, status)
         return MachinesResult(status)
-    last_seen = {m["id"]: m.get("lastSeen") for m in machines if isinstance(m.get("id"), str)}
+    # malformed items are the builder's to reject (by index, degrading the scope)
+    valid = [m for m in machines if isinstance(m, dict)]
+    last_seen = {m["id"]: m.get("lastSeen") for m in valid if isinstance(m.get("id"), str)}
+    # discovered devices are listed too (CanBeOnboarded, Unsupported, InsufficientInfo); a
+    # machine without the field is taken as onboarded
+    onboarded = {
+        m["id"]
+        for m in valid
+        if isinstance(m.get("id"), str) and m.get("onboardingStatus", "Onboarded") == "Onboarded"
+    }
     status = ScopeStatus(ScopeState.COMPLETE, count=builder.add_machines(machines))
     builder.set_scope(SCOPE_MACHINES, status)
-    return MachinesResult(status, last_seen)
+    return MachinesResult(status, last_seen, onboarded)

@@ -247,7 +247,7 @@ def _group_scopes(
 
 
 def sync_events(plan: MergePlan, ctx: _Ctx) -> list[Event]:
-    """baseline, degraded and suspicious_drop events of a sync (subject: the tenant)."""
+    """baseline, degraded, suspicious_drop and drop_applied events of a sync (subject: tenant)."""
     out: list[Event] = []
     if plan.baseline or plan.baseline_scopes:
         listed = plan.baseline_scopes[:MAX_BASELINE_SCOPES]
@@ -284,6 +284,19 @@ def sync_events(plan: MergePlan, ctx: _Ctx) -> list[Event]:
                     ctx.tenant,
                     decision.to_event_data(),
                     change=f"mde.sync.suspicious_drop:{typ}",
+                )
+            )
+        else:  # the guard let a large drop through: persisted long enough, or accepted
+            out.append(
+                ctx.event(
+                    "mde.sync.drop_applied",
+                    ctx.tenant,
+                    {
+                        **decision.to_event_data(),
+                        "accepted": decision.accepted,
+                        "reason": "accepted" if decision.accepted else "persisted",
+                    },
+                    change=f"mde.sync.drop_applied:{typ}",
                 )
             )
     return out

@@ -55,6 +55,9 @@ EVENT_TYPES: dict[str, str] = {
     "mde.machine_vulnerability.resolved": "A CVE is no longer identified on a machine",
     "mde.machine_logon_user.added": "An account logged on to a machine for the first time",
     "mde.machine_logon_user.removed": "An account no longer appears among a machine's logon users",
+    # query alert rules (monitor/alerts/query_rules.py)
+    "mde.query.entered": "An entity or row entered a query rule's result set after a sync",
+    "mde.query.left": "An entity or row left a query rule's result set after a complete sync",
     "mde.group.member_added": "A user was added to an Entra group",
     "mde.group.member_removed": "A user was removed from an Entra group",
     "mde.role.assigned": "A user was assigned a directory role (e.g. Global Administrator)",
@@ -64,6 +67,9 @@ EVENT_TYPES: dict[str, str] = {
     "mde.sync.degraded": "A resource could not be fetched completely; its previous items were kept",
     "mde.sync.failed": "The sync failed (sign-in or every resource); nothing was changed",
     "mde.sync.suspicious_drop": "A complete fetch would delete more than the allowed share of a type",
+    "mde.sync.drop_applied": "A large drop the guard held was applied (persisted or accepted)",
+    # the event stream itself
+    "mde.events.lost": "Unread events were trimmed from the stream at its memory cap (data.count)",
 }
 
 

@@ -2,19 +2,28 @@
 
 Each stream entry has one field, `e`, the CloudEvent as JSON. Consumers (alert dispatch)
 read the all-tenants stream through a consumer group and acknowledge after handling.
+
+Trimming never loses an unread event silently. Both retention bounds (`maxlen` entries,
+`retention_days` of age) stop at the slowest consumer group: what a group has not read or not
+acknowledged stays, even beyond `maxlen`. Only past the memory cap (`HARD_FACTOR` x `maxlen`)
+are unread events trimmed, and then the trim says so: an `mde.events.lost` event with the count
+(added after the trim, so it is read first thing), the `mde_events_lost_total` counter, and each
+overtaken group moved to the first surviving entry so its lag metric stays true.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
 import redis
 
-from monitor.events.envelope import Event
+from monitor.events.envelope import SCHEMA_VERSION, Event, utc_now_iso
+from monitor.redact import redact_bytes
 
 ALL = "_all"
 
@@ -33,6 +42,118 @@ def decode(raw: bytes | str) -> Event:
     return data
 
 
+HARD_FACTOR = 10  # unread events are kept up to this many times `maxlen`, then trimmed (lost)
+LOST_TYPE = "mde.events.lost"
+
+# KEYS: stream, lost counter hash. ARGV: maxlen, hard cap, age MINID, lost-event template (JSON
+# with a "count" placeholder), counter field prefix. Returns the number of unread entries trimmed.
+_SAFE_TRIM = """
+local key, counter = KEYS[1], KEYS[2]
+local maxlen, hard = tonumber(ARGV[1]), tonumber(ARGV[2])
+local age_ms = tonumber(ARGV[3])
+local function parse(id)
+  local ms, seq = string.match(id, "^(%d+)-(%d+)$")
+  return tonumber(ms), tonumber(seq)
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local len = redis.call("XLEN", key)
+local groups = redis.call("XINFO", "GROUPS", key)
+local needed, safe = 0, nil
+local info = {}
+for _, g in ipairs(groups) do
+  local h = {}
+  for i = 1, #g, 2 do h[g[i]] = g[i + 1] end
+  local pending = tonumber(h["pending"]) or 0
+  local need_from = h["last-delivered-id"]
+  if pending > 0 then
+    need_from = redis.call("XPENDING", key, h["name"])[2]
+  end
+  local lag = tonumber(h["lag"])  -- nil on Redis < 7 or when Redis cannot tell: assume all
+  local n = math.min(len, (lag or len) + pending)
+  if n > needed then needed = n end
+  if safe == nil or less(need_from, safe) then safe = need_from end
+  info[#info + 1] = {h["name"], n}
+end
+local age_id = string.format("%d", age_ms) .. "-0"
+if safe ~= nil and less(safe, age_id) then age_id = safe end
+redis.call("XTRIM", key, "MINID", "~", age_id)  -- by age, never what a group still needs
+len = redis.call("XLEN", key)
+if needed > len then needed = len end
+local keep = maxlen
+local lost = 0
+if needed > keep then keep = needed end
+if keep > hard then
+  lost = needed - hard
+  keep = hard
+end
+if len > keep then
+  if lost > 0 then
+    redis.call("XTRIM", key, "MAXLEN", keep)
+  else
+    redis.call("XTRIM", key, "MAXLEN", "~", keep)  -- whole nodes only: never more than asked
+  end
+end
+if lost > 0 then
+  local first = redis.call("XRANGE", key, "-", "+", "COUNT", 1)[1]
+  local added = nil
+  local s = redis.call("XINFO", "STREAM", key)
+  for i = 1, #s, 2 do if s[i] == "entries-added" then added = tonumber(s[i + 1]) end end
+  local remaining = redis.call("XLEN", key)
+  for _, gi in ipairs(info) do
+    if gi[2] > keep and first ~= nil then
+      -- the group now starts at the first surviving entry; its lag counts what is left
+      local ms, seq = parse(first[1])
+      local before = (seq > 0) and (string.format("%d", ms) .. "-" .. string.format("%d", seq - 1))
+        or (string.format("%d", ms - 1) .. "-18446744073709551615")
+      local ok = false
+      if added ~= nil then
+        ok = pcall(redis.call, "XGROUP", "SETID", key, gi[1], before, "ENTRIESREAD",
+                   added - remaining)
+      end
+      if not ok then redis.call("XGROUP", "SETID", key, gi[1], before) end
+      redis.call("HINCRBY", counter, ARGV[5] .. gi[1] .. '"]', gi[2] - keep)
+    end
+  end
+  local body = string.gsub(ARGV[4], '"count":0', '"count":' .. lost, 1)
+  redis.call("XADD", key, "*", "e", body)
+end
+return lost
+"""
+
+
+def lost_counter_key(prefix: str) -> str:
+    """Counter hash of unread events trimmed for memory (metric `mde_events_lost_total`)."""
+    return f"{prefix}:metrics:events_lost"
+
+
+def _lost_event(prefix: str, tenant: str, maxlen: int, hard: int) -> bytes:
+    return encode(
+        {
+            "specversion": "1.0",
+            "id": f"lost-{uuid.uuid4().hex}",
+            "source": f"mde-monitor/{tenant}",
+            "type": LOST_TYPE,
+            "subject": stream_key(prefix),
+            "time": utc_now_iso(),
+            "datacontenttype": "application/json",
+            "mdeschemaversion": SCHEMA_VERSION,
+            "data": {
+                "tenant": tenant,
+                "count": 0,
+                "stream": stream_key(prefix),
+                "maxlen": maxlen,
+                "hardLimit": hard,
+                "reason": "unread events trimmed: the stream reached its memory cap"
+                " (a consumer group fell too far behind)",
+            },
+        }
+    )
+
+
 def append(
     pipe: redis.client.Pipeline,
     prefix: str,
@@ -40,22 +161,27 @@ def append(
     events: Iterable[Event],
     maxlen: int,
     retention_days: float,
+    hard_factor: int = HARD_FACTOR,
 ) -> int:
     """Queue XADDs of `events` to the tenant stream and the all-tenants stream on `pipe`.
 
-    Retention is bounded by length (approximate MAXLEN) and by age (MINID); both trims are
-    queued on the same pipeline so they commit with the events.
+    Then one safe trim per stream on the same pipeline (committed with the events): by length
+    and by age, never past what a consumer group still needs, except beyond the memory cap
+    `hard_factor * maxlen`, which emits `mde.events.lost` (see the module doc).
     """
     n = 0
     for ev in events:
-        body = encode(ev)
-        pipe.xadd(stream_key(prefix, tenant), {"e": body}, maxlen=maxlen, approximate=True)
-        pipe.xadd(stream_key(prefix), {"e": body}, maxlen=maxlen, approximate=True)
+        body = redact_bytes(encode(ev))  # a configured secret never enters the stream
+        pipe.xadd(stream_key(prefix, tenant), {"e": body})
+        pipe.xadd(stream_key(prefix), {"e": body})
         n += 1
     if n:
         min_ms = int((time.time() - retention_days * 86400) * 1000)
-        pipe.xtrim(stream_key(prefix, tenant), minid=f"{min_ms}-0", approximate=True)
-        pipe.xtrim(stream_key(prefix), minid=f"{min_ms}-0", approximate=True)
+        hard = max(maxlen, maxlen * hard_factor)
+        lost = _lost_event(prefix, tenant, maxlen, hard)
+        for key in (stream_key(prefix, tenant), stream_key(prefix)):
+            args: list[Any] = [maxlen, hard, min_ms, lost, '["']
+            pipe.eval(_SAFE_TRIM, 2, key, lost_counter_key(prefix), *args)
     return n
 
 

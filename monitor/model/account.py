@@ -10,6 +10,8 @@ from monitor.model.schema import ACCOUNT, ModelError, epoch_ms
 
 Item = dict[str, Any]
 
+VENDOR = "Microsoft Defender"  # the account's `vendor`, as JupiterOne's Defender integration writes
+
 
 def account_tag(tenant: TenantConfig) -> str | None:
     """The `tag.AccountName` value for this tenant's entities, or None when tagging is off."""
@@ -41,8 +43,9 @@ def _domains(organization: Mapping[str, Any]) -> tuple[list[str] | None, str | N
 def account_entity(tenant: TenantConfig, organization: Mapping[str, Any] | None) -> Item:
     """The `microsoft_defender_account` entity.
 
-    name/displayName are the configured tenant name; `organization` is Graph's
-    `/organization` value[0] (None when it could not be read: only the configured fields are set).
+    name/displayName are the organization's `displayName`, else the configured tenant name;
+    `organization` is Graph's `/organization` value[0] (None when it could not be read: only the
+    configured fields are set).
     """
     if organization is not None and not isinstance(organization, Mapping):
         raise ModelError(f"organization: expected a JSON object, got {type(organization).__name__}")
@@ -57,10 +60,12 @@ def account_entity(tenant: TenantConfig, organization: Mapping[str, Any] | None)
         "createdOn": epoch_ms(org.get("createdDateTime")),
         "tenantType": org.get("tenantType"),
         "description": tenant.description,
+        "vendor": VENDOR,
     }
+    org_name = org.get("displayName")
     return ACCOUNT.entity(
         tenant.tenant_id,
-        tenant.name,
+        org_name if isinstance(org_name, str) and org_name.strip() else tenant.name,
         properties,
         raw=organization,
         account_tag=account_tag(tenant),

@@ -3,17 +3,24 @@
 The collector calls `add_*` per page (or once), then `set_scope(scope, status)` with the outcome
 of each scope's fetch. The account key comes from the tenant config, so relationships from the
 account can be written before (or without) the organization being read.
+
+Items are converted one by one: an item that cannot be converted (no `id`, not an object, a
+malformed field) is left out and recorded in `rejected` (resource, index, reason); the other
+items are added, and its scope can never be set complete - `set_scope` turns COMPLETE into
+FAILED naming the rejected items, so the previous data of that scope is kept.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from monitor.config import TenantConfig
 from monitor.model.account import account_entity, account_key, account_tag
-from monitor.model.graph import Graph, ScopeStatus
+from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.logon_users import machine_logon_user_relationship, merged_logon_user_entity
 from monitor.model.machines import (
     account_machine_relationship,
@@ -24,6 +31,7 @@ from monitor.model.machines import (
 from monitor.model.schema import (
     LOGON_USER,
     MACHINE,
+    MACHINE_IDENTIFIED_VULNERABILITY,
     SCOPE_ACCOUNT,
     SCOPE_MACHINES,
     SCOPE_USERS,
@@ -36,12 +44,30 @@ from monitor.model.schema import (
 )
 from monitor.model.users import account_user_relationship, user_entity
 from monitor.model.vulnerabilities import (
+    LIST_SEPARATOR,
     machine_vulnerability_relationship,
     pair_product,
     vulnerability_cve_relationship,
     vulnerability_entity,
     vulnerability_entity_from_pair,
 )
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTED = 3  # rejected items named in a scope's error (all are in `GraphBuilder.rejected`)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One Microsoft item that could not be converted; its scope is degraded."""
+
+    scope: str
+    resource: str  # "users", "machines", "machinesVulnerabilities", ...
+    index: int  # position in the list as received (0-based)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.resource} item {self.index}: {self.reason}"
 
 
 def _severity_order(value: str | None) -> tuple[int, str]:
@@ -50,6 +76,11 @@ def _severity_order(value: str | None) -> tuple[int, str]:
         return (-2, "")
     rank = level_rank(value)
     return (-1 if rank is None else rank, value)
+
+
+def _joined(value: object) -> list[str]:
+    """The members of a relationship property joined with LIST_SEPARATOR."""
+    return value.split(LIST_SEPARATOR) if isinstance(value, str) and value else []
 
 
 def _item(obj: object) -> Mapping[str, Any]:
@@ -72,6 +103,20 @@ class GraphBuilder:
         # vulnerabilities: CVE id (upper) -> worst severity among its pairs; CVEs with details
         self._pair_severity: dict[str, str | None] = {}
         self._detailed: set[str] = set()
+        self.rejected: list[Rejected] = []
+
+    def _reject(self, scope: str, resource: str, index: int, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+        item = Rejected(scope, resource, index, reason[:300])
+        self.rejected.append(item)
+        log.warning(
+            "item rejected",
+            extra={"tenant": self.tenant.name, "scope": scope, "rejected": str(item)},
+        )
+
+    def rejected_in(self, scope: str) -> list[Rejected]:
+        """The items of `scope` that could not be converted."""
+        return [r for r in self.rejected if r.scope == scope]
 
     def _count(self, scope: str, n: int) -> int:
         self._counts[scope] = self._counts.get(scope, 0) + n
@@ -83,7 +128,12 @@ class GraphBuilder:
 
     def add_account(self, organization: Mapping[str, Any] | None) -> None:
         """The account entity from Graph `/organization` value[0] (scope "account")."""
-        self._graph.add_entity(account_entity(self.tenant, organization), SCOPE_ACCOUNT)
+        try:
+            entity = account_entity(self.tenant, organization)
+        except Exception as exc:  # an unconvertible organization: rejected, not a crash
+            self._reject(SCOPE_ACCOUNT, "organization", 0, exc)
+            return
+        self._graph.add_entity(entity, SCOPE_ACCOUNT)
         self._counts[SCOPE_ACCOUNT] = 1
 
     def add_users(self, users: Iterable[Mapping[str, Any]]) -> int:
@@ -92,8 +142,9 @@ class GraphBuilder:
         for i, raw in enumerate(users):
             try:
                 entity = user_entity(_item(raw), account_tag=self._tag)
-            except ModelError as exc:
-                raise ModelError(f"users item {i}: {exc}") from None
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
+                self._reject(SCOPE_USERS, "users", i, exc)
+                continue
             self._graph.add_entity(entity, SCOPE_USERS)
             rel = account_user_relationship(self.account_key, entity["_key"])
             self._graph.add_relationship(rel, SCOPE_USERS)
@@ -108,8 +159,9 @@ class GraphBuilder:
                 machine = _item(raw)
                 agent = machine_entity(machine, account_tag=self._tag)
                 device = device_entity(machine, account_tag=self._tag)
-            except ModelError as exc:
-                raise ModelError(f"machines item {i}: {exc}") from None
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
+                self._reject(SCOPE_MACHINES, "machines", i, exc)
+                continue
             g = self._graph
             g.add_entity(agent, SCOPE_MACHINES)
             g.add_entity(device, SCOPE_MACHINES)
@@ -136,14 +188,15 @@ class GraphBuilder:
             try:
                 item = _item(raw)
                 user_id = require_str(item, "logon user")
-            except ModelError as exc:
-                raise ModelError(f"{scope} item {i}: {exc}") from None
-            key = LOGON_USER.key(user_id)
-            reports = self._logon_reports.setdefault(key, {})
-            reports[machine_id] = item
-            entity = merged_logon_user_entity(reports, account_tag=self._tag)
+                key = LOGON_USER.key(user_id)
+                reports = {**self._logon_reports.get(key, {}), machine_id: item}
+                entity = merged_logon_user_entity(reports, account_tag=self._tag)
+                rel = machine_logon_user_relationship(machine_key, key, item)
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
+                self._reject(scope, "logonusers", i, exc)
+                continue
+            self._logon_reports[key] = reports
             self._graph.add_entity(entity, logon_users_scope(min(reports)))
-            rel = machine_logon_user_relationship(machine_key, key, item)
             self._graph.add_relationship(rel, scope)
             n += 1
         return self._count(scope, n)
@@ -163,13 +216,15 @@ class GraphBuilder:
         with, or later for a CVE already seen in pairs. Returns the number of vulnerability
         entities new in this call. Not thread-safe: call from one thread.
         """
-        details: dict[str, Mapping[str, Any]] = {}
+        details: dict[str, tuple[int, Mapping[str, Any]]] = {}  # CVE id -> (index, item)
         for i, raw in enumerate(cves):
             try:
                 cve = _item(raw)
-                details[require_str(cve, "vulnerability").upper()] = cve
-            except ModelError as exc:
-                raise ModelError(f"vulnerabilities item {i}: {exc}") from None
+                cve_id = require_str(cve, "vulnerability").upper()
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
+                self._reject(SCOPE_VULNERABILITIES, "vulnerabilities", i, exc)
+                continue
+            details[cve_id] = (i, cve)
         # (machine id, CVE id) -> ([products], [fixing KB ids]); only for this call's pairs
         found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         for i, raw in enumerate(pairs):
@@ -177,11 +232,12 @@ class GraphBuilder:
                 pair = _item(raw)
                 machine_id = require_str(pair, "machine vulnerability", "machineId")
                 cve_id = require_str(pair, "machine vulnerability", "cveId").upper()
-            except ModelError as exc:
-                raise ModelError(f"machinesVulnerabilities item {i}: {exc}") from None
+                product = pair_product(pair)
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
+                self._reject(SCOPE_VULNERABILITIES, "machinesVulnerabilities", i, exc)
+                continue
             key = (sys.intern(machine_id), sys.intern(cve_id))
             products, kbs = found.setdefault(key, ([], []))
-            product = pair_product(pair)
             if product and product not in products:
                 products.append(product)
             kb = pair.get("fixingKbId")
@@ -200,10 +256,16 @@ class GraphBuilder:
         added = 0
         touched = {cve_id for _, cve_id in found}
         touched.update(c for c in details if c in self._pair_severity)  # late details
+        broken: set[str] = set()  # CVEs whose details could not be converted: left out
         for cve_id in sorted(touched):
-            dto = details.get(cve_id)
-            if dto is not None:
-                entity = vulnerability_entity(dto, on_machine=True, account_tag=self._tag)
+            detail = details.get(cve_id)
+            if detail is not None:
+                try:
+                    entity = vulnerability_entity(detail[1], on_machine=True, account_tag=self._tag)
+                except Exception as exc:  # any unconvertible item: rejected, not a crash
+                    self._reject(SCOPE_VULNERABILITIES, "vulnerabilities", detail[0], exc)
+                    broken.add(cve_id)
+                    continue
                 self._detailed.add(cve_id)
             elif cve_id in self._detailed:
                 continue  # keep the entity built from the CVE's details in an earlier call
@@ -218,17 +280,16 @@ class GraphBuilder:
                 g.add_relationship(mapped, SCOPE_VULNERABILITIES)
         for machine_id, cve_id in sorted(found):
             products, kbs = found.pop((machine_id, cve_id))
-            rel = machine_vulnerability_relationship(
-                MACHINE.key(machine_id), VULNERABILITY.key(cve_id), products, kbs
+            if cve_id in broken:
+                continue
+            machine_key, vuln_key = MACHINE.key(machine_id), VULNERABILITY.key(cve_id)
+            earlier = g.relationships.get(
+                MACHINE_IDENTIFIED_VULNERABILITY.key(machine_key, vuln_key)
             )
-            earlier = g.relationships.get(rel["_key"])
             if earlier is not None:  # a repeated call: merge the products and KBs
-                rel = machine_vulnerability_relationship(
-                    rel["_fromEntityKey"],
-                    rel["_toEntityKey"],
-                    [*earlier["products"], *products],
-                    [*earlier["fixingKbIds"], *kbs],
-                )
+                products += _joined(earlier.get("products"))
+                kbs += _joined(earlier.get("fixingKbIds"))
+            rel = machine_vulnerability_relationship(machine_key, vuln_key, products, kbs)
             g.add_relationship(rel, SCOPE_VULNERABILITIES)
         return self._count(SCOPE_VULNERABILITIES, added)
 
@@ -237,7 +298,25 @@ class GraphBuilder:
         return self._logon_reports
 
     def set_scope(self, scope: str, status: ScopeStatus) -> None:
-        """Record how the fetch of `scope` ended (complete / failed / skipped)."""
+        """Record how the fetch of `scope` ended (complete / failed / skipped).
+
+        A scope with rejected items is never complete: COMPLETE becomes FAILED with an error
+        naming them (so its previous data is kept, nothing is deleted on partial evidence).
+        """
+        rejected = self.rejected_in(scope)
+        if rejected and status.state is ScopeState.COMPLETE:
+            named = "; ".join(str(r) for r in rejected[:MAX_REPORTED])
+            more = (
+                f" (+{len(rejected) - MAX_REPORTED} more)" if len(rejected) > MAX_REPORTED else ""
+            )
+            status = ScopeStatus(
+                ScopeState.FAILED,
+                count=status.count,
+                error=(
+                    f"{len(rejected)} item(s) could not be converted, previous data kept: "
+                    f"{named}{more}"
+                ),
+            )
         self._graph.scopes[scope] = status
 
     def graph(self) -> Graph:

@@ -154,6 +154,10 @@ def properties_markdown() -> str:
         ]
         if e.volatile:
             facts.append("volatile: " + ", ".join(_code(v) for v in e.volatile))
+        if e.keep_null:
+            facts.append(
+                "written as null when unknown: " + ", ".join(_code(v) for v in e.keep_null)
+            )
         sections += [
             f"### {e.resource} (`{e.type}`)",
             " - ".join(facts),
@@ -188,27 +192,40 @@ one per `_key`. Conventions:
 - Entities carry `_key`, `_type`, `_class` (a list), `displayName`, `name`, their properties and
   `_rawData: [{{"name": "default", "rawData": <the Microsoft object>}}]` (ignored by the diff).
   With `tag_with_account_name: true` every entity also has `{TAG_ACCOUNT_NAME}` = the tenant name.
+- A property whose value is unknown is left out, never written as `null` (JupiterOne's schemas
+  want a string or a number where a value is given); the diff counts an absent field as null.
+  Only the `Device` fields its class requires and allows as null (`category`, `deviceId`,
+  `make`, `model`, `serial`) are always written.
 - Times are epoch milliseconds in `...On` fields (`firstSeenOn`, `lastSeenOn`, `publishedOn`,
   `updatedOn`, `createdOn`, `firstDetectedOn`). Defender's "no date" `0001-01-01T00:00:00Z`
-  becomes `null`.
+  counts as unknown.
 - Relationships carry `_key` (`<from>|<class>|<to>`), `_type`, `_class`, `_fromEntityKey`,
-  `_toEntityKey` and `displayName` (the class). Mapped relationships carry `_mapping` instead of
-  the two entity keys: the target (`cve`, `_key` = the lower-case CVE id) is matched on
-  `_type` + `_key` and created when absent.
+  `_toEntityKey`, `displayName` (the class) and scalar properties only (lists are joined with
+  `", "`). Mapped relationships carry `_mapping` instead of the two entity keys: the target
+  (`cve`, `_key` = the lower-case CVE id) is matched on `_type` + `_key` and created when absent;
+  it declares no `_class` (the `Vulnerability` class would require fields Defender does not give).
+- Account: `name` / `displayName` are the organization's display name (the configured tenant name
+  when it is unknown), `vendor` is `Microsoft Defender`.
 - Machines: each Defender machine gives a `microsoft_defender_machine` (the agent) and a
   `user_endpoint` (the device). `ipAddress` lists the distinct interface IPs except loopback
-  (127.0.0.0/8, ::1), sorted. `macAddress` lists the MACs of interfaces that are `Up`, not
-  `SoftwareLoopback` and not on a loopback IP, except the all-zero MAC, as `AA:BB:CC:DD:EE:FF`,
-  sorted. The device's `ipAddresses` is Defender's list as is.
-- Users: `active` is Graph's `accountEnabled` (`null` when unknown).
+  (127.0.0.0/8, ::1), sorted. `macAddress` lists the MACs of every interface except those in an
+  explicit non-up `operationalStatus` (`Down`, `Testing`, `Dormant`, `NotPresent`,
+  `LowerLayerDown`), of type `SoftwareLoopback` or on a loopback IP, and except the all-zero MAC,
+  as `AA:BB:CC:DD:EE:FF`, sorted. Interfaces with status `Unknown` or null and type null are
+  real and keep their MACs. The device's `ipAddresses` is Defender's list as is.
+- Users: `active` is Graph's `accountEnabled` (absent when unknown); `businessPhones`,
+  `mobilePhone` and `preferredLanguage` come from Graph as they are.
 - Logon users: one entity per Defender logon-user `id`, shared by every machine that HAS it;
   fields come from the report of the smallest machine id, `firstSeenOn` / `lastSeenOn` are the
   earliest / latest over all reports; the entity belongs to that machine's
   `logon_users:<machine id>` scope.
-- Vulnerabilities: one entity per CVE found on at least one machine, one IDENTIFIED relationship
-  per machine and CVE (`products`: "vendor product version", `fixingKbIds`). A CVE missing from
-  Defender's catalogue gets an entity with only its id and severity. Non-CVE ids (`TVM-...`) get
-  no `cve` mapping.
+- Vulnerabilities: one entity per CVE found on at least one machine (`epss` is Defender's EPSS
+  score), one IDENTIFIED relationship per machine and CVE (`products`: the affected
+  "vendor product version" strings, `fixingKbIds`: the fixing KBs, each joined with `", "`).
+  A CVE missing from Defender's catalogue gets an entity with only its id and severity.
+  Non-CVE ids (`TVM-...`) get no `cve` mapping.
+- An item Microsoft sends that cannot be converted (no `id`, a malformed field) is left out and
+  named in its scope's error (resource, index, reason); that scope keeps its previous data.
 - Identity (extensions, see below): employees (`employee`, class `Person`) come from the
   directory (member users with an `employeeId` by default) and/or an HR export file; a user IS
   the employee with the same employee id, else e-mail, else UPN (case-insensitive,

@@ -8,10 +8,13 @@ Address rules (documented in docs/data-model.md, tested in tests/test_model.py):
 
 - `ipAddress`: every distinct non-empty `ipAddresses[].ipAddress` of any interface except loopback
   addresses (127.0.0.0/8 and ::1), sorted.
-- `macAddress`: the MAC of every interface that is `operationalStatus == "Up"`, whose `type` is
-  not `SoftwareLoopback` and whose IP is not loopback; the MAC must be 12 hex digits (bare or in
-  `:`/`-` separated pairs, any case) and not all zeros. Written `AA:BB:CC:DD:EE:FF` upper-case, distinct,
-  sorted. Sorting both lists keeps a reordering by Defender from looking like a change.
+- `macAddress`: the MAC of every interface except those in an explicit non-up
+  `operationalStatus` (`Down`, `Testing`, `Dormant`, `NotPresent`, `LowerLayerDown`), of `type`
+  `SoftwareLoopback` or on a loopback IP. `Up`, `Unknown`, a missing/null status and a null `type`
+  are kept: real tenants report live interfaces that way (JupiterOne's recordings have them).
+  The MAC must be 12 hex digits (bare or in `:`/`-` separated pairs, any case) and not all zeros.
+  Written `AA:BB:CC:DD:EE:FF` upper-case, distinct, sorted. Sorting both lists keeps a reordering
+  by Defender from looking like a change.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ MACHINE_FUNCTIONS = (
     "vulnerability-detection",
     "container-security",
 )
+
+# .NET OperationalStatus values that say the interface is not up (compared case-insensitively).
+NON_UP_STATUSES = frozenset({"down", "testing", "dormant", "notpresent", "lowerlayerdown"})
 
 _HEX12 = re.compile(r"[0-9A-F]{12}")
 _NO_SEPARATORS = str.maketrans("", "", ":-")
@@ -90,6 +96,11 @@ def _interfaces(machine: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return raw
 
 
+def _not_up(status: object) -> bool:
+    """True only for an explicit non-up status; Up, Unknown, null or absent are not."""
+    return isinstance(status, str) and status.strip().lower() in NON_UP_STATUSES
+
+
 def machine_addresses(machine: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(`ipAddress`, `macAddress`) of a machine by the rules in this module's docstring."""
     ips: set[str] = set()
@@ -101,7 +112,7 @@ def machine_addresses(machine: Mapping[str, Any]) -> tuple[list[str], list[str]]
             loopback = is_loopback_ip(ip)
             if not loopback:
                 ips.add(ip)
-        if loopback or i.get("operationalStatus") != "Up" or i.get("type") == "SoftwareLoopback":
+        if loopback or _not_up(i.get("operationalStatus")) or i.get("type") == "SoftwareLoopback":
             continue
         mac = format_mac(i.get("macAddress"))
         if mac is not None:
@@ -115,7 +126,7 @@ def machine_ip_addresses(machine: Mapping[str, Any]) -> list[str]:
 
 
 def machine_mac_addresses(machine: Mapping[str, Any]) -> list[str]:
-    """MACs of interfaces that are Up, not SoftwareLoopback, not loopback IPs, not all-zero."""
+    """MACs of interfaces not explicitly down, not SoftwareLoopback, not loopback, not all-zero."""
     return machine_addresses(machine)[1]
 
 

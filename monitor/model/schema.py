@@ -22,6 +22,9 @@ class EntityType:
     short: str  # short name used in event types: mde.<short>.<change>
     volatile: tuple[str, ...] = ()  # fields that change constantly; never an update by themselves
     properties: tuple[str, ...] = ()  # every field the converter writes besides `_key` & co.
+    # Properties written even when unknown (null): the JupiterOne class requires them and allows
+    # null. Every other property is left out when its value is unknown (None).
+    keep_null: tuple[str, ...] = ()
 
     def key(self, source_id: str) -> str:
         return self.key_format.format(id=source_id)
@@ -34,7 +37,10 @@ class EntityType:
         raw: Any,
         account_tag: str | None = None,
     ) -> dict[str, Any]:
-        """A JupiterOne entity: `_key`, `_type`, `_class`, names, properties, tag, `_rawData`."""
+        """A JupiterOne entity: `_key`, `_type`, `_class`, names, properties, tag, `_rawData`.
+
+        A property whose value is None is left out, unless it is one of `keep_null`.
+        """
         item: dict[str, Any] = {
             "_key": self.key(source_id),
             "_type": self.type,
@@ -42,7 +48,8 @@ class EntityType:
             "displayName": display_name,
             "name": display_name,
         }
-        item.update(properties)
+        keep = self.keep_null
+        item.update((k, v) for k, v in properties.items() if v is not None or k in keep)
         if account_tag is not None:
             item[TAG_ACCOUNT_NAME] = account_tag
         item["_rawData"] = [{"name": "default", "rawData": raw}]
@@ -68,7 +75,7 @@ class RelationshipType:
     def relationship(
         self, from_key: str, to_key: str, properties: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """A direct JupiterOne relationship between two entity keys."""
+        """A direct JupiterOne relationship between two entity keys (None properties left out)."""
         item: dict[str, Any] = {
             "_key": self.key(from_key, to_key),
             "_type": self.type,
@@ -78,7 +85,7 @@ class RelationshipType:
             "displayName": self.rel_class,
         }
         if properties:
-            item.update(properties)
+            item.update((k, v) for k, v in properties.items() if v is not None)
         return item
 
 
@@ -103,9 +110,15 @@ class MappedRelationshipType:
         )
 
     def relationship(self, source_key: str, target_entity: Mapping[str, Any]) -> dict[str, Any]:
-        """A mapped relationship to an entity matched on (`_type`, `_key`); created if absent."""
-        target: dict[str, Any] = {"_type": self.target_type, "_class": list(self.target_classes)}
-        target.update(target_entity)
+        """A mapped relationship to an entity matched on (`_type`, `_key`); created if absent.
+
+        The target declares `_class` only when `target_classes` is set (a class brings its
+        required properties with it); None values are left out.
+        """
+        target: dict[str, Any] = {"_type": self.target_type}
+        if self.target_classes:
+            target["_class"] = list(self.target_classes)
+        target.update((k, v) for k, v in target_entity.items() if v is not None)
         return {
             "_key": self.key(source_key, target["_key"]),
             "_type": self.type,
@@ -206,6 +219,7 @@ ACCOUNT = EntityType(
         "createdOn",
         "tenantType",
         "description",
+        "vendor",
     ),
 )
 DEVICE = EntityType(
@@ -260,6 +274,7 @@ DEVICE = EntityType(
         "model",
         "serial",
     ),
+    keep_null=("category", "deviceId", "make", "model", "serial"),
 )
 LOGON_USER = EntityType(
     "Logon User",
@@ -373,6 +388,9 @@ USER = EntityType(
         "accountEnabled",
         "userType",
         "createdOn",
+        "businessPhones",
+        "mobilePhone",
+        "preferredLanguage",
         # identity extensions (monitor.model.identity)
         "employeeId",
         "employeeType",
@@ -414,6 +432,7 @@ VULNERABILITY = EntityType(
         "blocking",
         "production",
         "cveSupportability",
+        "epss",
         "webLink",
     ),
 )
@@ -551,7 +570,6 @@ VULNERABILITY_IS_CVE = MappedRelationshipType(
     "FORWARD",
     SCOPE_VULNERABILITIES,
     "vulnerability_cve",
-    target_classes=("Vulnerability",),
 )
 
 MAPPED_RELATIONSHIP_TYPES: tuple[MappedRelationshipType, ...] = (VULNERABILITY_IS_CVE,)

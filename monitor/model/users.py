@@ -10,7 +10,8 @@ from monitor.model.schema import ACCOUNT_HAS_USER, USER, epoch_ms, require_str
 Item = dict[str, Any]
 
 # The Graph user fields this converter reads; the collector `$select`s exactly these (Graph's
-# default projection leaves out accountEnabled, department, userType and createdDateTime).
+# default projection leaves out accountEnabled, department, userType and createdDateTime;
+# businessPhones, mobilePhone and preferredLanguage are mapped as JupiterOne's converter does).
 GRAPH_USER_FIELDS: tuple[str, ...] = (
     "id",
     "displayName",
@@ -24,6 +25,9 @@ GRAPH_USER_FIELDS: tuple[str, ...] = (
     "accountEnabled",
     "userType",
     "createdDateTime",
+    "businessPhones",
+    "mobilePhone",
+    "preferredLanguage",
 )
 # Identity mapping (monitor.model.identity): employee fields and the on-premises account.
 IDENTITY_USER_FIELDS = (
@@ -35,6 +39,13 @@ IDENTITY_USER_FIELDS = (
     "onPremisesDomainName",
 )
 GRAPH_USER_FIELDS += IDENTITY_USER_FIELDS
+
+
+def _strings(value: object) -> list[str] | None:
+    """The non-empty strings of a list (Graph's `businessPhones`); None when there are none."""
+    if not isinstance(value, list):
+        return None
+    return [v for v in value if isinstance(v, str) and v] or None
 
 
 def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
@@ -61,6 +72,9 @@ def user_entity(user: Mapping[str, Any], *, account_tag: str | None = None) -> I
         "accountEnabled": user.get("accountEnabled"),
         "userType": user.get("userType"),
         "createdOn": epoch_ms(user.get("createdDateTime")),
+        "businessPhones": _strings(user.get("businessPhones")),
+        "mobilePhone": user.get("mobilePhone") or None,
+        "preferredLanguage": user.get("preferredLanguage") or None,
     }
     properties.update({f: user.get(f) for f in IDENTITY_USER_FIELDS})
     properties["employeeMapped"] = None  # set by the identity mapping (monitor.model.identity)

@@ -36,6 +36,11 @@ def nvd_link(cve_id: str) -> str | None:
     return f"{NVD_DETAIL}{cve_id.upper()}" if is_cve_id(cve_id) else None
 
 
+def _number(value: object) -> float | int | None:
+    """A JSON number (not a bool); None otherwise."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def vulnerability_entity(
     cve: Mapping[str, Any], *, on_machine: bool = False, account_tag: str | None = None
 ) -> Item:
@@ -47,7 +52,7 @@ def vulnerability_entity(
     cve_id = require_str(cve, "vulnerability").upper()
     get = cve.get
     exposed = get("exposedMachines")
-    score = get("cvssV3")
+    score = _number(get("cvssV3"))
     raw_name = get("name")
     name = raw_name if isinstance(raw_name, str) and raw_name else cve_id
     properties = {
@@ -71,6 +76,7 @@ def vulnerability_entity(
         "blocking": False,
         "production": False,
         "cveSupportability": get("cveSupportability"),
+        "epss": _number(get("epss")),
         "webLink": nvd_link(cve_id),
     }
     return VULNERABILITY.entity(cve_id, name, properties, raw=cve, account_tag=account_tag)
@@ -114,17 +120,27 @@ def pair_product(pair: Mapping[str, Any]) -> str | None:
     return " ".join(str(p).strip() for p in parts if p not in (None, "")).strip() or None
 
 
+LIST_SEPARATOR = ", "  # relationship properties are scalars: lists are joined with it
+
+
 def machine_vulnerability_relationship(
     machine_key: str,
     vulnerability_key: str,
     products: Iterable[str] = (),
     fixing_kb_ids: Iterable[str] = (),
 ) -> Item:
-    """machine IDENTIFIED vulnerability, with the affected products and fixing KBs (sorted)."""
+    """machine IDENTIFIED vulnerability, with the affected products and fixing KBs.
+
+    JupiterOne relationships take scalar properties only: each list is sorted, deduplicated and
+    joined with ", " (left out when empty).
+    """
     return MACHINE_IDENTIFIED_VULNERABILITY.relationship(
         machine_key,
         vulnerability_key,
-        {"products": sorted(set(products)), "fixingKbIds": sorted(set(fixing_kb_ids))},
+        {
+            "products": LIST_SEPARATOR.join(sorted(set(products))) or None,
+            "fixingKbIds": LIST_SEPARATOR.join(sorted(set(fixing_kb_ids))) or None,
+        },
     )
 
 

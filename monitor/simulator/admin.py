@@ -12,7 +12,10 @@ POST   /admin/faults                      a Fault as JSON -> the fault with its 
 DELETE /admin/faults
 POST   /admin/rate-limits                 {"enabled": true}
 POST   /admin/tokens/expire               every issued access token now fails (401)
-POST   /admin/settings                    {"token_lifetime": 60, "graph_short_pages": true}
+POST   /admin/settings                    {"token_lifetime": 60, "graph_short_pages": true,
+                                           "defender_resource": "https://x/windowsatpservice"}
+POST   /admin/tenants/{tid}/mutate        {"op": "set_behaviour", "args": {"defender_page_size":
+                                           500, "catalogue_extra": 250000, ...}} (tenant.py)
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ class AdminApi:
             "token_lifetime": sim.token_lifetime,
             "rate_limits": sim.rate_limiter.enabled,
             "graph_short_pages": sim.graph_short_pages,
+            "defender_resource": sim.defender_resource,
             "tenants": [t.summary() for t in sim.tenants],
         }
 
@@ -134,7 +138,7 @@ class AdminApi:
     def _settings(self, body: Any) -> Response:
         if not isinstance(body, dict):
             raise ValueError("settings: body must be a JSON object")
-        unknown = set(body) - {"token_lifetime", "graph_short_pages"}
+        unknown = set(body) - {"token_lifetime", "graph_short_pages", "defender_resource"}
         if unknown:
             raise ValueError(f"settings: unknown field(s) {', '.join(sorted(unknown))}")
         if "token_lifetime" in body:
@@ -146,6 +150,11 @@ class AdminApi:
             if not isinstance(body["graph_short_pages"], bool):
                 raise ValueError("settings: graph_short_pages must be true or false")
             self.sim.graph_short_pages = body["graph_short_pages"]
+        if "defender_resource" in body:
+            value = body["defender_resource"]
+            if value is not None and not (isinstance(value, str) and value.startswith("https://")):
+                raise ValueError("settings: defender_resource must be an https URI or null")
+            self.sim.defender_resource = value
         return json_response(200, self.info())
 
 
@@ -228,6 +237,6 @@ class SimulatorAdminClient:
         self._call("POST", "/tokens/expire")
 
     def settings(self, **values: Any) -> dict[str, Any]:
-        """token_lifetime=..., graph_short_pages=..."""
+        """token_lifetime=..., graph_short_pages=..., defender_resource=..."""
         result: dict[str, Any] = self._call("POST", "/settings", values)
         return result

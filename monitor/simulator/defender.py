@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -67,12 +67,40 @@ def _page(items: Iterable[Any], top: int, skip: int) -> list[Any]:
     return list(islice(items, skip, skip + top))
 
 
-def _collection(context: str, items: list[Any], count: int | None = None) -> Response:
+def _collection(
+    context: str, items: list[Any], count: int | None = None, next_link: str | None = None
+) -> Response:
     doc: dict[str, Any] = {"@odata.context": context}
     if count is not None:
         doc["@odata.count"] = count
     doc["value"] = items
+    if next_link is not None:
+        doc["@odata.nextLink"] = next_link
     return Response(200, orjson.dumps(doc), {}, CONTENT_TYPE)
+
+
+def _list_page(
+    req: Request,
+    tenant: SimTenant,
+    key: str,
+    context: str,
+    total: int,
+    page: Callable[[int, int], list[Any]],
+    top: int,
+    skip: int,
+) -> Response:
+    """One page of a Defender list, with the tenant's real-world behaviours:
+    `defender_page_size` (+ nextLink unless `defender_next_link` is off), `short_lists`
+    (items missing at the end, no link), `odata_count` (the true total), `next_link_origin`."""
+    served = total - min(total, tenant.short_lists.get(key, 0))
+    size = min(top, tenant.defender_page_size or top)
+    items = page(skip, max(0, min(size, served - skip)))
+    link = None
+    end = skip + len(items)
+    if tenant.defender_page_size is not None and tenant.defender_next_link and end < served:
+        origin = tenant.next_link_origin or req.base_url
+        link = f"{origin}{req.path}?$top={top}&$skip={end}"
+    return _collection(context, items, total if tenant.odata_count else None, link)
 
 
 class DefenderApi:
@@ -127,8 +155,8 @@ class DefenderApi:
         resp.headers["Retry-After"] = str(retry_after)
         return resp
 
-    def error(self, status: int, message: str | None = None) -> Response:
-        return _err(status, message)
+    def error(self, status: int, message: str | None = None, code: str | None = None) -> Response:
+        return _err(status, message, code)
 
     # ---- handlers ---------------------------------------------------------------------
 
@@ -153,8 +181,17 @@ class DefenderApi:
         with tenant.lock:
             if not tenant.machines:
                 return _err(404, "No machines found", "ResourceNotFound")
-            items = _page(tenant.machines.values(), top, skip)
-        return _collection(f"{req.base_url}/api/$metadata#Machines", items)
+            machines = list(tenant.machines.values())
+        return _list_page(
+            req,
+            tenant,
+            "defender:/api/machines",
+            f"{req.base_url}/api/$metadata#Machines",
+            len(machines),
+            lambda skip, top: _page(machines, top, skip),
+            top,
+            skip,
+        )
 
     def machine(self, req: Request, tenant: SimTenant, id: str) -> Response:
         found = tenant.machines.get(id)
@@ -164,7 +201,9 @@ class DefenderApi:
         return Response(200, orjson.dumps(doc), {}, CONTENT_TYPE)
 
     def logon_users(self, req: Request, tenant: SimTenant, id: str) -> Response:
-        if id not in tenant.machines:
+        machine = tenant.machines.get(id)
+        # discovered devices (not onboarded) are listed, but have no logon users to ask for
+        if machine is None or machine.get("onboardingStatus", "Onboarded") != "Onboarded":
             return _err(404, f"Machine {id} was not found", "ResourceNotFound")
         items = list(tenant.logon_users.get(id, []))
         return _collection(f"{req.base_url}/api/$metadata#Users", items)
@@ -188,8 +227,16 @@ class DefenderApi:
         if isinstance(paging, Response):
             return paging
         top, skip = paging
-        items = tenant.vulnerability_list()
-        return _collection(f"{req.base_url}/api/$metadata#Vulnerabilities", _page(items, top, skip))
+        return _list_page(
+            req,
+            tenant,
+            "defender:/api/vulnerabilities",
+            f"{req.base_url}/api/$metadata#Vulnerabilities",
+            tenant.catalogue_size(),
+            tenant.catalogue_page,
+            top,
+            skip,
+        )
 
     def vulnerability(self, req: Request, tenant: SimTenant, id: str) -> Response:
         cve = tenant.cves.get(id) or tenant.cves.get(id.upper())
@@ -208,6 +255,13 @@ class DefenderApi:
             return paging
         top, skip = paging
         items = tenant.machine_vulnerability_list()
-        return _collection(
-            f"{req.base_url}/api/$metadata#MachineVulnerabilities", _page(items, top, skip)
+        return _list_page(
+            req,
+            tenant,
+            "defender:/api/vulnerabilities/machinesVulnerabilities",
+            f"{req.base_url}/api/$metadata#MachineVulnerabilities",
+            len(items),
+            lambda skip, top: _page(items, top, skip),
+            top,
+            skip,
         )

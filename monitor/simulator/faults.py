@@ -2,7 +2,9 @@
 
 Fault kinds and what the client sees:
   status     the given HTTP status with the API's own error body (Graph / Defender / Entra ID
-             shape); 429 and 503 carry `Retry-After: <retry_after>`.
+             shape), with `code` / `message` when given (e.g. 403 DisabledFeature, 404
+             NotFound); `body: "none"` sends no JSON body at all (text/plain); 429 and 503
+             carry `Retry-After: <retry_after>`.
   hang       the answer comes after `seconds` (the request is then served normally), so a
              client timeout fires; other requests are served meanwhile.
   malformed  200 with Content-Type application/json and a body that is not valid JSON.
@@ -46,6 +48,9 @@ class Fault:
     seconds: float = 5.0
     tenant_id: str | None = None
     machine_id: str | None = None
+    code: str | None = None  # the API's error code (default: the status's usual one)
+    message: str | None = None
+    body: Literal["json", "none"] = "json"
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:
@@ -63,6 +68,8 @@ class Fault:
             raise ValueError(f"fault status must be an HTTP status (got {self.status})")
         if self.seconds < 0:
             raise ValueError(f"fault seconds must be >= 0 (got {self.seconds})")
+        if self.body not in ("json", "none"):
+            raise ValueError(f"fault body must be 'json' or 'none' (got {self.body!r})")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

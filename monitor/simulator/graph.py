@@ -177,8 +177,8 @@ class GraphApi:
         return _err(403, "Insufficient privileges to complete the operation.",
                     "Authorization_RequestDenied")  # fmt: skip
 
-    def error(self, status: int, message: str | None = None) -> Response:
-        return _err(status, message)
+    def error(self, status: int, message: str | None = None, code: str | None = None) -> Response:
+        return _err(status, message, code)
 
     # ---- handlers ---------------------------------------------------------------------
 
@@ -297,6 +297,9 @@ class GraphApi:
         size = max(1, (top + 1) // 2) if short else top
         with tenant.lock:
             everyone = list(tenant.users.values())
+        total = len(everyone)
+        # a short list: the last users missing, and no nextLink pointing to them
+        everyone = everyone[: total - min(total, tenant.short_lists.get("graph:/users", 0))]
         page = everyone[offset : offset + size]
         if props:
             items = [_project(u, props, {"accountEnabled": True}) for u in page]
@@ -314,12 +317,15 @@ class GraphApi:
         if props:
             context += f"({','.join(props)})"
         doc: dict[str, Any] = {"@odata.context": context}
+        if tenant.odata_count and offset == 0:
+            doc["@odata.count"] = total
         next_offset = offset + len(page)
         if next_offset < len(everyone):
             kept = [(k, v) for k, v in req.query.items() if k != "$skiptoken"]
             kept.append(("$skiptoken", encode_skiptoken(next_offset)))
             qs = "&".join(f"{k}={quote(v, safe=',()$')}" for k, v in kept)
-            doc["@odata.nextLink"] = f"{req.base_url}{req.path}?{qs}"
+            origin = tenant.next_link_origin or req.base_url
+            doc["@odata.nextLink"] = f"{origin}{req.path}?{qs}"
         doc["value"] = items
         return json_response(200, doc, CONTENT_TYPE)
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import hashlib
 import hmac
 import re
+import secrets
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 from monitor.simulator.errors import (
     aad_error,
@@ -54,6 +58,7 @@ class LoginApi:
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
+        self._codes: dict[str, dict[str, Any]] = {}  # authorization codes, one use each
 
     def route(self, req: Request) -> Route:
         parts = [p for p in req.path.split("/") if p]
@@ -73,6 +78,13 @@ class LoginApi:
                 return Route(
                     "login:/token",
                     self.token,
+                    {"tenant": tenant},
+                    tenant_hint=self._tenant_id_hint(tenant),
+                )
+            if rest == "oauth2/v2.0/authorize":
+                return Route(
+                    "login:/authorize",
+                    self.authorize,
                     {"tenant": tenant},
                     tenant_hint=self._tenant_id_hint(tenant),
                 )
@@ -141,6 +153,8 @@ class LoginApi:
         grant = form.get("grant_type", "")
         if not grant:
             return self._missing("grant_type")
+        if grant == "authorization_code":
+            return self._redeem_code(req, form, sim_tenant)
         if grant != "client_credentials":
             return self._error(
                 400,
@@ -188,6 +202,92 @@ class LoginApi:
             "expires_in": lifetime,
             "ext_expires_in": lifetime,
             "access_token": token,
+        }
+        return json_response(200, body, headers=_NO_CACHE)
+
+    # ---- interactive sign-in (authorization code + PKCE), for the console ----------------
+
+    def authorize(self, req: Request, tenant: str) -> Response:
+        """Signs in `login_hint` (default: the tenant's first user) without a login page and
+        redirects to `redirect_uri` with a one-time code (query response mode)."""
+        sim_tenant = self.sim.find_tenant(tenant)
+        q = req.query
+        redirect = q.get("redirect_uri", "")
+        if sim_tenant is None or q.get("client_id", "").lower() != sim_tenant.client_id.lower():
+            return self._error(400, "unauthorized_client", 700016, "Unknown application.")
+        if q.get("response_type") != "code" or not redirect.startswith(("http://", "https://")):
+            return self._error(400, "invalid_request", 900144, "response_type or redirect_uri.")
+        if q.get("code_challenge_method") != "S256" or not q.get("code_challenge"):
+            return self._error(400, "invalid_request", 9002325, "PKCE (S256) is required.")
+        upn = q.get("login_hint") or next(
+            (str(u.get("userPrincipalName")) for u in sim_tenant.users.values()), "user@sim"
+        )
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = {
+            "tenant": sim_tenant.tenant_id,
+            "client_id": sim_tenant.client_id,
+            "redirect_uri": redirect,
+            "challenge": q.get("code_challenge", ""),
+            "nonce": q.get("nonce"),
+            "upn": upn,
+        }
+        sep = "&" if "?" in redirect else "?"
+        query = urlencode({"code": code, "state": q.get("state", ""), "session_state": "sim"})
+        return Response(302, b"", {"Location": f"{redirect}{sep}{query}"}, "text/plain")
+
+    def _redeem_code(self, req: Request, form: dict[str, str], sim_tenant: SimTenant) -> Response:
+        grant = self._codes.pop(form.get("code", ""), None)
+        if grant is None or grant["tenant"] != sim_tenant.tenant_id:
+            return self._error(
+                400,
+                "invalid_grant",
+                70008,
+                "The provided authorization code is invalid or has expired.",
+            )
+        client_id, secret = form.get("client_id", ""), form.get("client_secret")
+        basic = _basic_auth(req.header("authorization"))
+        if basic is not None:
+            client_id, secret = client_id or basic[0], basic[1]
+        if client_id.lower() != grant["client_id"].lower():
+            return self._error(400, "invalid_grant", 70000, "The code was issued to another app.")
+        refused = self._check_credential(req, form, secret, sim_tenant)
+        if refused is not None:
+            return refused
+        if form.get("redirect_uri") != grant["redirect_uri"]:
+            return self._error(400, "invalid_grant", 50011, "The redirect URI does not match.")
+        verifier = form.get("code_verifier", "")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+        if not hmac.compare_digest(digest.decode(), grant["challenge"]):
+            return self._error(400, "invalid_grant", 501481, "The code_verifier does not match.")
+        upn = grant["upn"]
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "aud": grant["client_id"],
+            "iss": f"{self.sim.authority_url}/{sim_tenant.tenant_id}/v2.0",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "tid": sim_tenant.tenant_id,
+            "oid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"user:{sim_tenant.tenant_id}:{upn}")),
+            "sub": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sub:{sim_tenant.tenant_id}:{upn}")),
+            "preferred_username": upn,
+            "name": upn.split("@", 1)[0],
+            "ver": "2.0",
+        }
+        if grant.get("nonce"):
+            claims["nonce"] = grant["nonce"]
+        if sim_tenant.sign_in_groups.get(upn):
+            claims["groups"] = sim_tenant.sign_in_groups[upn]
+        if sim_tenant.sign_in_roles.get(upn):
+            claims["roles"] = sim_tenant.sign_in_roles[upn]
+        id_token = self.sim.issuer.sign(claims)
+        body = {
+            "token_type": "Bearer",
+            "scope": form.get("scope", "openid profile"),
+            "expires_in": 3600,
+            "ext_expires_in": 3600,
+            "access_token": id_token,
+            "id_token": id_token,
         }
         return json_response(200, body, headers=_NO_CACHE)
 
@@ -256,7 +356,12 @@ class LoginApi:
         resource = scopes[0].removesuffix("/.default").rstrip("/")
         if resource == self.sim.graph_url:
             return "graph", None
-        if resource == self.sim.defender_url:
+        alias = self.sim.defender_resource
+        if alias is not None:
+            # like GCC High / DoD: the API's app ID URI is not its host, and only it is known
+            if resource == alias.removesuffix("/.default").rstrip("/"):
+                return "defender", None
+        elif resource == self.sim.defender_url:
             return "defender", None
         return "", self._error(
             400,

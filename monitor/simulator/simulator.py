@@ -76,6 +76,8 @@ class Simulator:
             tempfile.mkdtemp(prefix="mde-sim-") if state_dir is None else state_dir
         ).resolve()
         self.graph_short_pages = graph_short_pages
+        # the Defender API's app ID URI at the token endpoint (None: its origin, as in tests)
+        self.defender_resource: str | None = None
         self.issuer = TokenIssuer(token_lifetime)
         self.faults = FaultBook()
         self.rate_limiter = RateLimiter(
@@ -445,6 +447,9 @@ class Simulator:
                 status, error, 90033, "A transient error has occurred. Please try again."
             )
             return json_response(status, body, headers=headers)
-        resp = (self.graph if api_name == "graph" else self.defender).error(status)
+        if fault.body == "none":
+            return Response(status, b"", headers, "text/plain; charset=utf-8")
+        api = self.graph if api_name == "graph" else self.defender
+        resp = api.error(status, fault.message, fault.code)
         resp.headers.update(headers)
         return resp

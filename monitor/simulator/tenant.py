@@ -44,8 +44,19 @@ MUTATION_OPS = (
     "set_roles",
     "set_graph_short_pages",
     "set_client_secret",
+    "set_behaviour",
     "summary",
     *DIRECTORY_OPS,
+)
+
+# What real tenants do that a tidy simulator would not; switched per tenant (`set_behaviour`).
+BEHAVIOUR_KNOBS = (
+    "defender_page_size",
+    "defender_next_link",
+    "next_link_origin",
+    "odata_count",
+    "short_lists",
+    "catalogue_extra",
 )
 
 ODATA_VULN_TYPE = "#microsoft.windowsDefenderATP.api.PublicVulnerabilityDto"
@@ -94,10 +105,26 @@ class SimTenant(DirectoryMixin):
     # Per CVE, the affected software: productName, productVendor, productVersion, fixingKbId.
     cve_products: dict[str, list[Json]] = field(default_factory=dict)
     roles: set[str] = field(default_factory=lambda: set(ALL_ROLES))
+    # interactive sign-in (the console's OIDC flow): UPN -> group ids / app roles in the ID token
+    sign_in_groups: dict[str, list[str]] = field(default_factory=dict)
+    sign_in_roles: dict[str, list[str]] = field(default_factory=dict)
     certificate: ClientCertificate | None = None
     graph_short_pages: bool | None = None  # None: the simulator's default
     name: str | None = None  # config name; default derived by the simulator
     seed: int = 0
+    # Defender list pages hold at most this many items (None: up to $top) ...
+    defender_page_size: int | None = None
+    # ... and point to the rest with a same-host @odata.nextLink (False: no link at all)
+    defender_next_link: bool = True
+    # nextLinks (Graph and Defender) point to this origin instead (a link to another host)
+    next_link_origin: str | None = None
+    # lists carry @odata.count (the true total, even when `short_lists` hides items)
+    odata_count: bool = False
+    # endpoint key -> items silently missing at the end of that list (short final page, no link)
+    short_lists: dict[str, int] = field(default_factory=dict)
+    # Microsoft's catalogue: this many more CVEs, on no machine of the tenant, in
+    # /api/vulnerabilities (generated on the fly, so 250,000 cost no memory)
+    catalogue_extra: int = 0
     directory: SimDirectory = field(default_factory=SimDirectory)  # groups, roles, managers
 
     def __post_init__(self) -> None:
@@ -181,17 +208,18 @@ class SimTenant(DirectoryMixin):
         return self.cached("exposure", build)
 
     def vulnerability_list(self) -> list[Json]:
-        """GET /api/vulnerabilities items: catalogue entries present on at least one machine."""
+        """The tenant's catalogue entries (also those on no machine now), exposedMachines set.
+
+        /api/vulnerabilities serves these among `catalogue_extra` more (see catalogue_page).
+        """
 
         def build() -> list[Json]:
             exposed = self.exposure()
             out = []
             for cve_id, cve in self.cves.items():
-                n = exposed.get(cve_id, 0)
-                if n:
-                    item = {k: v for k, v in cve.items() if k != "@odata.type"}
-                    item["exposedMachines"] = n
-                    out.append(item)
+                item = {k: v for k, v in cve.items() if k != "@odata.type"}
+                item["exposedMachines"] = exposed.get(cve_id, 0)
+                out.append(item)
             return out
 
         return self.cached("vulnerability_list", build)
@@ -439,6 +467,50 @@ class SimTenant(DirectoryMixin):
         """Serve Graph pages shorter than $top (None: use the simulator's default)."""
         self.graph_short_pages = enabled
 
+    def set_behaviour(self, **knobs: Any) -> Json:
+        """Switch real-tenant behaviours (see BEHAVIOUR_KNOBS); returns the current values."""
+        unknown = set(knobs) - set(BEHAVIOUR_KNOBS)
+        if unknown:
+            raise ValueError(
+                f"unknown behaviour(s) {sorted(unknown)}; known: {', '.join(BEHAVIOUR_KNOBS)}"
+            )
+        size = knobs.get("defender_page_size")
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError("defender_page_size must be a positive integer or null")
+        extra = knobs.get("catalogue_extra", 0)
+        if not isinstance(extra, int) or extra < 0:
+            raise ValueError("catalogue_extra must be an integer >= 0")
+        short = knobs.get("short_lists", {})
+        if not isinstance(short, dict) or not all(
+            isinstance(v, int) and v >= 0 for v in short.values()
+        ):
+            raise ValueError("short_lists must map endpoint keys to integers >= 0")
+        with self.lock:
+            for name, value in knobs.items():
+                setattr(self, name, dict(value) if name == "short_lists" else value)
+            self.changed()
+            return {name: getattr(self, name) for name in BEHAVIOUR_KNOBS}
+
+    def catalogue_size(self) -> int:
+        """Entries of /api/vulnerabilities: the tenant's CVEs plus the extra catalogue."""
+        return len(self.vulnerability_list()) + self.catalogue_extra
+
+    def catalogue_page(self, skip: int, top: int) -> list[Json]:
+        """/api/vulnerabilities[skip:skip+top]: half the extra entries, the tenant's, the rest."""
+        own = self.vulnerability_list()
+        before = self.catalogue_extra // 2
+        out: list[Json] = []
+        end = skip + top
+        for i in range(skip, min(end, before)):
+            out.append(extra_catalogue_entry(i))
+        lo, hi = max(skip, before) - before, min(end, before + len(own)) - before
+        if hi > lo:
+            out.extend(own[lo:hi])
+        after = before + len(own)
+        for i in range(max(skip, after), min(end, after + self.catalogue_extra - before)):
+            out.append(extra_catalogue_entry(i - len(own)))
+        return out
+
     def set_client_secret(self, secret: str) -> None:
         """Rotate the app's client secret (old one now fails with AADSTS7000215)."""
         if not secret:
@@ -455,6 +527,33 @@ class SimTenant(DirectoryMixin):
         path = Path(where) / f"client-{self.tenant_id}.pem"
         self.certificate = make_client_certificate(path, f"mde-monitor sim {self.client_id}")
         return path, self.certificate.thumbprint
+
+
+_EXTRA_SEVERITIES = ("Low", "Medium", "High", "Critical")
+
+
+def extra_catalogue_entry(i: int) -> Json:
+    """The i-th catalogue CVE on no machine (6-digit numbers: never one of a tenant's CVEs)."""
+    cve_id = f"CVE-{2000 + i % 25}-{100000 + i}"
+    return {
+        "id": cve_id,
+        "name": cve_id,
+        "description": f"Summary: catalogue entry {i} on no machine of this tenant.",
+        "severity": _EXTRA_SEVERITIES[i % 4],
+        "cvssV3": round(2.0 + (i % 80) / 10, 1),
+        "cvssVector": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H/E:U/RL:O/RC:C",
+        "exposedMachines": 0,
+        "publishedOn": "2023-01-01T00:00:00Z",
+        "updatedOn": "2023-02-01T00:00:00Z",
+        "firstDetected": None,
+        "publicExploit": False,
+        "exploitVerified": False,
+        "exploitInKit": False,
+        "exploitTypes": [],
+        "exploitUris": [],
+        "cveSupportability": "Supported",
+        "epss": None,
+    }
 
 
 _UNKNOWN_PRODUCT: Json = {

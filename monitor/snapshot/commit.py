@@ -33,7 +33,7 @@ from monitor.events import stream
 from monitor.events.changes import bodies_needed, build_events
 from monitor.events.envelope import Event, make_event, utc_now_iso
 from monitor.model.graph import Graph, ScopeState
-from monitor.snapshot import diff, merge
+from monitor.snapshot import aggregates, diff, merge
 from monitor.snapshot.guard import DropDecision
 from monitor.snapshot.lock import LockLost, TenantLock
 from monitor.snapshot.store import HISTORY_LENGTH, SnapshotStore, StoreError, StreamingTransaction
@@ -69,6 +69,8 @@ class CommitResult:
     written: int = 0  # bodies written
     deleted: int = 0  # items removed from the store
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    # the committed index (scope -> _type -> _key -> fingerprint), for post-commit readers
+    index: dict[str, dict[str, dict[str, str]]] | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (for the CLI and logs)."""
@@ -229,6 +231,7 @@ def detect_and_commit(
             "baseline": plan.baseline,
             "drops": {t: d.to_event_data() for t, d in plan.drops.items()},
             "fence": lock.fence if lock is not None else None,
+            "aggregates": aggregates.compute(graph, plan.scope_states),
         }
         unchanged_index = (
             previous is not None
@@ -276,6 +279,7 @@ def detect_and_commit(
             written=len(plan.write),
             deleted=len(plan.delete),
             timings=timings,
+            index=plan.index,
         )
 
 

@@ -10,7 +10,8 @@ A type is held when, in COMPLETE scopes, it would lose more than `drop_threshold
 previous items and at least `drop_min_items` items. Its previous items are kept, one
 `mde.sync.suspicious_drop` is emitted and the sync is degraded. The number of consecutive syncs
 with such a drop is kept in Redis; when it reaches `drop_persist_syncs` (counting the current
-sync), or when the operator passes `accept_drop`, the deletions are applied and the count reset.
+sync), or when the operator passes `accept_drop`, the deletions are applied, the count reset
+and one `mde.sync.drop_applied` is emitted (`reason`: persisted or accepted).
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ Status = Literal["firing", "resolved"]
 class Notification:
     """One message to send: a digest of the events of one rule group.
 
-    `id` is the idempotency key: stable across retries and re-dispatch of the same group flush
-    (webhook-id, e-mail Message-ID, ...). `group_key` is stable across flushes of the same group
-    (PagerDuty dedup_key, Slack thread, ...).
+    `id` is the idempotency key: unique per notification forever, repeated only by retries of
+    its delivery (webhook-id, e-mail Message-ID, ...). `group_key` is stable across flushes of
+    the same group (PagerDuty dedup_key, Slack thread, ...).
     """
 
     id: str

@@ -55,9 +55,15 @@ class HttpSinkSettings(SinkSettings):
     ca_bundle: CaBundle = None
 
 
-# C0/C1 controls except \n and \t, bidi embeddings/overrides/isolates/marks, line/para separators.
+# C0/C1 controls except \n and \t, bidi embeddings/overrides/isolates/marks, line/para separators,
+# and the invisible ones: zero-width space/joiners, word joiner and invisible operators, BOM,
+# soft hyphen, combining grapheme joiner, Mongolian vowel separator, Hangul fillers.
+# A zero-width joiner inside an emoji sequence (👨‍👩) is kept; anywhere else it is made visible.
+_EMOJI = "\U0001f000-\U0001faff\u2600-\u27bf"
 _UNSAFE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u180e\u200b\u200c"
+    "\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\u3164\ufeff\uffa0]"
+    f"|(?<![{_EMOJI}\ufe0f])\u200d|\u200d(?![{_EMOJI}])"
 )
 
 
@@ -68,6 +74,18 @@ def safe_text(value: Any, *, single_line: bool = False) -> str:
     if single_line:
         text = " ".join(text.split()) if ("\n" in text or "\t" in text) else text
     return text
+
+
+def safe_json(value: Any) -> Any:
+    """A copy of a JSON-ready value with every string (keys too) made display-safe (`safe_text`),
+    for payloads people read in a UI (PagerDuty `custom_details`)."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_text(str(k)): safe_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [safe_json(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> str:
@@ -187,18 +205,19 @@ def more_text(notification: Notification, shown: int) -> str:
 
 
 def notification_fields(notification: Notification) -> dict[str, Any]:
-    """The notification's metadata (no events) as a JSON-ready dict."""
+    """The notification's metadata (no events) as a JSON-ready dict; the texts people read
+    (title, summary, labels, tenant, description) are display-safe, the events stay verbatim."""
     return {
         "id": notification.id,
         "rule": notification.rule,
-        "description": notification.description,
+        "description": safe_text(notification.description),
         "severity": notification.severity,
         "status": notification.status,
         "group_key": notification.group_key,
-        "group_labels": dict(notification.group_labels),
-        "tenant": notification.tenant,
-        "title": notification.title,
-        "summary": notification.summary,
+        "group_labels": safe_json(dict(notification.group_labels)),
+        "tenant": safe_text(notification.tenant) if notification.tenant else notification.tenant,
+        "title": safe_text(notification.title),
+        "summary": safe_text(notification.summary),
         "total": notification.total,
         **({"extra": notification.extra} if notification.extra else {}),
     }

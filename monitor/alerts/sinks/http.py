@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from monitor.alerts.sinks.base import DeliveryError
+from monitor.redact import redact, register_secret
 
 if TYPE_CHECKING:
     import redis
@@ -56,6 +57,7 @@ if not any(isinstance(f, _RedactSecretUrls) for f in logging.getLogger("httpx").
 
 def register_secret_url(url: str) -> None:
     """Make the `httpx` request log show only scheme+host for this URL."""
+    register_secret(url)  # and masked by exact value everywhere (monitor.redact)
     with _SECRET_URLS_LOCK:
         _SECRET_URLS.add(url)
         _SECRET_URLS.add(str(httpx.URL(url)))
@@ -142,7 +144,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every non-trivial secret replaced by ***."""
+    """`text` with every non-trivial secret (these, and every registered one) replaced by ***."""
+    text = redact(text)
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")

@@ -26,6 +26,7 @@ from monitor.alerts.sinks.common import (
     compact_event,
     more_text,
     pretty_json,
+    safe_json,
     safe_text,
     shorten,
 )
@@ -113,7 +114,7 @@ def build_body(
         "source": shorten(safe_text(n.tenant or "mde-monitor", single_line=True), 255),
         "severity": SEVERITY_MAP.get(n.severity, "warning"),
         "class": n.rule,
-        "custom_details": details,
+        "custom_details": safe_json(details),  # shown in PagerDuty's UI: display-safe
     }
     if n.events and n.events[0].get("time"):
         payload["timestamp"] = n.events[0]["time"]

@@ -1,6 +1,6 @@
 """Slack incoming-webhook sink: a Block Kit message per notification.
 
-Layout: header (plain_text, <= 150 chars), a section of fields (severity, status, tenant, rule,
+Layout: header (plain_text, <= 150 chars, `&`, `<`, `>` as entities like every other block), a section of fields (severity, status, tenant, rule,
 events), the summary, one mrkdwn section per listed event (<= 3,000 chars each), and a context
 block (source, time, "... and N more"); never more than 50 blocks. A top-level `text` is the
 notification fallback.
@@ -70,9 +70,19 @@ class SlackSettings(HttpSinkSettings):
     max_wait_seconds: float = Field(default=5.0, ge=0)
 
 
+_PLAIN_TABLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
 def escape_mrkdwn(text: str) -> str:
     """Untrusted text made inert in Slack mrkdwn (see the module docstring)."""
     return safe_text(text).translate(_MRKDWN_TABLE)
+
+
+def escape_plain(text: str) -> str:
+    """Untrusted text made inert in a Slack plain_text object (the header): `&`, `<`, `>` as
+    entities, so mention syntax (`<!channel>`, `<@U123>`, `<#C1>`) is shown, never acted on.
+    (A bare `@here` is plain text in Block Kit webhooks: Slack links it only with link_names.)"""
+    return safe_text(text).translate(_PLAIN_TABLE)
 
 
 def _mrkdwn(text: str) -> dict[str, Any]:
@@ -97,7 +107,7 @@ def build_payload(notification: Notification, *, max_events: int = 10) -> dict[s
     """The webhook JSON body: Block Kit blocks plus the `text` fallback."""
     n = notification
     status = "[RESOLVED] " if n.status == "resolved" else ""
-    header = fit(status + safe_text(n.title, single_line=True), HEADER_LIMIT)
+    header = fit(status + safe_text(n.title, single_line=True), HEADER_LIMIT, escape_plain)
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": header or "mde-monitor"}},
     ]

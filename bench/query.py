@@ -1,0 +1,247 @@
+"""Query benchmark: J1QL over a generated tenant's committed snapshot, and query rules after a sync.
+
+    .venv/bin/python bench/query.py                 # 10,000 machines, 20,000 users, 300,000 pairs
+    .venv/bin/python bench/query.py --scale 0.1     # a tenth of that
+    .venv/bin/python bench/query.py --json
+
+Prints: the load time of the snapshot into the query index and its ratio to the JSON-parse floor
+(orjson.loads of the same items as one array); single-hop and two-hop (WHERE) query times once
+loaded (best of 3); the second sync's diff-and-commit time and what evaluating 20 query rules
+after it adds; the query index's memory per item (tracemalloc, the item dicts excluded).
+Uses its own key prefix and removes its keys at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import tracemalloc
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monitor.alerts.query_rules import evaluate, graph_after_commit
+from monitor.alerts.rules import Rule, compile_rule
+from monitor.config import DetectSettings, EventSettings, TenantConfig
+from monitor.model import schema
+from monitor.model.builder import GraphBuilder
+from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.query import compile_query, execute
+from monitor.query.graph import QueryGraph, clear_cache, load_query_graph
+from monitor.questions import load_questions
+from monitor.redis_conn import delete_prefix
+from monitor.simulator.generate import generate_tenant
+from monitor.simulator.tenant import SimTenant
+from monitor.snapshot.commit import CommitResult, detect_and_commit
+from monitor.snapshot.store import SnapshotStore
+
+TENANT = "bench"
+
+SINGLE_HOP = {
+    "machines with an exploitable critical CVE": (
+        "FIND HostAgent THAT IDENTIFIED Finding WITH severity = 'Critical' AND exploitVerified = true"
+    ),
+    "critical CVEs on high-risk machines": (
+        "FIND Finding WITH severity = 'Critical' THAT IDENTIFIED << HostAgent WITH riskScore = 'High'"
+    ),
+    "machines without a logon user": "FIND HostAgent THAT !HAS microsoft_defender_logon_user",
+    "inactive machines (no hop)": "FIND HostAgent WITH healthStatus != 'Active'",
+}
+TWO_HOP = {
+    "admins on high-exposure machines with critical CVEs (WHERE, COUNT)": (
+        "FIND microsoft_defender_logon_user AS u THAT HAS << HostAgent AS m "
+        "THAT IDENTIFIED AS r Finding AS v "
+        "WHERE v.severity = 'Critical' AND m.exposureLevel = 'High' AND u.isDomainAdmin = true "
+        "RETURN u.displayName, COUNT(v)"
+    ),
+    "critical CVEs -> machines -> logon users (WHERE across aliases)": (
+        "FIND Finding WITH severity = 'Critical' AS v THAT IDENTIFIED << HostAgent AS m "
+        "THAT HAS microsoft_defender_logon_user AS u "
+        "WHERE m.riskScore = 'High' AND u.lastSeenOn >= m.firstSeenOn "
+        "RETURN v.displayName, COUNT(m) ORDER BY COUNT(m) DESC LIMIT 10"
+    ),
+}
+
+
+def build(sim: SimTenant) -> Graph:
+    cfg = TenantConfig(
+        name=TENANT, tenant_id=sim.tenant_id, client_id=sim.client_id, client_secret="unused"
+    )
+    b = GraphBuilder(cfg)
+    b.add_account(sim.organization)
+    b.add_users(sim.users.values())
+    b.add_machines(sim.machines.values())
+    b.add_machine_vulnerabilities(sim.machine_vulnerability_list(), sim.vulnerability_list())
+    for mid, entries in sim.logon_users.items():
+        b.add_logon_users(mid, entries)
+    for scope in (
+        schema.SCOPE_ACCOUNT,
+        schema.SCOPE_USERS,
+        schema.SCOPE_MACHINES,
+        schema.SCOPE_VULNERABILITIES,
+    ):
+        b.set_scope(scope, ScopeStatus(ScopeState.COMPLETE, b.count(scope)))
+    for mid in sim.machines:
+        b.set_scope(schema.logon_users_scope(mid), ScopeStatus(ScopeState.COMPLETE))
+    return b.graph()
+
+
+def commit(store: SnapshotStore, graph: Graph) -> tuple[CommitResult, float]:
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    t = time.perf_counter()
+    result = detect_and_commit(
+        store,
+        tenant=TENANT,
+        graph=graph,
+        meta={"started": stamp, "finished": stamp},
+        detect=DetectSettings(),
+        events=EventSettings(),
+        lock=None,
+    )
+    return result, time.perf_counter() - t
+
+
+def best(fn: Any, n: int = 3) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(n):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def twenty_rules() -> list[Rule]:
+    texts = [q.query for qu in load_questions() for q in qu.queries][:20]
+    rules = []
+    for i, text in enumerate(texts):
+        raw = {"name": f"bench-rule-{i}", "query": text, "sinks": ["s"]}
+        rule, errors = compile_rule(raw, "bench", i, ["s"])
+        assert rule is not None, errors
+        rules.append(rule)
+    return rules
+
+
+def run(scale: float, url: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"scale": scale}
+    client = redis.Redis.from_url(url)
+    prefix = f"mdebench-query-{uuid.uuid4().hex[:8]}"
+    store = SnapshotStore(client, prefix)
+    try:
+        t = time.perf_counter()
+        sim = generate_tenant(
+            machines=int(10_000 * scale),
+            users=int(20_000 * scale),
+            vulns_per_machine=30,
+            cves=3_000,
+            logon_users_per_machine=3,
+            seed=7,
+            base_time=datetime.now(UTC) - timedelta(hours=1),
+        )
+        graph = build(sim)
+        out["items"] = len(graph.entities) + len(graph.relationships)
+        out["pairs"] = sim.pair_count()
+        out["generate_s"] = round(time.perf_counter() - t, 2)
+        commit(store, graph)
+
+        # load: Redis -> Graph -> QueryGraph, and the floor
+        clear_cache()
+        gc.collect()
+        load_s, qg = best(lambda: (clear_cache(), load_query_graph(client, prefix, TENANT))[1], 1)
+        assert qg is not None
+        out["load_s"] = round(load_s, 3)
+        blob = orjson.dumps([*graph.entities.values(), *graph.relationships.values()])
+        gc.collect()
+        t = time.perf_counter()
+        orjson.loads(blob)
+        out["json_parse_floor_s"] = round(time.perf_counter() - t, 3)
+        out["load_ratio_to_floor"] = round(out["load_s"] / out["json_parse_floor_s"], 2)
+        del blob
+
+        # queries once loaded
+        for label, group in (("single_hop", SINGLE_HOP), ("two_hop_where", TWO_HOP)):
+            res = {}
+            for name, text in group.items():
+                plan = compile_query(text)
+                s, doc = best(lambda p=plan: execute(p, [qg], max_rows=None))
+                res[name] = {"seconds": round(s, 4), "rows": doc["count"]}
+            out[label] = res
+
+        # index memory per item (the items themselves are the snapshot, not counted)
+        items = [dict(i) for i in (*qg.entities.values(), *qg.relationships.values())]
+        ents = [i for i in items if "_fromEntityKey" not in i and "_mapping" not in i]
+        rels = [i for i in items if "_fromEntityKey" in i or "_mapping" in i]
+        gc.collect()
+        tracemalloc.start()
+        QueryGraph.from_items(TENANT, 1, ents, rels)
+        size, _peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out["index_bytes_per_item"] = round(size / len(items), 1)
+        del items, ents, rels
+
+        # sync 2: 2% of machines change risk; diff-and-commit vs 20 query rules after it
+        rules = twenty_rules()
+        evaluate(client, prefix, TENANT, rules, qg)  # baselines
+        for mid in sorted(sim.machines)[::50]:
+            old = sim.machines[mid]["riskScore"]
+            sim.set_machine(mid, riskScore="High" if old != "High" else "Low")
+        graph2 = build(sim)
+        gc.collect()
+        result, commit_s = commit(store, graph2)
+        t = time.perf_counter()
+        qg2 = graph_after_commit(store, TENANT, result, graph2)
+        built_s = time.perf_counter() - t
+        evals = evaluate(client, prefix, TENANT, rules, qg2)
+        rules_s = time.perf_counter() - t
+        out["diff_commit_s"] = round(commit_s, 3)
+        out["query_rules_s"] = round(rules_s, 3)
+        out["query_rules_index_build_s"] = round(built_s, 3)
+        out["query_rules_share"] = round(rules_s / commit_s, 3)
+        out["query_rules_events"] = sum(len(e.events) for e in evals)
+        out["query_rules_errors"] = [e.error for e in evals if e.error]
+    finally:
+        delete_prefix(client, prefix)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    out = run(args.scale, args.redis_url)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(
+        f"tenant: {out['items']:,} items ({out['pairs']:,} machine-CVE pairs), scale {out['scale']}"
+    )
+    print(
+        f"load into the query index: {out['load_s']:.2f} s; JSON-parse floor"
+        f" {out['json_parse_floor_s']:.2f} s; ratio {out['load_ratio_to_floor']}"
+    )
+    for label, target in (("single_hop", 0.2), ("two_hop_where", 1.0)):
+        for name, r in out[label].items():
+            ok = "ok" if r["seconds"] <= target else "OVER"
+            print(
+                f"  {label:14} {r['seconds']:.3f} s (<= {target} s {ok})  {r['rows']:>6} rows  {name}"
+            )
+    print(
+        f"sync 2 diff-and-commit {out['diff_commit_s']:.2f} s; 20 query rules after it"
+        f" {out['query_rules_s']:.2f} s (index {out['query_rules_index_build_s']:.2f} s)"
+        f" = {out['query_rules_share'] * 100:.1f}% (target <= 10%)"
+    )
+    print(f"query index memory: {out['index_bytes_per_item']} bytes per item (items excluded)")
+
+
+if __name__ == "__main__":
+    main()

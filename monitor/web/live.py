@@ -1,0 +1,97 @@
+"""Server-Sent Events for the live timeline: ONE blocking XREAD per console process on the
+all-tenants stream, fanned out to every connected browser (50 clients cost one Redis reader)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from monitor.events import stream
+from monitor.web.data import ChangeFilter, row
+
+log = logging.getLogger(__name__)
+QUEUE_SIZE = 1_000
+
+
+class Broadcaster:
+    """Reads new events once and hands them to each subscriber's queue."""
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        self.redis_url = redis_url
+        self.key = stream.stream_key(prefix)
+        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        """A queue of new events; returns once the reader knows where it starts, so a replay
+        read after this call overlaps the live feed (no gap; callers drop duplicates by id)."""
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
+        self.subscribers.add(q)
+        if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
+            self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.subscribers.discard(q)
+
+    async def _run(self) -> None:
+        client = aioredis.Redis.from_url(self.redis_url)
+        try:
+            newest: Any = await client.xrevrange(self.key, count=1)
+            last = newest[0][0].decode() if newest else "0-0"
+        finally:
+            self._ready.set()
+        try:
+            while self.subscribers:
+                try:
+                    resp: Any = await client.xread({self.key: last}, block=5_000, count=500)
+                except (OSError, aioredis.RedisError) as exc:
+                    log.warning("live timeline: redis read failed: %s", exc)
+                    await asyncio.sleep(1)
+                    continue
+                for _key, batch in resp or []:
+                    for sid, ev in stream.entries(batch):
+                        last = sid
+                        r = row(sid, ev)
+                        # encoded once here, not once per connected browser
+                        item = {"row": r, "event": ev, "frame": frame(r)}
+                        for q in list(self.subscribers):
+                            with contextlib.suppress(asyncio.QueueFull):
+                                q.put_nowait(item)
+        finally:
+            await client.aclose()
+
+    async def close(self) -> None:
+        for q in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(None)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+def frame(r: dict[str, Any]) -> str:
+    """One SSE message for a timeline row."""
+    return f"id: {r['id']}\nevent: change\ndata: {orjson.dumps(r, default=str).decode()}\n\n"
+
+
+def sid_key(sid: str) -> tuple[int, int]:
+    """A stream id as a comparable pair."""
+    ms, _, seq = sid.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+def wanted(flt: ChangeFilter, item: dict[str, Any]) -> bool:
+    ev = item["event"]
+    if flt.tenant and item["row"]["tenant"] != flt.tenant:
+        return False
+    return flt.matches(ev)
