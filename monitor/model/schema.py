@@ -453,6 +453,8 @@ EMPLOYEE = EntityType(
         "id",
         "employeeId",
         "email",
+        "firstName",
+        "lastName",
         "employeeType",
         "companyName",
         "department",
