@@ -36,7 +36,7 @@ browser:
 
 ## Set up and pass the tests: pytest (real Redis, simulator over HTTPS), ruff, mypy.
 test: install redis browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadfile
 	$(BIN)/ruff check monitor tests bench
 	$(BIN)/ruff format --check monitor tests bench
 	$(BIN)/mypy
