@@ -146,29 +146,31 @@ def collect_tenant(
         settings, tenant, redis_client=redis_client, http_client=http_client, budget=budget
     ) as s:
         endpoints = tenant.cloud_endpoints()
-        # Each API's token on its own: a Defender audience problem fails the Defender scopes
-        # (named in their errors), not the Graph part; only when neither API can be signed in
-        # to (or the sign-in endpoint is down) is the sync a sign-in failure.
-        sign_in_errors: list[AuthError] = []
-        for i, scope in enumerate((endpoints.graph.scope, endpoints.defender.scope)):
-            progress("sign-in", i, 2)
-            try:
-                s.tokens.token(scope)
-            except AuthError as exc:
-                sign_in_errors.append(exc)
-                if exc.transient:  # the sign-in endpoint itself is down: no use asking again
-                    break
-        progress("sign-in", 2, 2)
-        if len(sign_in_errors) == 2 or any(e.transient for e in sign_in_errors):
-            return CollectResult(
-                tenant.name,
-                None,
-                s.stats,
-                started,
-                _now_iso(),
-                time.monotonic() - t0,
-                auth_error=sign_in_errors[0],
-            )
+        # Each API's token is fetched when that API is first used (the Defender one by the first
+        # Defender call), so a Defender audience problem fails the Defender scopes, named in their
+        # errors, not the Graph part. The sync is a sign-in failure only when the sign-in
+        # endpoint is down, or when neither API can be signed in to.
+        progress("sign-in", 0, 1)
+        try:
+            s.tokens.token(endpoints.graph.scope)
+        except AuthError as graph_error:
+            failed = graph_error.transient
+            if not failed:
+                try:
+                    s.tokens.token(endpoints.defender.scope)
+                except AuthError:
+                    failed = True
+            if failed:
+                return CollectResult(
+                    tenant.name,
+                    None,
+                    s.stats,
+                    started,
+                    _now_iso(),
+                    time.monotonic() - t0,
+                    auth_error=graph_error,
+                )
+        progress("sign-in", 1, 1)
         builder = GraphBuilder(tenant)
 
         def timed(name: str, start: float) -> None:
