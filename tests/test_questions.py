@@ -214,7 +214,8 @@ def answers(o: Oracle) -> dict[str, dict[str, Any]]:
                         "v.displayName": o.by_key[r["_toEntityKey"]]["displayName"],
                     }
                     for r in o.pairs
-                    if any("openssl" in p for p in r.get("products") or [])
+                    # products: "vendor product version" strings joined with ", "
+                    if "openssl" in (r.get("products") or "")
                 ),
                 key=lambda r: (r["m.displayName"], r["v.displayName"]),
             )
