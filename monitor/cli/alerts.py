@@ -18,6 +18,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
+from monitor import safe_yaml
 from monitor.alerts.deliver import DeliveryQueue
 from monitor.alerts.dispatch import Dispatcher, subject_of
 from monitor.alerts.group import group_key, group_labels, notification_id
@@ -194,10 +195,10 @@ def _test_event(
     event_file: Path | None, type_: str | None, fields: list[str], tenant: str, subject: str
 ) -> Event:
     if event_file is not None:
-        try:
-            doc = yaml.safe_load(event_file.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise typer.BadParameter(f"{event_file}: {exc}", param_hint="--event") from None
+        try:  # bounded like the rule files (monitor.safe_yaml)
+            doc = safe_yaml.load_file(event_file)
+        except safe_yaml.YamlFileError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--event") from None
         if not isinstance(doc, dict) or "type" not in doc:
             raise typer.BadParameter(
                 f"{event_file}: expected an event with a type", param_hint="--event"
