@@ -55,6 +55,23 @@ def test_worker_exits_non_zero_when_celery_fails(
     assert "Pidfile" in out.stderr
 
 
+def test_beat_exits_non_zero_when_celery_fails(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    config = tmp_path / "monitor.yaml"
+    config.write_text(f"redis_url: {redis_url}\nredis_prefix: {redis_prefix}\n")
+    pidfile = tmp_path / "beat.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # a live process holds the pid lock
+    code = "import sys; from monitor.cli import main; sys.argv = sys.argv[1:]; main()"
+    out = _run(
+        ["-c", code, "mde-monitor", "--config", str(config), "beat", "--pidfile", str(pidfile)],
+        tmp_path,
+        _env(),
+    )
+    assert out.returncode != 0, out.stderr
+    assert "Pidfile" in out.stderr
+
+
 def test_celery_stops_on_a_broken_config_instead_of_using_defaults(tmp_path: Path) -> None:
     config = tmp_path / "monitor.yaml"
     config.write_text("redis_url: redis://127.0.0.1:6379/9\nredis_prefix: [not, a, string]\n")
