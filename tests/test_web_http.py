@@ -402,3 +402,45 @@ def test_trigger_sync_and_accept_drop_enqueue_a_task(secured: TestClient, world:
     assert ("olga", "sync.accept_drop", TENANT) in [
         (a["user"], a["action"], a["target"]) for a in audit
     ]
+
+
+def test_notifications_link_back_to_console_and_defender(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    alerts = write_alerts(tmp_path / "alerts")
+    s = settings_for(redis_url, redis_prefix, alerts, public_url="https://console.example/")
+    populate(redis.Redis.from_url(redis_url), s)
+    sent = [json.loads(line) for line in (alerts / "alerts.jsonl").read_text().splitlines()]
+    (n,) = [x for x in sent if x.get("rule") == "machine-risk-raised"]
+    text = json.dumps(n)
+    assert f"https://console.example/entities/{quote(M00, safe='')}?tenant={TENANT}" in text
+    assert "https://security.microsoft.com/machines/m00/overview?tid=" in text
+    assert "https://console.example/alerts#rule-machine-risk-raised" in text
+
+
+def test_unfiltered_live_timeline_gets_every_new_event(world: dict) -> None:
+    import httpx
+    from detect_helpers import build_graph, commit, standard_tenant
+
+    from monitor.snapshot.store import SnapshotStore
+
+    s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
+    served = Served(create_app(s, host="127.0.0.1"))
+    store = SnapshotStore(world["client"], world["prefix"])
+    try:
+        with httpx.Client(base_url=served.url, timeout=20) as http:
+            rows: list[dict] = []
+            deadline = time.monotonic() + 30
+            with http.stream("GET", "/changes/stream") as resp:
+                t = standard_tenant(machines=10)
+                t.machines["m07"]["machineTags"] = ["rebuild"]
+                commit(store, build_graph(t), finished="2099-01-01T00:02:00.000Z")
+                for line in resp.iter_lines():
+                    assert time.monotonic() < deadline, f"no live event; got {rows}"
+                    if line.startswith("data: "):
+                        rows.append(json.loads(line[6:]))
+                    if any(r["subject"] == MACHINE.key("m07") for r in rows):
+                        break
+        assert len({r["id"] for r in rows}) == len(rows)
+    finally:
+        served.stop()

@@ -47,6 +47,12 @@ def web(
     shown = f"[{bind}]" if family == socket.AF_INET6 else bind
     console.print(f"console: http://{shown}:{sock.getsockname()[1]}/", highlight=False)
     server = uvicorn.Server(
-        uvicorn.Config(application, log_level="warning", proxy_headers=True, server_header=False)
+        uvicorn.Config(
+            application,
+            log_level="warning",
+            proxy_headers=True,
+            server_header=False,
+            timeout_graceful_shutdown=5,  # live-timeline streams never end by themselves
+        )
     )
     server.run(sockets=[sock])

@@ -229,7 +229,9 @@ one per `_key`. Conventions:
 - Identity (extensions, see below): employees (`employee`, class `Person`) come from the
   directory (member users with an `employeeId` by default) and/or an HR export file; a user IS
   the employee with the same employee id, else e-mail, else UPN (case-insensitive,
-  configurable); users that match none have `employeeMapped: false`. A logon user IS the
+  configurable); users that match none have `employeeMapped: false`. As JupiterOne's `Person`
+  wants, an employee's `email` is a list and `firstName` / `lastName` are the directory's
+  `givenName` / `surname` (absent for an HR-only record: never guessed). A logon user IS the
   directory user with its SID (`onPremisesSecurityIdentifier`), else its `accountName` +
   `accountDomain` (`onPremisesSamAccountName` + NetBIOS name), else its UPN, and gets
   `accountKind` `domain`, `local`, `service` or `unknown`. Groups come from `/groups/delta`

@@ -175,7 +175,9 @@ def employee_entity(
     properties = {
         "id": emp_id,
         "employeeId": (hr.employee_id if hr else None) or u.get("employeeId"),
-        "email": email,
+        "email": [email] if email else None,  # JupiterOne's Person: a list of addresses
+        "firstName": _text(u.get("givenName")),  # from the directory; never guessed from a name
+        "lastName": _text(u.get("surname")),
         "employeeType": u.get("employeeType"),
         "companyName": u.get("companyName"),
         "department": u.get("department"),

@@ -160,8 +160,8 @@ def _build_employees(
     for key, e in employees.items():
         if e.get("employeeId"):
             emp_by_id.setdefault(str(e["employeeId"]).lower(), key)
-        if e.get("email"):
-            emp_by_mail.setdefault(str(e["email"]).lower(), key)
+        for mail in e.get("email") or ():  # a list (JupiterOne's Person)
+            emp_by_mail.setdefault(str(mail).lower(), key)
     outcome = EmployeesOutcome(employees=len(employees))
     enabled: dict[str, bool] = {}
     for u in users:

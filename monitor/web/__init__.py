@@ -1,6 +1,24 @@
 """The console: `mde-monitor web`, server-rendered pages over the same Redis, JSON twins under
-/api/, operator actions (silences, retries, sink enable, sync) audited."""
+/api/, operator actions (silences, retries, sink enable, sync) audited.
 
-from monitor.web.app import create_app
+`create_app` is imported lazily: the alert stage uses `monitor.web.links` without loading the
+web stack (and without an import cycle through `monitor.alerts`)."""
 
-__all__ = ["create_app"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from monitor.config import Settings
+
+
+def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
+    """The console ASGI app (see `monitor.web.app.create_app`)."""
+    from monitor.web.app import create_app as _create
+
+    return _create(settings, host=host)
+
+
+__all__: list[Any] = ["create_app"]

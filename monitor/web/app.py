@@ -220,7 +220,9 @@ def set_cookie(console: Console, request: Request, response: Response, sid: str)
     )
 
 
-def _same_origin(request: Request) -> bool:
+def _same_origin(request: Request, public_url: str | None = None) -> bool:
+    """The request comes from one of our own pages (this origin, or web.public_url's when a
+    TLS-terminating proxy sits in front)."""
     origin = request.headers.get("origin")
     if not origin or origin == "null":
         referer = request.headers.get("referer")
@@ -228,8 +230,11 @@ def _same_origin(request: Request) -> bool:
             return origin is None  # no Origin and no Referer: not a browser form post
         parts = urlsplit(referer)
         origin = f"{parts.scheme}://{parts.netloc}"
-    own = f"{request.url.scheme}://{request.url.netloc}"
-    return origin == own
+    own = {f"{request.url.scheme}://{request.url.netloc}"}
+    if public_url:
+        parts = urlsplit(public_url)
+        own.add(f"{parts.scheme}://{parts.netloc}")
+    return origin in own
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -266,9 +271,9 @@ def endpoint(
                 data = await _body(request)
                 if not ctx.bearer:
                     token = request.headers.get("x-csrf-token") or data.get("csrf")
-                    if not _same_origin(request) or not console.guard.csrf_ok(
-                        ctx.sid, str(token) if token else None
-                    ):
+                    if not _same_origin(
+                        request, console.settings.web.public_url
+                    ) or not console.guard.csrf_ok(ctx.sid, str(token) if token else None):
                         resp: Response = _error(
                             console, request, ctx, 403, "CSRF check failed: reload the page"
                         )
@@ -559,6 +564,7 @@ async def changes_stream(request: Request) -> Response:
     flt = _filter(request)
     after = request.headers.get("last-event-id") or request.query_params.get("after") or ""
     queue = await console.broadcaster.subscribe()
+    unfiltered = not flt.query()
 
     async def events() -> Any:
         last_sent = (0, 0)
@@ -572,16 +578,25 @@ async def changes_stream(request: Request) -> Response:
                         yield frame(replayed["row"])
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=15)
+                    batches = [await asyncio.wait_for(queue.get(), timeout=15)]
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                if item is None:
-                    return
-                if sid_key(item["row"]["id"]) <= last_sent:
-                    continue  # already replayed
-                if wanted(flt, item):
-                    yield item["frame"]
+                while not queue.empty():  # coalesce what piled up: one write per wake-up
+                    batches.append(queue.get_nowait())
+                frames = []
+                for batch in batches:
+                    if batch is None:
+                        return
+                    if unfiltered and sid_key(batch[0]["row"]["id"]) > last_sent:
+                        frames.append(batch[0]["joined"])  # the common case: one join per read
+                        continue
+                    for item in batch:
+                        key = sid_key(item["row"]["id"])
+                        if key > last_sent and wanted(flt, item):
+                            frames.append(item["frame"])
+                if frames:
+                    yield "".join(frames)
         finally:
             console.broadcaster.unsubscribe(queue)
 

@@ -12,10 +12,11 @@ import orjson
 import redis.asyncio as aioredis
 
 from monitor.events import stream
+from monitor.redis_conn import tls_options
 from monitor.web.data import ChangeFilter, row
 
 log = logging.getLogger(__name__)
-QUEUE_SIZE = 1_000
+QUEUE_SIZE = 200  # batches of up to 500 events
 
 
 class Broadcaster:
@@ -24,14 +25,14 @@ class Broadcaster:
     def __init__(self, redis_url: str, prefix: str) -> None:
         self.redis_url = redis_url
         self.key = stream.stream_key(prefix)
-        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self.subscribers: set[asyncio.Queue[list[dict[str, Any]] | None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
-    async def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+    async def subscribe(self) -> asyncio.Queue[list[dict[str, Any]] | None]:
         """A queue of new events; returns once the reader knows where it starts, so a replay
         read after this call overlaps the live feed (no gap; callers drop duplicates by id)."""
-        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
+        q: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(QUEUE_SIZE)
         self.subscribers.add(q)
         if self._task is None or self._task.done():
             self._ready = asyncio.Event()
@@ -39,11 +40,12 @@ class Broadcaster:
         await asyncio.wait_for(self._ready.wait(), timeout=10)
         return q
 
-    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
+    def unsubscribe(self, q: asyncio.Queue[list[dict[str, Any]] | None]) -> None:
         self.subscribers.discard(q)
 
     async def _run(self) -> None:
-        client = aioredis.Redis.from_url(self.redis_url)
+        clean, tls = tls_options(self.redis_url)  # the same TLS settings as every other client
+        client = aioredis.Redis.from_url(clean, **(tls or {}))
         try:
             newest: Any = await client.xrevrange(self.key, count=1)
             last = newest[0][0].decode() if newest else "0-0"
@@ -58,14 +60,22 @@ class Broadcaster:
                     await asyncio.sleep(1)
                     continue
                 for _key, batch in resp or []:
+                    items: list[dict[str, Any]] = []
                     for sid, ev in stream.entries(batch):
-                        last = sid
                         r = row(sid, ev)
                         # encoded once here, not once per connected browser
-                        item = {"row": r, "event": ev, "frame": frame(r)}
-                        for q in list(self.subscribers):
-                            with contextlib.suppress(asyncio.QueueFull):
-                                q.put_nowait(item)
+                        items.append({"row": r, "event": ev, "frame": frame(r)})
+                    if batch:
+                        sid = batch[-1][0]
+                        last = sid.decode() if isinstance(sid, bytes) else str(sid)
+                    if not items:
+                        continue
+                    # one queue entry per read (up to 500 events), not one per event; the
+                    # frames pre-joined for browsers that filter nothing
+                    items[0]["joined"] = "".join(it["frame"] for it in items)
+                    for q in list(self.subscribers):
+                        with contextlib.suppress(asyncio.QueueFull):
+                            q.put_nowait(items)
         finally:
             await client.aclose()
 
