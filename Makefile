@@ -5,11 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install redis browser test lint typecheck demo bench clean
+.PHONY: install redis browser test lint typecheck demo bench campaign clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -U pip "setuptools>=77" wheel
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -50,6 +50,14 @@ bench: install redis
 	$(BIN)/python bench/diff.py
 	$(BIN)/python bench/alerts.py
 	$(BIN)/python bench/fleet.py --tenants 50 --minutes 1
+
+## Randomized fault campaign (faults per resource, SIGKILLs during sync, Redis restarts); fixed seed,
+## bounded duration; prints cases run, phantom deletions, lost/duplicated events and ids.
+CAMPAIGN_SEED ?= 1
+CAMPAIGN_CASES ?= 60
+CAMPAIGN_SECONDS ?= 300
+campaign: install
+	$(BIN)/python bench/campaign.py --seed $(CAMPAIGN_SEED) --cases $(CAMPAIGN_CASES) --max-seconds $(CAMPAIGN_SECONDS)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 import redis
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -120,7 +121,20 @@ def best(fn: Any, n: int = 3) -> tuple[float, Any]:
 
 
 def twenty_rules() -> list[Rule]:
-    texts = [q.query for qu in load_questions() for q in qu.queries][:20]
+    """The four shipped query rules and 16 questions that return entities (alert-like)."""
+    pack = Path(__file__).resolve().parents[1] / "alerts" / "queries.yaml"
+    texts = [r["query"] for r in yaml.safe_load(pack.read_text())["rules"]]
+    texts += [
+        q.query
+        for qu in load_questions()
+        for q in qu.queries
+        if "RETURN" not in q.query and q.query not in texts
+    ]
+    texts.append(
+        "FIND HostAgent WITH riskScore = 'High' "
+        "THAT HAS microsoft_defender_logon_user WITH isDomainAdmin = true"
+    )
+    texts = texts[:20]
     rules = []
     for i, text in enumerate(texts):
         raw = {"name": f"bench-rule-{i}", "query": text, "sinks": ["s"]}
@@ -181,9 +195,10 @@ def run(scale: float, url: str) -> dict[str, Any]:
         rels = [i for i in items if "_fromEntityKey" in i or "_mapping" in i]
         gc.collect()
         tracemalloc.start()
-        QueryGraph.from_items(TENANT, 1, ents, rels)
+        index = QueryGraph.from_items(TENANT, 1, ents, rels)
         size, _peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
+        del index
         out["index_bytes_per_item"] = round(size / len(items), 1)
         del items, ents, rels
 

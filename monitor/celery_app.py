@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
+from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
 from monitor.config import (
@@ -33,7 +34,7 @@ from monitor.config import (
     load_settings,
     redis_url_with_tls,
 )
-from monitor.redis_conn import tls_options
+from monitor.redis_conn import tls_options, with_password_file
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,13 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
 
 
+# Registered under kombu's own `redis`/`rediss` names (not a custom transport string), so the broker
+# URL keeps its scheme for every tool that reads it - Flower's broker view in particular.
+TRANSPORT = f"{__name__}:RedisTransport"
+kombu_transport.TRANSPORT_ALIASES["redis"] = TRANSPORT
+kombu_transport.TRANSPORT_ALIASES["rediss"] = TRANSPORT
+
+
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -221,6 +229,11 @@ def build_app(
     url = env.get("REDIS_URL") or (settings.redis_url if settings else DEFAULT_REDIS_URL)
     if settings is not None:
         url = redis_url_with_tls(settings, url)
+    else:
+        try:
+            url = with_password_file(url, env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     prefix = settings.redis_prefix if settings else "mde"
     # rediss://: one set of TLS options for kombu, the result backend and redbeat (kombu alone
     # would otherwise fall back to CERT_NONE); our own clients re-read them from the full URL
@@ -228,11 +241,8 @@ def build_app(
     urls = redis_urls(plain)
     keyprefix = f"{prefix}:celery:"
     app = Celery("mde-monitor", include=["monitor.tasks"])
-    tcp = not urls.broker.startswith("redis+socket")
     app.conf.update(
         broker_url=urls.broker,
-        # kombu splits "redis+socket" into its own transport name, so sockets use the stock one
-        broker_transport="monitor.celery_app:RedisTransport" if tcp else None,
         result_backend=urls.backend,
         broker_transport_options={
             "visibility_timeout": options.visibility_timeout,
@@ -350,9 +360,10 @@ def _start_metrics_server(sender: Any = None, **_: Any) -> None:
         except ConfigError:
             return []
 
+    addr = os.environ.get("MDE_MONITOR_METRICS_ADDR") or "0.0.0.0"
     try:
-        start_metrics_server(port, connect(celery_app.conf.mde_redis_url), prefix, tenants)
+        start_metrics_server(port, connect(celery_app.conf.mde_redis_url), prefix, tenants, addr)
     except OSError as exc:
-        log.error("metrics: cannot listen", extra={"port": port, "error": str(exc)})
+        log.error("metrics: cannot listen", extra={"addr": addr, "port": port, "error": str(exc)})
         return
-    log.info("metrics: listening", extra={"port": port, "host": socket.gethostname()})
+    log.info("metrics: listening", extra={"addr": addr, "port": port, "host": socket.gethostname()})

@@ -531,13 +531,16 @@ def parse_settings(data: Any, source: str) -> Settings:
 
 
 def redis_url_with_tls(settings: Settings, url: str | None = None) -> str:
-    """`url` (default: the config's) with the `redis:` TLS files as query parameters."""
-    from monitor.redis_conn import with_tls
+    """`url` (default: the config's) with the `redis:` TLS files as query parameters and the
+    password from $REDIS_PASSWORD_FILE when the URL has none."""
+    from monitor.redis_conn import with_password_file, with_tls
 
     tls = settings.redis
-    return with_tls(
-        url or settings.redis_url, tls.ca_bundle, tls.client_cert, tls.client_key, tls.ssl_cert_reqs
-    )
+    try:
+        url = with_password_file(url or settings.redis_url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return with_tls(url, tls.ca_bundle, tls.client_cert, tls.client_key, tls.ssl_cert_reqs)
 
 
 def config_path(explicit: str | Path | None = None) -> Path:

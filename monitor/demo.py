@@ -33,7 +33,15 @@ from rich.panel import Panel
 from rich.table import Table
 
 from monitor.demo_receiver import SECRET_ENV, WebhookReceiver, new_secret
-from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
+from monitor.redis_conn import (
+    connect,
+    delete_prefix,
+    free_port,
+    redis_answers,
+    start_embedded,
+    with_password_file,
+)
+from monitor.starter import pack_dir
 from monitor.status import run_history
 
 WEB_ARGV = [sys.executable, "-c", "from monitor.cli import main; main()", "web"]
@@ -310,6 +318,8 @@ class _Children:
 def _redis_for_demo(data_dir: Path) -> Iterator[tuple[str, str, bool]]:
     """(url, prefix, embedded): $REDIS_URL when it answers, else an embedded server (stopped after)."""
     url = os.environ.get("REDIS_URL")
+    if url:
+        url = with_password_file(url)  # compose: the password is a secret file
     if url and redis_answers(url):
         prefix = f"demo-{uuid.uuid4().hex[:8]}"
         try:
@@ -441,7 +451,9 @@ class _Demo:
 
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
-        source_alerts = self.opts.alerts_dir or Path("alerts")
+        source_alerts = self.opts.alerts_dir or (
+            Path("alerts") if (Path("alerts") / "sinks.yaml").is_file() else pack_dir()
+        )
         self.children = _Children()
         with contextlib.ExitStack() as stack:
             url, self.prefix, embedded = stack.enter_context(_redis_for_demo(self.opts.data_dir))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 from monitor.redact import redact
+
+LOG_FORMAT_ENV = "MDE_MONITOR_LOG_FORMAT"
+LOG_FORMATS = ("json", "human")
 
 log_context: ContextVar[dict[str, Any]] = ContextVar("log_context", default={})  # noqa: B039
 
@@ -52,9 +56,12 @@ class HumanFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
-    """Configure the root logger; `fmt` is "json", "human", or None (human on a TTY)."""
+    """Configure the root logger; `fmt` is "json", "human", or None: $MDE_MONITOR_LOG_FORMAT,
+    else human on a TTY and JSON otherwise. ValueError for another format."""
     if fmt is None:
-        fmt = "human" if sys.stderr.isatty() else "json"
+        fmt = os.environ.get(LOG_FORMAT_ENV) or ("human" if sys.stderr.isatty() else "json")
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r}: use json or human (${LOG_FORMAT_ENV})")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     root = logging.getLogger()

@@ -210,6 +210,12 @@ class RedisStateCollector(Collector):
         for (tenant, endpoint), ratio in state.budget_minute_ratio.items():
             budget.add_metric([tenant, endpoint], ratio)
         yield budget
+        queues = _gauge(
+            "celery_queue_length", "Tasks waiting in a Celery queue (all priorities)", "queue"
+        )
+        for queue, n in celery_queue_lengths(self._client, self._prefix).items():
+            queues.add_metric([queue], n)
+        yield queues
         for provider in self._extra:
             yield from provider()
 
@@ -245,21 +251,74 @@ class RedisStateCollector(Collector):
         yield summary
 
 
+# kombu's Redis transport keeps one list per queue and priority step: `<queue>`, `<queue>\x06\x163`...
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def celery_queue_lengths(client: redis.Redis, prefix: str) -> dict[str, int]:
+    """Messages waiting per Celery queue (the broker lists under `<prefix>:celery:`)."""
+    from monitor.celery_app import QUEUES
+
+    pipe = client.pipeline(transaction=False)
+    for queue in QUEUES:
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(f"{prefix}:celery:{queue}{suffix}")
+    counts = pipe.execute()
+    n = len(_PRIORITY_SUFFIXES)
+    return {q: sum(int(c) for c in counts[i * n : (i + 1) * n]) for i, q in enumerate(QUEUES)}
+
+
+class BuildInfoCollector(Collector):
+    """`mde_build_info{version, python}` 1: which release a scrape came from."""
+
+    def collect(self) -> Iterator[Metric]:
+        import platform
+
+        from monitor import package_version
+
+        info = _gauge(
+            "build_info", "mde-monitor version and Python of this process", "version", "python"
+        )
+        info.add_metric([package_version(), platform.python_version()], 1)
+        yield info
+
+
 def build_registry(
     client: redis.Redis,
     prefix: str,
     tenants: Callable[[], Iterable[str]],
     extra: Iterable[Callable[[], Iterable[Metric]]] = (),
+    process: bool = False,
 ) -> CollectorRegistry:
-    """A fresh registry holding only the Redis-backed collector (no process/platform metrics)."""
+    """A fresh registry: the Redis-backed collector and build info; with `process`, also the
+    serving process's own collectors (CPU, memory, file descriptors, GC, platform)."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisStateCollector(client, prefix, tenants, extra))
+    registry.register(BuildInfoCollector())
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
     return registry
 
 
 def exposition(client: redis.Redis, prefix: str, tenants: Callable[[], Iterable[str]]) -> str:
     """The Prometheus text exposition, computed from Redis once (`mde-monitor metrics`)."""
     return generate_latest(build_registry(client, prefix, tenants)).decode()
+
+
+def _only_metrics(app: Callable[..., Any]) -> Callable[..., Any]:
+    """A WSGI app serving `app` at /metrics and 404 everywhere else."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") not in ("/metrics", "/metrics/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"only /metrics is served here\n"]
+        return app(environ, start_response)
+
+    return wrapped
 
 
 def start_metrics_server(
@@ -269,11 +328,26 @@ def start_metrics_server(
     tenants: Callable[[], Iterable[str]],
     addr: str = "0.0.0.0",
 ) -> Any:
-    """Serve /metrics on `port` in a daemon thread; returns the server (call .shutdown())."""
-    from prometheus_client import start_http_server
+    """Serve /metrics (nothing else) on `addr:port` in a daemon thread; returns the server
+    (call .shutdown()). `port` 0 picks a free port (`server.server_port`)."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    server, _thread = start_http_server(
-        port, addr=addr, registry=build_registry(client, prefix, tenants)
+    from prometheus_client import make_wsgi_app
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+            pass
+
+    class _Threaded(WSGIServer):
+        daemon_threads = True
+
+    registry = build_registry(client, prefix, tenants, process=True)
+    server = make_server(
+        addr, port, _only_metrics(make_wsgi_app(registry)), _Threaded, handler_class=_Quiet
     )
-    log.info("metrics: serving", extra={"port": port, "since": time.time()})
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info(
+        "metrics: serving", extra={"addr": addr, "port": server.server_port, "since": time.time()}
+    )
     return server

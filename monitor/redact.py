@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import BaseModel, SecretStr
 
 MASK = "***"
-MIN_SECRET_LEN = 4  # shorter values would mask ordinary words
-MIN_URL_PART_LEN = 8  # a path segment or query value of a secret URL this long is a secret too
+MIN_SECRET_LEN = 8  # shorter values would mask ordinary words everywhere
+MIN_URL_PART_LEN = 8  # a path segment or query value of a secret URL: see _tokenish
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -55,6 +55,18 @@ def _json_escaped(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _tokenish(part: str) -> bool:
+    """Looks like a token, not a word or a version: 16+ characters, or 8+ mixing letters and
+    digits (`T0123ABCD`, not `services`, `workflows` or `2016-06-01`)."""
+    if len(part) >= 16:
+        return True
+    return (
+        len(part) >= MIN_URL_PART_LEN
+        and any(c.isdigit() for c in part)
+        and any(c.isalpha() for c in part)
+    )
+
+
 def url_secrets(url: str) -> list[str]:
     """The parts of a secret URL that are secrets on their own: long path segments, query values.
 
@@ -65,8 +77,8 @@ def url_secrets(url: str) -> list[str]:
         parts = urlsplit(url)
     except ValueError:
         return []
-    out = [seg for seg in parts.path.split("/") if len(seg) >= MIN_URL_PART_LEN]
-    out += [v for _k, v in parse_qsl(parts.query) if len(v) >= MIN_URL_PART_LEN]
+    out = [seg for seg in parts.path.split("/") if _tokenish(seg)]
+    out += [v for _k, v in parse_qsl(parts.query) if _tokenish(v)]
     if parts.path.strip("/"):
         out.append(parts.path)
     return out

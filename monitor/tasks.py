@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from contextvars import Token
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,9 @@ from monitor.celery_app import (
 )
 from monitor.config import ConfigError, Settings
 from monitor.events.envelope import utc_now_iso
+from monitor.locks import make_lock, release, try_acquire
 from monitor.logs import log_context
-from monitor.metrics import record_delivery, record_sync
+from monitor.metrics import record_sync
 from monitor.redis_conn import connect, describe_error, is_redis_error
 from monitor.status import record_run
 
@@ -65,9 +65,6 @@ _RECORD_FIELDS = (
     "events",
     "error",
     "scopes_incomplete",
-)
-_RELEASE = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
 
 
@@ -198,7 +195,13 @@ def sync_tenant(
             return finish({"tenant": tenant, "status": "skipped", "error": str(exc)})
         log.info("sync started", extra={"origin": origin, "redelivered": record["redelivered"]})
         try:
-            summary = run_sync(settings, tenant, redis_client=client, accept_drop=accept_drop)
+            summary = run_sync(
+                settings,
+                tenant,
+                redis_client=client,
+                accept_drop=accept_drop,
+                progress=_log_progress(),
+            )
         except TenantBusy as exc:
             result = finish({"tenant": tenant, "status": "busy", "error": str(exc)})
             if record["redelivered"] and self.request.retries < BUSY_RETRIES:
@@ -233,6 +236,24 @@ def sync_tenant(
         return result
     finally:
         log_context.reset(ctx)
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def _log_progress(every_s: float = PROGRESS_EVERY_S) -> Any:
+    """A sync progress callback that logs each stage at most every `every_s` (and when done)."""
+    last: dict[str, float] = {}
+
+    def report(stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if stage in last and now - last[stage] < every_s and not finished:
+            return
+        last[stage] = now
+        log.info("sync progress", extra={"stage": stage, "done": done, "total": total})
+
+    return report
 
 
 def redis_retry_delay(retries: int) -> float:
@@ -296,8 +317,8 @@ def dispatch(self: Task) -> dict[str, Any]:
     client = task_redis(settings)
     lock_key, again_key = _dispatch_keys(settings.redis_prefix)
     ttl_ms = int(_OPTIONS.dispatch_time_limit * 1000) + 5000
-    token = uuid.uuid4().hex
-    if not client.set(lock_key, token, nx=True, px=ttl_ms):
+    run_lock = make_lock(client, lock_key, ttl_ms / 1000)
+    if not try_acquire(run_lock):
         client.set(again_key, "1", px=ttl_ms)  # the running one loops once more
         return {"status": "busy"}
     totals: dict[str, int] = {}
@@ -313,7 +334,7 @@ def dispatch(self: Task) -> dict[str, Any]:
             if not client.exists(again_key):
                 break
     finally:
-        client.eval(_RELEASE, 1, lock_key, token)
+        release(run_lock)
     if totals.get("read") or enqueued:
         log.info("dispatch", extra={**totals, "enqueued": enqueued})
     status = "blocked" if totals.get("blocked") else "ok"
@@ -345,11 +366,7 @@ def deliver(self: Task, delivery_id: str) -> dict[str, Any]:
             )
             raise self.retry(countdown=countdown)
         return dict(outcome.to_dict())
-    client.delete(marker)
-    try:
-        record_delivery(client, settings.redis_prefix, outcome.sink or "unknown", outcome.status)
-    except redis.RedisError as exc:
-        log.warning("could not count the delivery", extra={"error": str(exc)})
+    client.delete(marker)  # (the Dispatcher counted the attempt in the metrics)
     if outcome.status in ("retrying", "dead", "held"):
         log.warning(
             "delivery not done",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from monitor.config import DetectSettings, EventSettings, TenantConfig
+from monitor.config import DetectSettings, EventSettings, IdentitySettings, TenantConfig
 from monitor.model import schema
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.model.identity import map_logon_users
 from monitor.simulator.generate import generate_tenant
 from monitor.simulator.tenant import SimTenant
 from monitor.snapshot.commit import detect_and_commit
@@ -38,7 +39,9 @@ def build(sim: SimTenant, name: str = TENANT) -> Graph:
         b.set_scope(scope, ScopeStatus(ScopeState.COMPLETE, b.count(scope)))
     for mid in sim.machines:
         b.set_scope(schema.logon_users_scope(mid), ScopeStatus(ScopeState.COMPLETE))
-    return b.graph()
+    graph = b.graph()
+    map_logon_users(graph, IdentitySettings())  # logon user IS user, directoryUserState
+    return graph
 
 
 def commit_graph(store: SnapshotStore, graph: Graph, when: datetime, name: str = TENANT) -> None:

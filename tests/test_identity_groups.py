@@ -122,3 +122,30 @@ def test_roles_with_more_members_than_graph_expands_and_assignments(
         assert of_type(events, "mde.user.created")
         unassigned = of_type(events, "mde.role.unassigned")
         assert [e["data"]["source"]["id"] for e in unassigned] == [old]
+
+
+def test_failed_roles_read_keeps_assignments(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    with identity_env(tmp_path, redis_url, redis_prefix) as env:
+        first, _ = env.sync()
+        ga = env.tenant._role("Global Administrator")
+        env.tenant.unassign_role(ga, env.tenant.directory.role_members[ga][0])
+        env.sim.add_fault(
+            Fault(
+                "graph:/directoryRoles",
+                status=503,
+                retry_after=None,
+                tenant_id=env.tenant.tenant_id,
+            )
+        )
+        summary, events = env.sync()
+        assert summary.status == "degraded" and "directory_roles" in summary.scopes_incomplete
+        assert not [e for e in events if e["type"].startswith("mde.role.")]
+        rel = "microsoft_defender_user_assigned_entra_directory_role"
+        assert summary.counts[rel] == first.counts[rel]
+        env.sim.clear_faults()
+        _, events = env.sync()
+        assert [e["type"] for e in events if e["type"].startswith("mde.role.")] == [
+            "mde.role.unassigned"
+        ]

@@ -230,3 +230,26 @@ def test_users_incomplete_keeps_logon_users_and_employees(
         assert [e["type"] for e in events if not e["type"].startswith("mde.sync.")] == []
         graph = collect(env)
         assert graph.scopes["employees"].state is ScopeState.FAILED
+
+
+def test_directory_managers_through_expand(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    identity = {"directory_employees": {"managers": True}}
+    with identity_env(tmp_path, redis_url, redis_prefix, identity=identity, users=150) as env:
+        summary, _ = env.sync()
+        assert summary.status == "ok", summary.scopes_incomplete
+        assert env.graph_requests("graph:/users") == 2  # $expand caps Graph's pages at 100
+        graph = collect(env)
+        manages = rels(graph, "employee_manages_employee")
+        d = env.tenant.directory
+        users = env.tenant.users
+        expected = {
+            (f"employee:{users[boss]['employeeId']}", f"employee:{users[uid]['employeeId']}")
+            for uid, boss in d.managers.items()
+            if users[uid].get("employeeId") and users[boss].get("employeeId")
+        }
+        assert (
+            expected
+            and {(r["_fromEntityKey"], r["_toEntityKey"]) for r in manages.values()} == expected
+        )

@@ -90,6 +90,8 @@ def test_blocked_dispatch_keeps_events_until_rules_load(
     assert json.loads(st.stdout)["dispatch"]["blocked"] is False
     metrics = runner.invoke(app, [*base, "metrics"])
     assert "mde_dispatch_blocked 0.0" in metrics.stdout
+    # the CLI's delivery is counted like a deliver task's (issue 9.8)
+    assert 'mde_deliveries_total{outcome="sent",sink="log"} 1.0' in metrics.stdout
 
 
 def test_a_bad_file_among_good_ones_does_not_block(

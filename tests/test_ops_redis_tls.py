@@ -166,7 +166,7 @@ def test_cli_over_tls_ca_bundle_system_cas_and_both_cert_reqs_spellings(
 
 
 def test_worker_result_backend_beat_and_redbeat_over_tls(
-    tls_redis: TlsRedis, tmp_path: Path, redis_prefix: str
+    tls_redis: TlsRedis, tmp_path: Path, redis_prefix: str, cli: Any
 ) -> None:
     cfg = _config(tmp_path, tls_redis.url(), redis_prefix, f"redis:\n  ca_bundle: {tls_redis.ca}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "MDE_MONITOR_CONFIG": str(cfg)}
@@ -198,6 +198,9 @@ def test_worker_result_backend_beat_and_redbeat_over_tls(
         wait_until(
             lambda: client.exists(f"{redis_prefix}:redbeat::lock"), 60, "redbeat holds its lock"
         )
+        # the compose health checks, over TLS: this host's worker answers, a beat is active
+        health = cli(["--config", str(cfg), "health", "--worker", "--beat"])
+        assert health.returncode == 0 and "healthy" in health.stdout, health.stderr
     finally:
         for p in (worker, beat):
             p.terminate()

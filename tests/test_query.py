@@ -37,6 +37,7 @@ def query_tenant() -> Tenant:
     t.machines["m03"]["machineTags"] = ["corp", "vip"]
     t.machines["m04"]["lastSeenOn"] = T0 - 10 * DAY
     t.machines["m05"]["osPlatform"] = "Linux"
+    t.machines["m09"]["tag.AccountName"] = "Contoso Ltd"  # as with tag_with_account_name
     t.vulns["CVE-2024-1000"].update(severity="Critical", publicExploit=True, score=9.8)
     t.vulns["CVE-2024-1001"]["score"] = 5.0
     t.logon_users["l0"]["isDomainAdmin"] = True
@@ -124,6 +125,8 @@ def test_with_operators(redis_client: redis.Redis, settings: Settings) -> None:
         "CVE-2024-1000"
     ]
     assert len(n("FIND Finding WITH publicExploit = 'true'")) == 0
+    assert n("FIND HostAgent WITH tag.AccountName = 'Contoso Ltd'") == [host(9)]
+    assert n("FIND HostAgent WITH [tag.AccountName] ^= 'Contoso'") == [host(9)]
     # quoted odd names, dates
     assert len(n("FIND HostAgent WITH [computerDnsName] ~= 'm0'")) == 10
     assert n(f"FIND HostAgent WITH lastSeenOn < date({T0 - DAY})") == [host(4)]
@@ -332,3 +335,21 @@ def test_cli_query(config: Path) -> None:
     res = runner.invoke(app, ["--config", str(config), "query", "FIND HostAgent WITH"])
     assert res.exit_code == 2
     assert "line 1, column 20" in res.stderr and "^" in res.stderr
+
+
+def test_a_relationship_is_used_once_per_path(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    # logon user l1 is on m00 and m01; l0, l2, l3, l4 each on one machine only
+    shared = q(redis_client, settings, "FIND HostAgent THAT HAS User THAT HAS HostAgent")
+    assert names(shared) == [host(0), host(1)]
+    rows = q(
+        redis_client,
+        settings,
+        "FIND HostAgent AS a THAT HAS User AS u THAT HAS HostAgent AS b "
+        "RETURN a.displayName, u.displayName, b.displayName ORDER BY a.displayName",
+    )
+    assert rows["data"] == [
+        {"a.displayName": host(0), "u.displayName": "l1", "b.displayName": host(1)},
+        {"a.displayName": host(1), "u.displayName": "l1", "b.displayName": host(0)},
+    ]

@@ -190,3 +190,50 @@ def test_shipped_query_rules_run_on_a_generated_tenant(
     assert sum(e.current for e in first) > 0
     again = evaluate(redis_client, redis_prefix, TENANT, rules, graph)
     assert all(not e.baseline and not e.entered and not e.left for e in again)
+
+
+def test_incremental_index_equals_a_fresh_load(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """The copy-on-write update after a commit answers exactly like a graph read from Redis."""
+    from detect_helpers import mutated_tenant
+
+    from monitor.alerts.query_rules import graph_after_commit
+    from monitor.query import compile_query, execute
+    from monitor.query.graph import load_query_graph
+
+    clear_cache()
+    store = SnapshotStore(redis_client, redis_prefix)
+    queries = [
+        "FIND HostAgent AS m RETURN m._key, m.riskScore",
+        "FIND HostAgent AS m THAT IDENTIFIED Finding AS v RETURN m._key, v._key",
+        "FIND HostAgent AS m THAT HAS User AS u RETURN m._key, u._key",
+        "FIND cve THAT IS << Finding",
+        "FIND * WITH _type = 'microsoft_defender_user' AND accountEnabled = false",
+        "FIND HostAgent WITH CHANGED riskScore SINCE date(2020-01-01)",
+    ]
+    before = load_query_graph(redis_client, redis_prefix, TENANT)
+    assert before is None
+    for graph in (build_graph(standard_tenant()), build_graph(mutated_tenant())):
+        result = commit(store, graph)
+        incremental = graph_after_commit(store, TENANT, result, graph)
+        incremental.ensure_changes(redis_client, redis_prefix)
+        old = before
+        before = incremental
+        clear_cache()
+        fresh = load_query_graph(redis_client, redis_prefix, TENANT)
+        assert fresh is not None
+        fresh.ensure_changes(redis_client, redis_prefix)
+        for text in queries:
+            plan = compile_query(text)
+            a = execute(plan, [incremental], max_rows=None)["data"]
+            b = execute(plan, [fresh], max_rows=None)["data"]
+            opt = orjson.OPT_SORT_KEYS
+            assert sorted(orjson.dumps(r, option=opt) for r in a) == sorted(
+                orjson.dumps(r, option=opt) for r in b
+            ), text
+        from monitor.query.graph import store_query_graph
+
+        store_query_graph(redis_client, redis_prefix, incremental)
+        del old
+    assert incremental.generation == 2 and len(incremental.entities) == len(fresh.entities)

@@ -3,6 +3,7 @@ through the real sync path: simulator -> collect -> model -> snapshot -> events.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import redis
 import yaml
 
+from monitor.cli.app import ExitCode
 from monitor.collect.check import check_tenant
 from monitor.collect.logon_users import RefreshLedger
 from monitor.config import Settings, parse_settings
@@ -148,6 +150,13 @@ def test_sign_in_5xx_is_retried_then_fails_the_sync_cleanly(world: World, endpoi
     assert probes and all(p.ok is False and p.reason == "sign_in" for p in probes)
 
 
+def test_a_sign_in_timeout_is_retried(world: World) -> None:
+    world.sim.add_fault(Fault(endpoint="login:/token", kind="hang", seconds=4, times=1))
+    summary = world.sync()
+    assert summary.status == "ok"
+    assert world.sim.counts()["login:/token"] >= 3  # the timed-out one, then a token per API
+
+
 # ---- 4. token scopes per cloud -----------------------------------------------------------------
 
 
@@ -171,9 +180,9 @@ def test_defender_audience_problem_does_not_fail_graph(world: World) -> None:
 # ---- 5. 403 DisabledFeature / DisallowedOperation ----------------------------------------------
 
 
-@pytest.mark.parametrize("code", ["DisabledFeature", "DisallowedOperation"])
-def test_feature_not_enabled_keeps_previous_data(world: World, code: str) -> None:
+def test_feature_not_enabled_keeps_previous_data(world: World) -> None:
     assert world.sync().status == "ok"
+    code = "DisabledFeature"
     message = "Tenant feature is not enabled"
     world.sim.add_fault(Fault(endpoint=PAIRS, status=403, code=code, message=message))
     second = world.sync()
@@ -184,6 +193,7 @@ def test_feature_not_enabled_keeps_previous_data(world: World, code: str) -> Non
     probes = {p.permission: p for p in check_tenant(world.settings(), world.settings().tenants[0])}
     vuln = probes["Vulnerability.Read.All"]
     assert vuln.ok is True  # /api/vulnerabilities itself answers
+    code = "DisallowedOperation"
     world.sim.add_fault(Fault(endpoint=CATALOGUE, status=403, code=code, message=message))
     world.t.set_roles(["Organization.Read.All", "Directory.Read.All", "Vulnerability.Read.All"])
     probes = {p.permission: p for p in check_tenant(world.settings(), world.settings().tenants[0])}
@@ -341,38 +351,39 @@ def test_a_held_drop_applied_after_persisting_says_so(world: World) -> None:
 # ---- the CLI: exit codes of a sign-in failure --------------------------------------------------
 
 
-def test_cli_sync_exits_1_and_check_does_not_crash_when_sign_in_is_down(
-    world: World, redis_url: str
-) -> None:
-    import json
-    import os
-    import subprocess
-    import sys
+def _cli(world: World, redis_url: str, *args: str) -> Any:
+    """The mde-monitor command in this process (typer's runner), on this world's config."""
+    from typer.testing import CliRunner
 
-    from monitor.cli.app import ExitCode
+    from monitor.cli.app import app
 
     config = world.sim.state_dir / "monitor.yaml"
     data = yaml.safe_load(world.sim.config_yaml())
     data.update({"http": FAST_HTTP, "redis_prefix": world.prefix, "redis_url": redis_url})
+    data["alerts_dir"] = str(world.sim.state_dir / "no-alerts")  # alerting is not under test
     config.write_text(yaml.safe_dump(data))
+    return CliRunner().invoke(app, ["--config", str(config), *args])
+
+
+def test_cli_exit_codes_of_sign_in_failures_and_unlicensed_features(
+    world: World, redis_url: str
+) -> None:
     world.sim.add_fault(Fault(endpoint="login:/token", status=500, retry_after=None))
-    env = {**os.environ, "MDE_MONITOR_CONFIG": str(config)}
-    env.pop("REDIS_URL", None)
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-c", "from monitor.cli import main; main()", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-    done = cli("sync", "--tenant", "sim", "--json")
-    assert done.returncode == ExitCode.FAILED, done.stderr
-    assert "Traceback" not in done.stderr
+    done = _cli(world, redis_url, "sync", "--tenant", "sim", "--json")
+    assert done.exit_code == ExitCode.FAILED, done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)  # no traceback
     summary = json.loads(done.stdout)
     assert summary["status"] == "failed" and summary["events"] == {"mde.sync.failed": 1}
-    checked = cli("check", "--json")
-    assert "Traceback" not in checked.stderr, checked.stderr
-    assert checked.returncode == ExitCode.MISSING_PERMISSION
+    checked = _cli(world, redis_url, "check", "--json")
+    assert checked.exit_code == ExitCode.MISSING_PERMISSION, checked.output
     rows = json.loads(checked.stdout)["tenants"]["sim"]
     assert rows and all(r["reason"] == "sign_in" and "/.default" in r["permission"] for r in rows)
+    # granted, but not licensed: shown apart from a missing permission, exit 3 not 5
+    world.sim.clear_faults()
+    world.sim.add_fault(Fault(endpoint=CATALOGUE, status=403, code="DisabledFeature"))
+    checked = _cli(world, redis_url, "check")
+    assert checked.exit_code == ExitCode.DEGRADED, checked.output
+    assert "not enabled/licensed" in checked.stdout
 
 
 # ---- config: regions and clouds ----------------------------------------------------------------
@@ -402,3 +413,13 @@ def test_government_defender_scopes_and_the_override() -> None:
 
     with pytest.raises(ConfigError, match=r"defender_scope.*/\.default"):
         _tenant(defender_scope="https://securitycenter.onmicrosoft.us/windowsatpservice")
+
+
+def test_a_404_after_the_first_page_is_an_error_not_an_empty_list(world: World) -> None:
+    assert world.sync().status == "ok"
+    world.t.set_behaviour(defender_page_size=7)
+    world.sim.add_fault(Fault(endpoint=MACHINES, status=404, code="NotFound", after=1, times=1))
+    second = world.sync()
+    assert second.status == "degraded"
+    assert "HTTP 404 NotFound" in (second.scopes_incomplete["machines"] or "")
+    assert "mde.machine.deleted" not in second.events

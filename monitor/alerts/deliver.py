@@ -29,9 +29,11 @@ from typing import Any
 
 import orjson
 import redis
+from redis.lock import Lock
 
 from monitor.alerts.rules import DeliveryPolicy
 from monitor.alerts.sinks.base import DeliveryError, Notification, Sink
+from monitor.locks import make_lock, release, try_acquire
 from monitor.redact import scrub
 
 log = logging.getLogger(__name__)
@@ -262,15 +264,13 @@ class DeliveryQueue:
 
     # one attempt ------------------------------------------------------------------------------
 
+    def _lease_lock(self, did: str) -> Lock:
+        return make_lock(self.client, self.lease_key(did), max(1.0, self.policy.lease))
+
     def _lease(self, did: str) -> bool:
-        ms = max(1000, int(self.policy.lease * 1000))
-        if self.client.set(self.lease_key(did), self.consumer, nx=True, px=ms):
-            return True
-        holder: Any = self.client.get(self.lease_key(did))
-        if holder is not None and _s(holder) == self.consumer:  # ours: a restart of this worker
-            self.client.pexpire(self.lease_key(did), ms)
-            return True
-        return False
+        """Take the delivery's lease (the consumer name is the token: a restart of this worker
+        takes its own lease back)."""
+        return try_acquire(self._lease_lock(did), token=self.consumer)
 
     def _settle(
         self,
@@ -323,7 +323,9 @@ class DeliveryQueue:
         try:
             return self._attempt(did, rec, sink_name, sinks)  # every outcome releases the lease
         except BaseException:
-            self.client.delete(self.lease_key(did))
+            lease = self._lease_lock(did)
+            lease.local.token = self.consumer.encode()
+            release(lease)  # only if still ours
             raise
 
     def _attempt(

@@ -54,6 +54,7 @@ from monitor.alerts.sinks.base import Notification, Sink
 from monitor.config import Settings
 from monitor.events import stream
 from monitor.events.envelope import Event
+from monitor.metrics import record_delivery
 from monitor.web.links import notification_links, summary_lines
 
 log = logging.getLogger(__name__)
@@ -674,8 +675,17 @@ class Dispatcher:
         return self.queue.due(self.clock())
 
     def deliver(self, delivery_id: str) -> DeliveryOutcome:
-        """One attempt; schedules the retry or dead-letters (see DeliveryQueue.attempt)."""
-        return self.queue.attempt(delivery_id, self.sinks)
+        """One attempt; schedules the retry or dead-letters (see DeliveryQueue.attempt).
+
+        Every attempt is counted in `mde_deliveries_total`, whoever makes it (task or CLI).
+        """
+        outcome = self.queue.attempt(delivery_id, self.sinks)
+        if outcome.status != "busy":
+            try:
+                record_delivery(self.client, self.prefix, outcome.sink or "unknown", outcome.status)
+            except redis.RedisError as exc:
+                log.warning("could not count the delivery", extra={"error": str(exc)})
+        return outcome
 
     def deliver_due(self, stats: DispatchStats | None = None) -> DispatchStats:
         """One attempt for every due delivery."""

@@ -214,14 +214,41 @@ REFUSED_REGEX = (
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.max_mem = REGEX_MAX_MEM
 _RE2_OPTIONS.log_errors = False
+_RE2_OPTIONS.never_capture = True  # rules only ask "does it match": no groups to track
 # a group holding a quantifier, itself quantified: (a+)+, (x*y)*, (\w+\s?){2,}
 _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)\s*(?:[+*]|\{\d*,)")
 
 
-def compile_regex(pattern: str) -> Any:
+class Re2Pattern:
+    """A compiled RE2 pattern whose `search(text)` says whether it matches anywhere (a bool).
+
+    Calls RE2's matcher directly on the UTF-8 bytes: the `re`-compatible wrapper of google-re2
+    computes match offsets in characters, which costs ~10x more than the match itself.
+    """
+
+    __slots__ = ("_match", "_regexp", "pattern")
+
+    def __init__(self, regexp: Any, pattern: str) -> None:
+        self._regexp = regexp
+        self.pattern = pattern
+        raw = getattr(regexp, "_regexp", None)
+        anchor = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
+        self._match = (
+            (lambda b: raw.Match(anchor, b, 0, len(b))[0][0] != -1)
+            if raw is not None and anchor is not None
+            else None
+        )
+
+    def search(self, text: str) -> bool:
+        if self._match is not None:
+            return bool(self._match(text.encode("utf-8", "surrogatepass")))
+        return self._regexp.search(text) is not None
+
+
+def compile_regex(pattern: str) -> Re2Pattern:
     """An RE2 pattern; ConditionError naming what RE2 refuses (see REFUSED_REGEX)."""
     try:
-        return re2.compile(pattern, _RE2_OPTIONS)
+        return Re2Pattern(re2.compile(pattern, _RE2_OPTIONS), pattern)
     except re2.error as exc:
         detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
         raise ConditionError(
@@ -307,7 +334,7 @@ def _field_test(op: str, value: Any, has_value: bool) -> Callable[[Any], bool]:
             if v is MISSING or v is None or isinstance(v, dict):
                 return False
             text = str(v).lower() if isinstance(v, bool) else str(v)
-            return rx.search(text[:MAX_REGEX_INPUT]) is not None
+            return rx.search(text[:MAX_REGEX_INPUT])
 
         return search
     if op in _CMP:

@@ -31,7 +31,12 @@ from monitor.events import stream
 from monitor.events.envelope import Event, make_event, utc_now_iso
 from monitor.model.graph import Graph, Item
 from monitor.query import QueryError, compile_query, execute
-from monitor.query.graph import QueryGraph, load_query_graph, store_query_graph
+from monitor.query.graph import (
+    QueryGraph,
+    cached_query_graph,
+    load_query_graph,
+    store_query_graph,
+)
 from monitor.query.planner import Plan
 from monitor.snapshot.store import SnapshotStore
 
@@ -153,6 +158,8 @@ def evaluate(
     degraded: bool = False,
     write: bool = True,
     now_iso: str | None = None,
+    stream_maxlen: int = 100_000,
+    retention_days: float = 30.0,
 ) -> list[Evaluation]:
     """Run the query rules over `graph`; with `write`, store the sets and append the events."""
     if not rules:
@@ -233,7 +240,7 @@ def evaluate(
         pipe.set(meta_key(prefix, tenant, rule.name), orjson.dumps(doc_meta))
     if write:
         if events:
-            stream.append(pipe, prefix, tenant, events, 100_000, 30.0)
+            stream.append(pipe, prefix, tenant, events, stream_maxlen, retention_days)
         pipe.execute()
     return evaluations
 
@@ -271,31 +278,62 @@ def _event(
 def graph_after_commit(
     store: SnapshotStore, tenant: str, result: CommitResult, fetched: Graph | None
 ) -> QueryGraph:
-    """The committed snapshot as a QueryGraph: fetched items where the commit kept them, the
-    carried-over rest read from Redis (only what was not fetched)."""
+    """The committed snapshot as a QueryGraph, without re-reading what is in memory.
+
+    With the previous generation's graph cached in this process, only the items whose
+    fingerprint changed are swapped in (copy-on-write); otherwise the graph is built from the
+    fetched items plus the carried-over ones read from Redis.
+    """
     index = result.index
     if index is None or fetched is None:
         qg = load_query_graph(store.client, store.prefix, tenant)
         if qg is None:
             raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
         return qg
+    fps = {k: fp for types in index.values() for keys in types.values() for k, fp in keys.items()}
     have: dict[str, Item] = {**fetched.entities, **fetched.relationships}
-    missing = [
-        k for types in index.values() for keys in types.values() for k in keys if k not in have
-    ]
-    loaded = store.load_bodies(tenant, missing) if missing else {}
-    entities: list[Item] = []
-    rels: list[Item] = []
-    for types in index.values():
-        for keys in types.values():
-            for k in keys:
-                item = have.get(k) or loaded.get(k)
-                if item is None:
-                    continue
-                (rels if "_fromEntityKey" in item or "_mapping" in item else entities).append(item)
+    cached = cached_query_graph(store.client, store.prefix, tenant)
+    if (
+        cached is not None
+        and cached.fingerprints is not None
+        and cached.generation < result.generation
+    ):
+        old = cached.fingerprints
+        changed = [k for k, fp in fps.items() if old.get(k) != fp]
+        if len(changed) <= len(fps) // 4:
+            items = _bodies(store, tenant, changed, have)
+            qg = cached.updated(result.generation, fps, items)
+            if cached.changes is not None:  # fold this sync's events into the known facts
+                facts = cached.changes
+                for ev in result.events:
+                    facts.add(ev)
+                for k, item in items.items():
+                    if k in qg.entities:
+                        facts.stamp(k, item)
+                qg.changes = facts
+            store_query_graph(store.client, store.prefix, qg)
+            return qg
+    items = _bodies(store, tenant, list(fps), have)
+    entities = [i for i in items.values() if "_fromEntityKey" not in i and "_mapping" not in i]
+    rels = [i for i in items.values() if "_fromEntityKey" in i or "_mapping" in i]
     qg = QueryGraph.from_items(tenant, result.generation, entities, rels)
+    qg.fingerprints = fps
     store_query_graph(store.client, store.prefix, qg)
     return qg
+
+
+def _bodies(
+    store: SnapshotStore, tenant: str, keys: list[str], have: dict[str, Item]
+) -> dict[str, Item]:
+    """Items by key: the fetched ones, the rest (carried over) read from the store."""
+    missing = [k for k in keys if k not in have]
+    loaded = store.load_bodies(tenant, missing) if missing else {}
+    out: dict[str, Item] = {}
+    for k in keys:
+        item = have.get(k) or loaded.get(k)
+        if item is not None:
+            out[k] = item
+    return out
 
 
 def evaluate_after_commit(
@@ -327,6 +365,8 @@ def evaluate_after_commit(
             rules,
             graph,
             degraded=result.status == "degraded",
+            stream_maxlen=settings.events.stream_maxlen,
+            retention_days=settings.events.retention_days,
         )
         counts: dict[str, int] = {}
         for ev in evs:

@@ -34,7 +34,18 @@ from monitor.alerts.rules import (
 from monitor.alerts.silences import SilenceStore
 from monitor.alerts.sinks.base import Notification, Sink
 from monitor.alerts.throttle import window
-from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
+from monitor.cli.app import (
+    ExitCode,
+    app,
+    console,
+    duration_option,
+    json_option,
+    out,
+    print_json,
+    since_ms,
+    state,
+)
+from monitor.config import config_path
 from monitor.events import stream
 from monitor.events.envelope import EVENT_TYPES, Event, make_event
 from monitor.redis_conn import connect
@@ -54,9 +65,19 @@ JSON_OPT = json_option()
 
 
 def _alerts_dir() -> Path:
-    """--alerts-dir, else the config's alerts_dir (the config is only read when needed)."""
+    """--alerts-dir, else the config's alerts_dir (the config is only read when needed).
+
+    Without a config file: ./alerts when present, else the rule pack shipped with the package.
+    """
     if state.alerts_dir is not None:
         return state.alerts_dir
+    if state.config_path is None and not config_path().exists():
+        from monitor.starter import pack_dir
+
+        local = Path("alerts")
+        chosen = local if local.is_dir() else pack_dir()
+        console.print(f"no config file: using the rules in {chosen}", highlight=False)
+        return chosen
     return state.settings().alerts_dir
 
 
@@ -359,21 +380,17 @@ def replay_events(ruleset: RuleSet, events: list[tuple[str, Event]]) -> dict[str
 
 @rules_app.command("replay")
 def rules_replay(
-    since: str = typer.Option("7d", "--since", help="How far back: 1h, 7d, ..."),
+    since: str = typer.Option("7d", "--since", help="How far back: 1h30m, 7d, or an ISO date."),
     tenant: str | None = typer.Option(None, "--tenant"),
     limit: int = typer.Option(50, "--limit", help="Notifications to list (humans)."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """What the rules would have sent over the stored events (dry run; silences ignored)."""
-    try:
-        seconds = parse_duration(since)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    start_ms = since_ms(since)
     ruleset, _sinks, errors = _load(with_sinks=False)
     settings = state.settings()
     client = connect(settings.redis_url)
-    since_ms = int((time.time() - seconds) * 1000)
-    events = list(stream.read_range(client, settings.redis_prefix, tenant, since_ms=since_ms))
+    events = list(stream.read_range(client, settings.redis_prefix, tenant, since_ms=start_ms))
     result = replay_events(ruleset, events)
     if json_out:
         print_json({**result, "errors": [e.to_dict() for e in errors]})
@@ -401,7 +418,7 @@ def dispatch(
     once: bool = typer.Option(
         False, "--once", help="Evaluate pending events, flush every group now, deliver, exit."
     ),
-    timeout: float = typer.Option(60.0, "--timeout", help="--once: how long retries may take (s)."),
+    timeout: float = duration_option(60.0, "--timeout", help="--once: how long retries may take"),
     consumer: str = typer.Option(
         "dispatch", "--consumer", help="Consumer name in the stream group (keep it stable)."
     ),

@@ -35,7 +35,7 @@ app = typer.Typer(
         "4 tenant busy, 5 permission missing."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -68,6 +68,23 @@ class State:
 state = State()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r}: use one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from monitor import package_version
+
+        sys.stdout.write(f"mde-monitor {package_version()}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
     config: Path | None = typer.Option(
@@ -80,14 +97,26 @@ def _global(
     alerts_dir: Path | None = typer.Option(
         None, "--alerts-dir", help="Rule and sink files (default: the config's alerts_dir)."
     ),
-    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+    log_level: str = typer.Option(
+        "WARNING",
+        "--log-level",
+        help="DEBUG, INFO, WARNING, ERROR.",
+        callback=_log_level,
+    ),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
 ) -> None:
     from monitor.logs import setup_logging
 
     state.config_path = config
     state.alerts_dir = alerts_dir
     state._settings = None
-    setup_logging(log_level)
+    try:
+        setup_logging(log_level)
+    except ValueError as exc:
+        console.print(f"[red]usage error[/red]: {exc}", highlight=False)
+        raise typer.Exit(ExitCode.USAGE) from None
 
 
 _json_stdout: list[Any] = []  # the real stdout while a --json command runs
@@ -117,6 +146,50 @@ def json_option(help: str = "Machine-readable output on stdout (and nothing else
 def json_stream() -> Any:
     """Where machine-readable output goes: the real stdout (also while --json diverts it)."""
     return _json_stdout[0] if _json_stdout else sys.stdout
+
+
+def parse_duration_arg(text: str) -> float:
+    """Seconds from one grammar for every duration option: `90`, `30s`, `5m`, `1h30m`, `2d`."""
+    from monitor.alerts.rules import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def duration_option(default: float, *flags: str, help: str) -> Any:
+    """A duration option (seconds, or `1h30m` style): the same grammar everywhere."""
+    return typer.Option(
+        default,
+        *flags,
+        parser=parse_duration_arg,
+        metavar="DURATION",
+        help=f"{help} (e.g. 90s, 5m, 1h30m)",
+    )
+
+
+def since_ms(text: str, option: str = "--since") -> int:
+    """Epoch ms for `--since`: a duration ago (`24h`, `1h30m`, `7d`) or an ISO date/time."""
+    import time
+    from datetime import UTC, datetime
+
+    from monitor.alerts.rules import parse_duration
+
+    try:
+        return int((time.time() - parse_duration(text)) * 1000)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: expected a duration like 24h, 1h30m, 7d or an ISO date/time",
+            param_hint=option,
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
 
 
 def print_json(data: Any) -> None:

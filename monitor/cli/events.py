@@ -7,7 +7,17 @@ import redis
 import typer
 from rich.markup import escape
 
-from monitor.cli.app import ExitCode, app, console, json_option, json_stream, out, print_json, state
+from monitor.cli.app import (
+    ExitCode,
+    app,
+    console,
+    json_option,
+    json_stream,
+    out,
+    print_json,
+    since_ms,
+    state,
+)
 from monitor.events import history
 from monitor.events.envelope import Event
 from monitor.redis_conn import connect, describe_error
@@ -21,13 +31,7 @@ def _client() -> tuple[redis.Redis, str]:
 
 
 def _since(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return history.parse_since(text)
-    except ValueError as exc:
-        console.print(f"[red]usage error[/red]: {escape(str(exc))}", markup=True, highlight=False)
-        raise typer.Exit(ExitCode.USAGE) from None
+    return None if text is None else since_ms(text)
 
 
 def _line(ev: Event) -> str:
@@ -59,7 +63,7 @@ def events_cmd(
     type_glob: str | None = typer.Option(
         None, "--type", help="Event type glob, e.g. 'mde.machine.*'."
     ),
-    since: str | None = typer.Option(None, "--since", help="24h, 7d, 30m or an ISO date/time."),
+    since: str | None = typer.Option(None, "--since", help="24h, 1h30m, 7d or an ISO date/time."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
     as_json: bool = JSON_OPT,
     limit: int = typer.Option(100, "--limit", help="At most this many (the latest); 0 = all."),
@@ -90,7 +94,7 @@ def events_cmd(
 def history_cmd(
     key: str = typer.Option(..., "--key", help="The entity's or relationship's _key."),
     tenant: str | None = typer.Option(None, "--tenant", help="One tenant (default: all)."),
-    since: str | None = typer.Option(None, "--since", help="24h, 7d, 30m or an ISO date/time."),
+    since: str | None = typer.Option(None, "--since", help="24h, 1h30m, 7d or an ISO date/time."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """The change history of one entity from the stored events (oldest first)."""

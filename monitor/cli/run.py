@@ -12,7 +12,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
+from monitor.cli.app import (
+    ExitCode,
+    app,
+    console,
+    duration_option,
+    json_option,
+    out,
+    print_json,
+    state,
+)
 from monitor.config import CONFIG_ENV, Settings
 from monitor.redis_conn import describe_error, is_redis_error
 
@@ -75,11 +84,19 @@ def worker(
         "--metrics-port",
         help="Serve Prometheus /metrics here (default: config metrics_port).",
     ),
+    metrics_addr: str | None = typer.Option(
+        None,
+        "--metrics-addr",
+        envvar="MDE_MONITOR_METRICS_ADDR",
+        help="Address /metrics listens on (default 0.0.0.0; 127.0.0.1 keeps it local).",
+    ),
 ) -> None:
     """Run a Celery worker (wraps `celery -A monitor.celery_app worker`; extra args pass through)."""
     _export_config_env(state.settings())
     if metrics_port:
         os.environ["MDE_MONITOR_METRICS_PORT"] = str(metrics_port)
+    if metrics_addr:
+        os.environ["MDE_MONITOR_METRICS_ADDR"] = metrics_addr
     argv = ["worker", "--loglevel", loglevel]
     if queues:
         argv += ["-Q", queues]
@@ -107,7 +124,7 @@ def trigger(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name from the config."),
     all_tenants: bool = typer.Option(False, "--all", help="Every configured tenant."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the sync(s) to finish."),
-    timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait with --wait."),
+    timeout: float = duration_option(900.0, "--timeout", help="How long to wait with --wait"),
     as_json: bool = json_option("Print task ids (and results) as JSON."),
 ) -> None:
     """Enqueue a sync now (also for DISABLED tenants); workers pick it up from the `sync` queue."""
@@ -258,12 +275,12 @@ def metrics() -> None:
 @app.command()
 def demo(
     cycles: int = typer.Option(3, "--cycles", min=1, help="Change sets to play (then stop)."),
-    interval: float = typer.Option(4.0, "--interval", min=1.0, help="Seconds between syncs."),
+    interval: float = duration_option(4.0, "--interval", help="Time between syncs, at least 1s"),
     machines: int = typer.Option(50, "--machines", min=5, help="Machines in the simulated tenant."),
     data_dir: Path = typer.Option(
         Path(".data"), "--data-dir", help="Working files and embedded Redis."
     ),
-    timeout: float = typer.Option(180.0, "--timeout", help="Give up after this many seconds."),
+    timeout: float = duration_option(180.0, "--timeout", help="Give up after this long"),
     live: bool | None = typer.Option(
         None, "--live/--no-live", help="Live view (default: on a terminal)."
     ),
@@ -276,6 +293,9 @@ def demo(
     from rich.console import Console
 
     from monitor.demo import DemoOptions, run_demo
+
+    if interval < 1.0:
+        raise typer.BadParameter("at least 1s", param_hint="--interval")
 
     summary = run_demo(
         DemoOptions(
@@ -294,3 +314,60 @@ def demo(
         print_json(summary.to_dict())
     if not summary.ok:
         raise typer.Exit(ExitCode.FAILED)
+
+
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Where to write config/ and alerts/."),
+    force: bool = typer.Option(False, "--force", help="Overwrite files that exist."),
+) -> None:
+    """Write a starter config/monitor.yaml and the shipped rule pack (alerts/) into DIRECTORY."""
+    from monitor.starter import init as write_starter
+
+    written, skipped = write_starter(directory, force=force)
+    for p in written:
+        out.print(f"wrote {p}", highlight=False, markup=False)
+    for p in skipped:
+        out.print(f"kept {p} (exists; --force overwrites)", highlight=False, markup=False)
+    out.print(
+        f"next: edit {directory / 'config' / 'monitor.yaml'}, then"
+        f" `mde-monitor --config {directory / 'config' / 'monitor.yaml'} check`",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command()
+def health(
+    worker_node: bool = typer.Option(
+        False, "--worker", help="This host's worker answers a Celery ping over the broker."
+    ),
+    beat_lock: bool = typer.Option(
+        False, "--beat", help="Redis answers and a beat holds redbeat's lock (one is active)."
+    ),
+    timeout: float = duration_option(5.0, "--timeout", help="How long to wait for the answer"),
+) -> None:
+    """Container health check: exit 0 when healthy, 1 otherwise (one line on stderr)."""
+    import socket
+
+    from monitor.celery_app import build_app
+
+    settings = state.settings()
+    client = _redis(settings)
+    client.ping()
+    if beat_lock:
+        key = f"{settings.redis_prefix}:redbeat::lock"
+        if not client.exists(key):
+            console.print(f"unhealthy: no beat holds {key}", highlight=False)
+            raise typer.Exit(ExitCode.FAILED)
+    if worker_node:
+        celery_app = build_app(settings)
+        node = f"celery@{socket.gethostname()}"
+        try:
+            replies = celery_app.control.ping(destination=[node], timeout=timeout, limit=1) or []
+        finally:
+            celery_app.close()
+        if not any(node in r for r in replies):
+            console.print(f"unhealthy: worker {node} did not answer a ping", highlight=False)
+            raise typer.Exit(ExitCode.FAILED)
+    out.print("healthy", highlight=False)

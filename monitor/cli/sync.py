@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import redis
 import typer
 from rich.progress import (
     BarColumn,
@@ -21,19 +24,44 @@ from rich.table import Table
 from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.collect.check import check_tenant
 from monitor.collect.progress import Progress as ProgressFn
-from monitor.collect.progress import no_progress
+from monitor.collect.progress import on_budget_wait, wait_message
 from monitor.config import TenantConfig
 from monitor.redis_conn import connect
 from monitor.snapshot.lock import TenantBusy
 from monitor.snapshot.store import SnapshotStore
 from monitor.sync import SyncSummary, run_sync
 
+PROGRESS_EVERY_S = 10.0  # a non-terminal run logs its progress this often
+
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[ProgressFn]:
-    """A live progress display on a terminal; silent otherwise."""
-    if not enabled:
-        yield no_progress
+def _progress(terminal: bool) -> Iterator[ProgressFn]:
+    """Progress of a sync on stderr, including waits for Microsoft's rate limits.
+
+    On a terminal: a live display (a wait shows as "waiting 38 s for /logonusers: 100/min").
+    Otherwise (a pipe, a log file, --json): one line per stage change, at most every
+    PROGRESS_EVERY_S per stage, and one line per rate-limit wait.
+    """
+    if not terminal:
+        last: dict[str, float] = {}
+
+        def log_line(stage: str, done: int, total: int | None) -> None:
+            now = time.monotonic()
+            finished = total is not None and done >= total
+            if stage in last and now - last[stage] < PROGRESS_EVERY_S and not finished:
+                return
+            last[stage] = now
+            of = f"/{total}" if total is not None else ""
+            console.print(f"progress: {stage} {done}{of}", highlight=False, markup=False)
+
+        def wait_line(endpoint: str, seconds: float, limit: str) -> None:
+            console.print(wait_message(endpoint, seconds, limit), highlight=False, markup=False)
+
+        remove = on_budget_wait(wait_line)
+        try:
+            yield log_line
+        finally:
+            remove()
         return
     with Progress(
         SpinnerColumn(),
@@ -45,13 +73,24 @@ def _progress(enabled: bool) -> Iterator[ProgressFn]:
         transient=True,
     ) as bar:
         tasks: dict[str, TaskID] = {}
+        waits: dict[str, TaskID] = {}
 
         def report(stage: str, done: int, total: int | None) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        yield report
+        def waiting(endpoint: str, seconds: float, limit: str) -> None:
+            text = wait_message(endpoint, seconds, limit)
+            if endpoint not in waits:
+                waits[endpoint] = bar.add_task(text, total=None)
+            bar.update(waits[endpoint], description=text)
+
+        remove = on_budget_wait(waiting)
+        try:
+            yield report
+        finally:
+            remove()
 
 
 def _tenants(name: str | None, all_tenants: bool) -> list[TenantConfig]:
@@ -89,6 +128,12 @@ def _print_summary(s: SyncSummary) -> None:
             f"  {req.get('requests_total', 0)} requests, {req.get('retries_total', 0)} retries,"
             f" {req.get('throttled_total', 0)} throttled"
         )
+        if req.get("budget_wait_seconds"):
+            out.print(
+                f"  waited {req['budget_wait_seconds']:.0f} s for Microsoft's rate limits"
+                " (wall clock)",
+                highlight=False,
+            )
     if s.events:
         out.print("  events: " + ", ".join(f"{k} x{v}" for k, v in s.events.items()), markup=False)
     for scope, err in s.scopes_incomplete.items():
@@ -96,6 +141,16 @@ def _print_summary(s: SyncSummary) -> None:
             f"  [yellow]kept previous data[/yellow] for {scope}: {err or 'not refreshed'}",
             highlight=False,
         )
+
+
+def _count_sync(client: Any, prefix: str, summary: dict[str, Any]) -> None:
+    """Count a CLI sync in the metrics like a worker's (mde_syncs_total, API requests, events)."""
+    from monitor.metrics import record_sync
+
+    try:
+        record_sync(client, prefix, summary)
+    except redis.RedisError as exc:
+        console.print(f"could not count the sync in the metrics: {exc}", highlight=False)
 
 
 @app.command()
@@ -117,7 +172,7 @@ def sync(
     busy = False
     for t in _tenants(tenant, all_tenants):
         try:
-            with _progress(sys.stderr.isatty() and not as_json) as progress:
+            with _progress(sys.stderr.isatty()) as progress:
                 summaries.append(
                     run_sync(
                         settings,
@@ -129,10 +184,12 @@ def sync(
                 )
         except TenantBusy as exc:
             busy = True
+            _count_sync(client, settings.redis_prefix, {"tenant": t.name, "status": "busy"})
             console.print(f"[yellow]{t.name}: busy[/yellow]: {exc}", highlight=False)
             if as_json:
                 summaries.append(SyncSummary(t.name, "busy", None, 0.0, error=str(exc)))
             continue
+        _count_sync(client, settings.redis_prefix, summaries[-1].to_dict())
         if not as_json:
             _print_summary(summaries[-1])
     if as_json:
@@ -151,7 +208,11 @@ def check(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name (default: all)."),
     as_json: bool = json_option("Print the probes as JSON."),
 ) -> None:
-    """Sign in and probe each API permission with one cheap call; exit 5 if any is missing."""
+    """Sign in and probe each API permission with one cheap call.
+
+    Exit 5 if a permission is missing (or sign-in fails), 3 if all are granted but a feature is
+    not enabled/licensed in the tenant (403 DisabledFeature / DisallowedOperation).
+    """
     settings = state.settings()
     tenants = [settings.tenant(tenant)] if tenant else list(settings.tenants)
     results = {t.name: check_tenant(settings, t) for t in tenants}
@@ -176,12 +237,17 @@ def check(
                     False: "[red]error[/red]",
                     None: "[yellow]unknown[/yellow]",
                 }[p.ok]
+                if p.reason == "not_enabled":
+                    mark = "[yellow]not enabled/licensed[/yellow]"
                 table.add_row(p.permission, p.api, mark if p.ok else f"{mark} {p.detail}")
             out.print(table)
         for problem in problems:
             out.print(f"[red]alert file error[/red]: {problem}", highlight=False)
-    if any(p.ok is False for probes in results.values() for p in probes):
+    failed = [p for probes in results.values() for p in probes if p.ok is False]
+    if any(p.reason != "not_enabled" for p in failed):
         raise typer.Exit(ExitCode.MISSING_PERMISSION)
+    if failed:  # granted, but the tenant lacks the feature or licence: syncs will be degraded
+        raise typer.Exit(ExitCode.DEGRADED)
     if problems:
         raise typer.Exit(ExitCode.USAGE)
 

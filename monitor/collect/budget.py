@@ -15,6 +15,8 @@ from typing import Protocol
 
 import redis
 
+from monitor.collect.progress import announce_wait
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -72,6 +74,12 @@ class _SlidingBudget:
                 return waited
             if waited + wait > max_wait:
                 raise BudgetExhausted(endpoint, wait)
+            if wait >= 1.0:  # worth telling the user why nothing moves
+                if limit is None:
+                    per = "Retry-After of a 429"
+                else:
+                    per = f"{limit.per_minute}/min" if wait <= 60 else f"{limit.per_hour}/hour"
+                announce_wait(endpoint, wait, per)
             self.sleep(wait)
             waited += wait
 

@@ -121,6 +121,7 @@ class CollectResult:
             }
             if self.logon
             else None,
+            "identity": self.identity.summary() if self.identity else None,
         }
 
 

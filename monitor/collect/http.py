@@ -57,7 +57,8 @@ class RequestStats:
     requests: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
     throttled: Counter[str] = field(default_factory=Counter)  # 429 answers
-    budget_wait_seconds: float = 0.0
+    budget_wait_seconds: float = 0.0  # summed over threads
+    _waits: list[tuple[float, float]] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, counter: Counter[str], endpoint: str) -> None:
@@ -65,8 +66,28 @@ class RequestStats:
             counter[endpoint] += 1
 
     def add_budget_wait(self, seconds: float) -> None:
+        """One thread waited `seconds`, ending now."""
+        end = time.monotonic()
         with self._lock:
             self.budget_wait_seconds += seconds
+            self._waits.append((end - seconds, end))
+
+    @property
+    def budget_wait_wall_seconds(self) -> float:
+        """Wall-clock time during which at least one thread waited (overlaps counted once)."""
+        with self._lock:
+            spans = sorted(self._waits)
+        total, cur_start, cur_end = 0.0, None, 0.0
+        for start, end in spans:
+            if cur_start is None or start > cur_end:
+                if cur_start is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = start, end
+            else:
+                cur_end = max(cur_end, end)
+        if cur_start is not None:
+            total += cur_end - cur_start
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,7 +97,8 @@ class RequestStats:
             "retries_total": sum(self.retries.values()),
             "throttled": dict(sorted(self.throttled.items())),
             "throttled_total": sum(self.throttled.values()),
-            "budget_wait_seconds": round(self.budget_wait_seconds, 3),
+            "budget_wait_seconds": round(self.budget_wait_wall_seconds, 3),  # wall clock
+            "budget_wait_thread_seconds": round(self.budget_wait_seconds, 3),
         }
 
 

@@ -51,6 +51,18 @@ class IdentityResult:
     logon_kinds: dict[str, int] = field(default_factory=dict)
     logon_set_aside: int = 0  # machines whose logon users were kept (mapping not trusted)
 
+    def summary(self) -> dict[str, object]:
+        """For the sync metadata: what was mapped, whether groups had to be read in full."""
+        emp = self.employees
+        return {
+            "employees": emp.employees if emp else None,
+            "users_mapped": emp.mapped_users if emp else None,
+            "users_unmapped": emp.unmapped_users if emp else None,
+            "logon_kinds": dict(sorted(self.logon_kinds.items())),
+            "logon_set_aside": self.logon_set_aside,
+            "groups_resynced": self.groups.resynced if self.groups else None,
+        }
+
     def after_commit(self) -> None:
         if self.groups is not None and self.groups.state is not None and self.groups_store:
             self.groups_store.save(self.groups.state)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+WaitListener = Callable[[str, float, str], None]
+_listeners: list[WaitListener] = []
+_listeners_lock = threading.Lock()
 
 
 class Progress(Protocol):
@@ -11,3 +20,33 @@ class Progress(Protocol):
 
 def no_progress(stage: str, done: int, total: int | None) -> None:
     """Discard progress."""
+
+
+def wait_message(endpoint: str, seconds: float, limit: str) -> str:
+    """`waiting 38 s for /logonusers: 100/min`."""
+    path = endpoint.split(":", 1)[-1]
+    return f"waiting {seconds:.0f} s for {path}: {limit}"
+
+
+def on_budget_wait(listener: WaitListener) -> Callable[[], None]:
+    """Call `listener(endpoint, seconds, limit)` whenever a sync waits for Microsoft's rate limits;
+    returns the function that removes it."""
+    with _listeners_lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _listeners_lock:
+            if listener in _listeners:
+                _listeners.remove(listener)
+
+    return remove
+
+
+def announce_wait(endpoint: str, seconds: float, limit: str) -> None:
+    """A collector is about to wait `seconds` for the endpoint's documented limit: log it and
+    tell the listeners (the CLI's progress display)."""
+    log.info(wait_message(endpoint, seconds, limit), extra={"endpoint": endpoint})
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        listener(endpoint, seconds, limit)

@@ -71,6 +71,8 @@ class CatalogueFilter:
         wanted, kept = self.wanted, self.kept
         for item in page:
             self.read += 1
+            if not isinstance(item, dict):
+                continue  # never one of the pairs' CVEs; the builder never sees it
             exposed = item.get("exposedMachines")
             if isinstance(exposed, int) and not isinstance(exposed, bool) and exposed > 0:
                 self.exposed_total += exposed
@@ -92,7 +94,9 @@ def _cross_check(pairs: list[Json], catalogue: CatalogueFilter) -> str | None:
             f" CVEs the machine-CVE pairs reference ({catalogue.read} entries read);"
             " previous vulnerabilities kept"
         )
-    distinct = len({hash((p.get("machineId"), p.get("cveId"))) for p in pairs})
+    distinct = len(
+        {hash((p.get("machineId"), p.get("cveId"))) for p in pairs if isinstance(p, dict)}
+    )
     if catalogue.exposed_total and distinct < catalogue.exposed_total * EXPOSURE_TOLERANCE:
         return (
             "defender:/api/vulnerabilities/machinesVulnerabilities: short list:"

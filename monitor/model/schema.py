@@ -286,7 +286,16 @@ LOGON_USER = EntityType(
     # Per-machine facts (first/last seen on a machine, logon types there) live on the machine HAS
     # logon_user relationship; the entity's copies come from whichever machines were refreshed
     # this sync, so they must never make an event by themselves.
-    volatile=("lastSeenOn", "lastSeen", "firstSeenOn", "logonTypes"),
+    # directoryUserState / employeeStatus mirror the mapped user and employee, whose own events
+    # report the change (one user disabled must not give one update per logon account)
+    volatile=(
+        "lastSeenOn",
+        "lastSeen",
+        "firstSeenOn",
+        "logonTypes",
+        "directoryUserState",
+        "employeeStatus",
+    ),
     properties=(
         "name",
         "displayName",
@@ -437,6 +446,7 @@ EMPLOYEE = EntityType(
     "employee:{id}",
     SCOPE_EMPLOYEES,
     "employee",
+    volatile=("directoryAccountEnabled",),  # mirrors the user; mde.user.disabled reports it
     properties=(
         "name",
         "displayName",

@@ -9,6 +9,7 @@ RETURN and cross-alias WHERE that is the answer; otherwise the paths are enumera
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from monitor.model.graph import Item
 from monitor.query import ast
 from monitor.query.errors import QueryError
-from monitor.query.graph import QueryGraph, get_prop, rel_class
+from monitor.query.graph import QueryGraph, get_prop
 from monitor.query.planner import (
     EdgePlan,
     NodePlan,
@@ -54,12 +55,14 @@ def _node_pred(node: NodePlan, graph: QueryGraph) -> Pred:
     return lambda item: all(p(item) for p in preds)
 
 
-def _edge_pred(edge: EdgePlan, graph: QueryGraph) -> Callable[[Item], bool]:
-    verbs = edge.verbs
+def _edge_pred(edge: EdgePlan, graph: QueryGraph) -> Callable[[Item], bool] | None:
+    """The relationship's own filters (WHERE on its alias); the verbs are the index's job."""
     preds = [compile_expr(f, graph, item_getter) for f in edge.filters]
-    if verbs is None and not preds:
-        return lambda rel: True
-    return lambda rel: (verbs is None or rel_class(rel) in verbs) and all(p(rel) for p in preds)
+    if not preds:
+        return None
+    if len(preds) == 1:
+        return preds[0]
+    return lambda rel: all(p(rel) for p in preds)
 
 
 def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
@@ -73,19 +76,38 @@ def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
     return {e["_key"]: e for e in base if pred(e)}
 
 
+_NO_EDGES: dict[str, list[Item]] = {}
+
+
+def _lists(adj: dict[str, list[Item]], verbs: frozenset[str] | None) -> Iterator[list[Item]]:
+    if verbs is None:
+        yield from adj.values()
+    else:
+        for v in verbs:
+            lst = adj.get(v)
+            if lst:
+                yield lst
+
+
 def _neighbours(
-    graph: QueryGraph, key: str, edge: EdgePlan, ok: Callable[[Item], bool], forward: bool
+    graph: QueryGraph,
+    key: str,
+    edge: EdgePlan,
+    ok: Callable[[Item], bool] | None,
+    forward: bool,
 ) -> Iterator[tuple[Item, str]]:
     """(relationship, other end) of `key` along `edge`, walked forward (node i -> i+1) or back."""
     d = edge.direction
     if d is None or (d == ">>") == forward:
-        for r in graph.out.get(key, ()):
-            if ok(r):
-                yield r, r["_toEntityKey"]
+        for lst in _lists(graph.out.get(key, _NO_EDGES), edge.verbs):
+            for r in lst:
+                if ok is None or ok(r):
+                    yield r, r["_toEntityKey"]
     if d is None or (d == "<<") == forward:
-        for r in graph.inn.get(key, ()):
-            if ok(r):
-                yield r, r["_fromEntityKey"]
+        for lst in _lists(graph.inn.get(key, _NO_EDGES), edge.verbs):
+            for r in lst:
+                if ok is None or ok(r):
+                    yield r, r["_fromEntityKey"]
 
 
 def _negation_pred(neg: EdgePlan, graph: QueryGraph) -> Pred:
@@ -109,7 +131,7 @@ def _semi_join(
     left: dict[str, Item],
     right: dict[str, Item],
     edge: EdgePlan,
-    ok: Callable[[Item], bool],
+    ok: Callable[[Item], bool] | None,
     keep_right: bool,
 ) -> dict[str, Item]:
     """The members of `right` (keep_right) or `left` with a neighbour on the other side."""
@@ -154,42 +176,57 @@ def match(plan: Plan, graph: QueryGraph, max_paths: int, has_limit: bool) -> Mat
     for i in range(len(edges) - 1, -1, -1):  # backward
         sets[i] = _semi_join(graph, sets[i], sets[i + 1], edges[i], oks[i], keep_right=False)
     out = Matched()
-    if not plan.table and not plan.residual:
+    if not plan.table and not plan.residual and not _may_reuse(edges):
         out.items = list(sets[0].values())
         return out
     residual = [compile_expr(r, graph, _path_getter(plan)) for r in plan.residual]
-    n_nodes = len(nodes)
+    exists_only = not plan.table  # list mode: one complete path per start entity is enough
     paths: list[Path] = []
 
-    def walk(i: int, key: str, nodes_so_far: list[Item], rels: list[Item]) -> bool:
+    def walk(i: int, key: str, nodes_so_far: list[Item], rels: list[Item]) -> int:
+        """0: stop everything (cap), 1: go on, 2: this start entity is proven (list mode)."""
         if i == len(edges):
             path = tuple(nodes_so_far) + tuple(rels)
             if all(p(path) for p in residual):
                 if len(paths) >= max_paths:
-                    return False
+                    return 0
                 paths.append(path)
-            return True
+                return 2 if exists_only else 1
+            return 1
         nxt = sets[i + 1]
         for r, other in _neighbours(graph, key, edges[i], oks[i], True):
             item = nxt.get(other)
-            if item is None:
+            if item is None or any(r is x for x in rels):  # a relationship once per path
                 continue
             nodes_so_far.append(item)
             rels.append(r)
-            go_on = walk(i + 1, other, nodes_so_far, rels)
+            status = walk(i + 1, other, nodes_so_far, rels)
             nodes_so_far.pop()
             rels.pop()
-            if not go_on:
-                return False
-        return True
+            if status != 1:
+                return status
+        return 1
 
     for key, item in sets[0].items():
         if not walk(0, key, [item], []):
             out.truncated = True
             break
-    del n_nodes
-    out.paths = paths
+    if exists_only:
+        out.items = list({id(p[0]): p[0] for p in paths}.values())
+    else:
+        out.paths = paths
     return out
+
+
+def _may_reuse(edges: list[EdgePlan]) -> bool:
+    """Could two consecutive steps match the same relationship (there and back)? Then paths
+    are enumerated so a relationship is used once per path, as in Cypher."""
+    for a, b in itertools.pairwise(edges):
+        same_verb = a.verbs is None or b.verbs is None or bool(a.verbs & b.verbs)
+        opposite = a.direction is None or b.direction is None or a.direction != b.direction
+        if same_verb and opposite:
+            return True
+    return False
 
 
 def _path_getter(plan: Plan) -> Callable[[ast.Prop], Callable[[Path], Any]]:

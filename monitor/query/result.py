@@ -79,16 +79,7 @@ def build_result(
     q = plan.query
     truncated = any(m.truncated for m in matched)
     if not plan.table:
-        if plan.residual:
-            seen: set[int] = set()
-            items = []
-            for m in matched:
-                for path in m.paths:
-                    if id(path[0]) not in seen:
-                        seen.add(id(path[0]))
-                        items.append(path[0])
-        else:
-            items = [i for m in matched for i in m.items]
+        items = [i for m in matched for i in m.items]
         keys = []
         for o in q.order:
             assert o.prop is not None

@@ -17,6 +17,12 @@ HTTP API in `admin.py`.
 
 Roles are checked against both the token's `roles` claim and the tenant's current roles, so
 `tenant.set_roles(...)` takes effect at once. Tokens carry the roles of their API only.
+
+What real tenants do is played on demand: `tenant.set_behaviour(...)` (short Defender pages with
+or without a nextLink, links to another host, @odata.count, lists missing their tail, Microsoft's
+whole CVE catalogue), faults with an error `code`/`message` or no body, and
+`sim.defender_resource` (the Defender API known by an app ID URI only, as in GCC High).
+`/logonusers` of a device that is not onboarded answers 404.
 """
 
 from monitor.simulator.admin import AdminError, SimulatorAdminClient

@@ -36,7 +36,8 @@ _ids = itertools.count(1)
 class Fault:
     """A fault on one endpoint key (as in `counts()`, e.g. "defender:/api/machines/{id}").
 
-    `times` is how many matching requests it hits (None: every one until cleared);
+    `times` is how many matching requests it hits (None: every one until cleared), after letting
+    the first `after` matching requests through (e.g. after=1: the second page fails);
     `tenant_id` / `machine_id` narrow it to one tenant / one machine's URL.
     """
 
@@ -51,6 +52,7 @@ class Fault:
     code: str | None = None  # the API's error code (default: the status's usual one)
     message: str | None = None
     body: Literal["json", "none"] = "json"
+    after: int = 0
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:
@@ -68,6 +70,8 @@ class Fault:
             raise ValueError(f"fault status must be an HTTP status (got {self.status})")
         if self.seconds < 0:
             raise ValueError(f"fault seconds must be >= 0 (got {self.seconds})")
+        if self.after < 0:
+            raise ValueError(f"fault after must be >= 0 (got {self.after})")
         if self.body not in ("json", "none"):
             raise ValueError(f"fault body must be 'json' or 'none' (got {self.body!r})")
 
@@ -114,6 +118,9 @@ class FaultBook:
                 if fault.tenant_id is not None and fault.tenant_id != tenant_id:
                     continue
                 if fault.machine_id is not None and fault.machine_id != machine_id:
+                    continue
+                if fault.after > 0:
+                    fault.after -= 1
                     continue
                 if fault.times is not None:
                     fault.times -= 1
