@@ -445,3 +445,36 @@ def test_unfiltered_live_timeline_gets_every_new_event(world: dict) -> None:
         assert len({r["id"] for r in rows}) == len(rows)
     finally:
         served.stop()
+
+
+def test_api_query_equals_the_cli_query_json(
+    local: TestClient, world: dict, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from monitor.cli import app as cli_app
+    from monitor.web import explore
+
+    if not explore.HAVE_J1QL:
+        pytest.skip("the J1QL engine (monitor.query) is not installed")
+    s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
+    cfg = tmp_path / "monitor.yaml"
+    cfg.write_text(
+        json.dumps(
+            s.model_dump(mode="json", exclude={"web"})
+            | {
+                "tenants": [
+                    {**t, "client_secret": "not-a-real-secret"}
+                    for t in s.model_dump(mode="json")["tenants"]
+                ]
+            }
+        )
+    )
+    q = "FIND microsoft_defender_machine WITH riskScore = 'High'"
+    for extra in ([], ["--limit", "1"]):
+        res = CliRunner().invoke(
+            cli_app, ["--config", str(cfg), "query", "--json", "--tenant", TENANT, *extra, q]
+        )
+        assert res.exit_code == 0, res.output
+        params = {"q": q, "tenant": TENANT, **({"limit": "1"} if extra else {})}
+        assert local.get("/api/query", params=params).json() == json.loads(res.stdout)

@@ -744,13 +744,20 @@ def _run_query(console: Console, request: Request) -> tuple[dict[str, Any] | Non
     text = request.query_params.get("q", "").strip()
     if not text:
         return None, None
+    p = request.query_params
+    try:
+        limit = int(p["limit"]) if p.get("limit") else None
+    except ValueError:
+        return None, "limit: expected a number"
     try:
         return (
             explore.run(
                 console.client,
                 console.settings,
                 text,
-                request.query_params.get("tenant") or None,
+                p.get("tenant") or None,
+                include_raw=p.get("raw") in ("1", "true"),
+                limit=limit if limit is None else max(1, limit),
             ),
             None,
         )

@@ -121,10 +121,13 @@ def run(
     text: str,
     tenant: str | None = None,
     *,
+    include_raw: bool = False,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """The `query --json` document of `text` (J1QL when installed, else the filters)."""
     if HAVE_J1QL and run_query is not None:
-        result: dict[str, Any] = run_query(client, settings, text, tenant, limit=limit)
+        result: dict[str, Any] = run_query(
+            client, settings, text, tenant, include_raw=include_raw, limit=limit
+        )
         return result
-    return fallback_query(client, settings, text, tenant, limit=limit)
+    return fallback_query(client, settings, text, tenant, include_raw=include_raw, limit=limit)
