@@ -71,7 +71,8 @@ def test_mutations_give_exactly_the_expected_events(
     before_pairs = pairs(t)
     before_logon = {lu["id"]: mid for mid, lus in t.logon_users.items() for lu in lus}
     user_id = next(u for u, doc in t.users.items() if doc.get("accountEnabled", True))
-
+    # identity: disabling an account changes only volatile mirrors on its employee and mapped
+    # logon accounts (directoryAccountEnabled, directoryUserState): no extra events
     for m in risky:
         t.set_machine(m, riskScore="High")
     for m in removed:
