@@ -411,10 +411,15 @@ class Campaign:
 
 def run(seed: int, cases: int, max_seconds: float, machines: int = 12) -> Report:
     work = Path(tempfile.mkdtemp(prefix="mde-campaign-"))
+    # the campaign runs its own Redis: $REDIS_URL (which wins over a config file) must not send
+    # its syncs to another one
+    outer_url = os.environ.pop("REDIS_URL", None)
     try:
         with Campaign(seed, work, machines) as campaign:
             return campaign.run(cases, max_seconds)
     finally:
+        if outer_url is not None:
+            os.environ["REDIS_URL"] = outer_url
         shutil.rmtree(work, ignore_errors=True)
 
 

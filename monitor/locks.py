@@ -8,6 +8,7 @@ SET NX / Lua copies.
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError
@@ -47,3 +48,34 @@ def release(lock: Lock) -> bool:
         )
         return False
     return True
+
+
+class Renewer:
+    """Keeps a held lock alive: renews its TTL every third of it until `stop()`.
+
+    A holder that dies (or loses Redis, so its release never arrives) leaves the lock for one
+    short TTL instead of for its whole worst-case run time.
+    """
+
+    def __init__(self, lock: Lock, ttl_s: float) -> None:
+        self.lock = lock
+        self.every = max(0.2, ttl_s / 3)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"renew {lock.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.lock.reacquire()
+            except LockError as exc:  # expired and taken by another, or released
+                log.warning(
+                    "lock renewal stopped", extra={"key": self.lock.name, "error": str(exc)}
+                )
+                return
+            except redis.RedisError:  # Redis away for a moment: try again next period
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -38,7 +38,7 @@ from monitor.celery_app import (
 )
 from monitor.config import ConfigError, Settings
 from monitor.events.envelope import utc_now_iso
-from monitor.locks import make_lock, release, try_acquire
+from monitor.locks import Renewer, make_lock, release, try_acquire
 from monitor.logs import log_context
 from monitor.metrics import record_sync
 from monitor.redis_conn import connect, describe_error, is_redis_error
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 BUSY_RETRIES = 3  # only for redelivered syncs: wait out a dead worker's tenant lock
 REDIS_RETRIES = 20  # a sync that lost Redis: retried with backoff (about an hour and a half)
 REDIS_RETRY_MAX_S = 300.0
+DISPATCH_LOCK_TTL_S = 30.0  # the dispatch run lock, renewed every 10 s while the run lives
 
 _OPTIONS: RunOptions = app.conf.mde_options
 _clients: dict[tuple[int, str], redis.Redis] = {}
@@ -317,10 +318,14 @@ def dispatch(self: Task) -> dict[str, Any]:
     client = task_redis(settings)
     lock_key, again_key = _dispatch_keys(settings.redis_prefix)
     ttl_ms = int(_OPTIONS.dispatch_time_limit * 1000) + 5000
-    run_lock = make_lock(client, lock_key, ttl_ms / 1000)
+    # renewed while the run lives: a run that dies, or loses Redis before its release, holds
+    # dispatch up for one short TTL, not for the whole time limit
+    lock_ttl = min(DISPATCH_LOCK_TTL_S, ttl_ms / 1000)
+    run_lock = make_lock(client, lock_key, lock_ttl)
     if not try_acquire(run_lock):
         client.set(again_key, "1", px=ttl_ms)  # the running one loops once more
         return {"status": "busy"}
+    renewer = Renewer(run_lock, lock_ttl)
     totals: dict[str, int] = {}
     enqueued = 0
     try:
@@ -334,6 +339,7 @@ def dispatch(self: Task) -> dict[str, Any]:
             if not client.exists(again_key):
                 break
     finally:
+        renewer.stop()
         release(run_lock)
     if totals.get("read") or enqueued:
         log.info("dispatch", extra={**totals, "enqueued": enqueued})

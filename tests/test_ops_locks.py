@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
-from monitor.locks import make_lock, release, try_acquire
+from monitor.locks import Renewer, make_lock, release, try_acquire
 
 
 def test_release_only_by_the_holder_and_restart_with_the_same_token(
@@ -34,3 +36,25 @@ def test_release_only_by_the_holder_and_restart_with_the_same_token(
     other = make_lock(redis_client, key, 30)
     assert not try_acquire(other, token="worker-2:7")
     assert redis_client.get(key) == b"worker-1:42"
+
+
+def test_a_renewed_lock_outlives_its_ttl_and_lapses_once_renewal_stops(
+    redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    key = f"{redis_prefix}:lock:renewed"
+    lock = make_lock(redis_client, key, 0.6)
+    assert try_acquire(lock)
+    renewer = Renewer(lock, 0.6)
+    try:
+        # alive for well over three TTLs: each renewal puts the TTL back up
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            assert redis_client.get(key) == lock.local.token
+            time.sleep(0.05)
+    finally:
+        renewer.stop()
+    # a holder that stops renewing (it died, or lost Redis) frees the lock after one TTL
+    deadline = time.monotonic() + 5.0
+    while redis_client.exists(key) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not redis_client.exists(key)

@@ -166,8 +166,13 @@ def test_cli_over_tls_ca_bundle_system_cas_and_both_cert_reqs_spellings(
 
 
 def test_worker_result_backend_beat_and_redbeat_over_tls(
-    tls_redis: TlsRedis, tmp_path: Path, redis_prefix: str, cli: Any
+    tls_redis: TlsRedis,
+    tmp_path: Path,
+    redis_prefix: str,
+    cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)  # it would win over the config's rediss:// URL
     cfg = _config(tmp_path, tls_redis.url(), redis_prefix, f"redis:\n  ca_bundle: {tls_redis.ca}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "MDE_MONITOR_CONFIG": str(cfg)}
     env.pop("REDIS_URL", None)
