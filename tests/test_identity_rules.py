@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alert_helpers import FakeClock, RecordingSink, settings_for
-from identity_helpers import identity_env
+from identity_helpers import identity_env, of_type
 from test_identity_mapping import HR_COLUMNS, logon, write_hr_csv
 
 from monitor.alerts.dispatch import Dispatcher
@@ -139,3 +139,54 @@ def test_identity_rules_fire_on_real_sync_events(
     d.drain(5)
     sent = {n.rule for n in sinks["file"].sent if n.status == "firing"}
     assert sent >= IDENTITY_RULES
+
+
+def test_a_disabled_account_logging_on_again_to_a_machine_it_used_is_caught(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    with identity_env(tmp_path, redis_url, redis_prefix, machines=4, users=80) as env:
+        t = env.tenant
+        by_sid = {
+            u["onPremisesSecurityIdentifier"]: u
+            for u in t.users.values()
+            if u.get("onPremisesSecurityIdentifier") and u["accountEnabled"]
+        }
+        machine, account = next(
+            (m, lu)
+            for m, lus in sorted(t.logon_users.items())
+            for lu in lus
+            if lu["accountSid"] in by_sid
+        )
+        user = by_sid[account["accountSid"]]
+        assert env.sync()[0].status == "ok"
+
+        # disabled: the user's own events, nothing about logons (none happened)
+        t.set_user(user["id"], accountEnabled=False)
+        summary, events = env.sync()
+        assert summary.status == "ok"
+        assert of_type(events, "mde.machine_logon_user.logged_on") == []
+
+        # the account logs on again to the same machine: lastSeen moves on
+        with t.lock:
+            t.logon_users[machine] = [
+                {**lu, "lastSeen": "2099-01-01T00:00:00Z"} if lu["id"] == account["id"] else lu
+                for lu in t.logon_users[machine]
+            ]
+        t.touch_all_machines()
+        summary, events = env.sync()
+        assert summary.status == "ok", summary.scopes_incomplete
+        logged_on = of_type(events, "mde.machine_logon_user.logged_on")
+        assert [e["subject"] for e in logged_on] == [
+            f"microsoft_defender_machine:{machine}|has|microsoft_defender_logon_user:{account['id']}"
+        ]
+        data = logged_on[0]["data"]
+        assert data["target"]["directoryUserState"] == "disabled"
+        assert data["changes"]["lastSeenOn"]["new"] > (data["changes"]["lastSeenOn"]["old"] or 0)
+
+        ruleset = load_rules(PACK)
+        fired = [r.name for r, status in ruleset.evaluate(logged_on[0]) if status == "firing"]
+        assert fired == ["identity-inactive-account-logon"]
+
+        # an enabled account's repeat logons stay quiet (volatile facts, no event)
+        t.touch_all_machines()
+        assert of_type(env.sync()[1], "mde.machine_logon_user.logged_on") == []

@@ -152,6 +152,7 @@ def build_events(
         )
         if changes:
             events.extend(_entity_events(ctx, short, "updated", key, old, item, changes))
+    events.extend(_inactive_account_logons(ctx, plan, graph, stored))
     for key, typ in plan.deleted:
         if typ in schema.RELATIONSHIP_BY_TYPE:
             continue
@@ -195,6 +196,50 @@ def build_events(
         }
         events.append(ctx.event(f"mde.{short}.{change}", key, data))
     return events
+
+
+# identity: the logon user's mirrors of its directory account and employee (monitor.model.identity)
+INACTIVE_ACCOUNT_STATES = frozenset({"disabled", "not_found"})
+
+
+def _inactive_account_logons(
+    ctx: _Ctx, plan: MergePlan, graph: Graph, stored: Mapping[str, Item]
+) -> list[Event]:
+    """`mde.machine_logon_user.logged_on`: an account whose directory user is disabled or gone
+    (or whose employee is terminated) logged on again to a machine it had used before - the
+    machine HAS logon_user relationship's `lastSeenOn` moved on (a first logon is `added`)."""
+    out: list[Event] = []
+    for key in plan.updated:
+        rel = graph.relationships.get(key)
+        if rel is None or rel.get("_type") != schema.MACHINE_HAS_LOGON_USER.type:
+            continue
+        old = stored.get(key) or {}
+        before, after = old.get("lastSeenOn"), rel.get("lastSeenOn")
+        if not isinstance(after, int | float) or (
+            isinstance(before, int | float) and after <= before
+        ):
+            continue
+        account = graph.entities.get(str(rel.get("_toEntityKey")))
+        if account is None or not (
+            account.get("directoryUserState") in INACTIVE_ACCOUNT_STATES
+            or account.get("employeeStatus") == "terminated"
+        ):
+            continue
+        machine = graph.entities.get(str(rel.get("_fromEntityKey"))) or stored.get(
+            str(rel.get("_fromEntityKey"))
+        )
+        data = {
+            "relationshipType": rel["_type"],
+            "relationshipClass": "HAS",
+            "key": key,
+            "displayName": f"{display_name(machine, '')} HAS {display_name(account, '')}",
+            "changes": {"lastSeenOn": {"old": before, "new": after}},
+            "entity": public_view(rel),
+            "source": public_view(machine),
+            "target": public_view(account),
+        }
+        out.append(ctx.event("mde.machine_logon_user.logged_on", key, data))
+    return out
 
 
 def _entity_events(

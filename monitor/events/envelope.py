@@ -55,6 +55,10 @@ EVENT_TYPES: dict[str, str] = {
     "mde.machine_vulnerability.resolved": "A CVE is no longer identified on a machine",
     "mde.machine_logon_user.added": "An account logged on to a machine for the first time",
     "mde.machine_logon_user.removed": "An account no longer appears among a machine's logon users",
+    "mde.machine_logon_user.logged_on": (
+        "An account whose directory user is disabled or gone (or whose employee is terminated)"
+        " logged on again to a machine"
+    ),
     # query alert rules (monitor/alerts/query_rules.py)
     "mde.query.entered": "An entity or row entered a query rule's result set after a sync",
     "mde.query.left": "An entity or row left a query rule's result set after a complete sync",
