@@ -85,31 +85,23 @@ def run_sync(
     t0 = time.monotonic()
     tenant = settings.tenant(tenant_name)
     client = redis_client or connect(settings.redis_url)
+    store = SnapshotStore(client, settings.redis_prefix)
     try:
         return _run_sync(
-            settings, tenant_name, redis_client=client, accept_drop=accept_drop, progress=progress
+            settings, tenant, client, store, accept_drop=accept_drop, progress=progress
         )
     except _NOT_RECORDABLE:
         raise
     except Exception as exc:
         error = _crash_text(exc, tenant)
         log.exception("sync crashed", extra={"tenant": tenant.name, "error": error})
-        store = SnapshotStore(client, settings.redis_prefix)
         try:
             with TenantLock(
                 client, settings.redis_prefix, tenant.name, ttl_seconds=LOCK_TTL_SECONDS
             ) as lock:
-                record_failed_sync(store, tenant=tenant.name, error=error, stage="crash", lock=lock)
+                return _failed(store, tenant.name, error, "crash", lock, time.monotonic() - t0)
         except TenantBusy:
             raise exc from None  # another sync took the tenant over: it records its own outcome
-        return SyncSummary(
-            tenant.name,
-            "failed",
-            store.generation(tenant.name),
-            time.monotonic() - t0,
-            events={"mde.sync.failed": 1},
-            error=error,
-        )
 
 
 # A lost lock means another sync owns the tenant now; a Redis outage means nothing can be written.
@@ -137,41 +129,48 @@ def _crash_text(exc: BaseException, tenant: TenantConfig) -> str:
     return text[:_CRASH_TEXT_LIMIT]
 
 
+def _failed(
+    store: SnapshotStore,
+    tenant: str,
+    error: str,
+    stage: str,
+    lock: TenantLock,
+    duration_seconds: float,
+    collected: CollectResult | None = None,
+) -> SyncSummary:
+    """Record a failed sync (status "failed", one `mde.sync.failed` event) and summarise it."""
+    meta = collected.meta() if collected is not None else None
+    record_failed_sync(store, tenant=tenant, error=error, stage=stage, meta=meta, lock=lock)
+    return SyncSummary(
+        tenant,
+        "failed",
+        store.generation(tenant),
+        duration_seconds,
+        requests=collected.stats.to_dict() if collected is not None else {},
+        events={"mde.sync.failed": 1},
+        error=error,
+    )
+
+
 def _run_sync(
     settings: Settings,
-    tenant_name: str,
+    tenant: TenantConfig,
+    client: redis.Redis,
+    store: SnapshotStore,
     *,
-    redis_client: redis.Redis | None = None,
-    accept_drop: bool = False,
-    progress: Progress = no_progress,
+    accept_drop: bool,
+    progress: Progress,
 ) -> SyncSummary:
     """`run_sync` without the crash handling."""
-    tenant = settings.tenant(tenant_name)
-    client = redis_client or connect(settings.redis_url)
-    store = SnapshotStore(client, settings.redis_prefix)
     with TenantLock(
         client, settings.redis_prefix, tenant.name, ttl_seconds=LOCK_TTL_SECONDS
     ) as lock:
         collected = collect_tenant(settings, tenant, redis_client=client, progress=progress)
         if collected.graph is None:
             error = str(collected.auth_error)
-            record_failed_sync(
-                store,
-                tenant=tenant.name,
-                error=error,
-                stage="auth",
-                meta=collected.meta(),
-                lock=lock,
-            )
             log.warning("sync failed", extra={"tenant": tenant.name, "error": error})
-            return SyncSummary(
-                tenant.name,
-                "failed",
-                store.generation(tenant.name),
-                collected.duration_seconds,
-                requests=collected.stats.to_dict(),
-                events={"mde.sync.failed": 1},
-                error=error,
+            return _failed(
+                store, tenant.name, error, "auth", lock, collected.duration_seconds, collected
             )
         progress("diff and commit", 0, None)
         result = detect_and_commit(
