@@ -19,6 +19,7 @@ from monitor.collect.progress import Progress, no_progress
 from monitor.config import Settings, TenantConfig
 from monitor.model.graph import ScopeState
 from monitor.model.schema import SCOPE_LOGON_USERS
+from monitor.redact import register_secret, scrub
 from monitor.redis_conn import connect
 from monitor.snapshot.commit import (
     CommitResult,
@@ -116,17 +117,13 @@ _CRASH_TEXT_LIMIT = 500
 
 
 def _crash_text(exc: BaseException, tenant: TenantConfig) -> str:
-    """A short description of an unexpected exception, without the tenant's secret."""
-    text = f"unexpected {type(exc).__name__}: {exc}"
-    secrets: list[str | None] = []
+    """A short description of an unexpected exception, scrubbed like every other error text
+    (the tenant's own secrets registered first, in case the crash came before sign-in)."""
     with contextlib.suppress(OSError):
-        secrets.append(tenant.secret())
-    if tenant.certificate is not None and tenant.certificate.pfx_password is not None:
-        secrets.append(tenant.certificate.pfx_password.get_secret_value())
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text[:_CRASH_TEXT_LIMIT]
+        register_secret(tenant.secret())
+    if tenant.certificate is not None:
+        register_secret(tenant.certificate.pfx_password)
+    return scrub(f"unexpected {type(exc).__name__}: {exc}", _CRASH_TEXT_LIMIT)
 
 
 def _failed(
