@@ -33,16 +33,16 @@ def collect_machines(
         status = exc.status()
         builder.set_scope(SCOPE_MACHINES, status)
         return MachinesResult(status)
-    # malformed items are the builder's to reject (by index, degrading the scope)
-    valid = [m for m in machines if isinstance(m, dict)]
-    last_seen = {m["id"]: m.get("lastSeen") for m in valid if isinstance(m.get("id"), str)}
-    # discovered devices are listed too (CanBeOnboarded, Unsupported, InsufficientInfo); a
-    # machine without the field is taken as onboarded
-    onboarded = {
-        m["id"]
-        for m in valid
-        if isinstance(m.get("id"), str) and m.get("onboardingStatus", "Onboarded") == "Onboarded"
-    }
+    # malformed items are the builder's to reject (by index, degrading the scope); discovered
+    # devices are listed too (CanBeOnboarded, Unsupported, InsufficientInfo) - a machine without
+    # onboardingStatus is taken as onboarded
+    last_seen: dict[str, str | None] = {}
+    onboarded: set[str] = set()
+    for m in machines:
+        if isinstance(m, dict) and isinstance(mid := m.get("id"), str):
+            last_seen[mid] = m.get("lastSeen")
+            if m.get("onboardingStatus", "Onboarded") == "Onboarded":
+                onboarded.add(mid)
     status = ScopeStatus(ScopeState.COMPLETE, count=builder.add_machines(machines))
     builder.set_scope(SCOPE_MACHINES, status)
     return MachinesResult(status, last_seen, onboarded)
