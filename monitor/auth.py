@@ -7,7 +7,6 @@ the API calls (REQUESTS_CA_BUNDLE, which this kind of machine sets, is never con
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -221,10 +220,7 @@ class TokenProvider:
                 try:
                     return self._token_once(scope)
                 except AuthError as exc:
-                    backoff = min(
-                        s.backoff_max_seconds, s.backoff_base_seconds * 2 ** (attempt - 1)
-                    )
-                    wait = backoff / 2 + random.uniform(0, backoff / 2)
+                    wait = s.backoff(attempt)
                     if self._msal_http.last_retry_after is not None:
                         wait = max(wait, self._msal_http.last_retry_after)
                     remaining = deadline - time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -358,6 +359,11 @@ class HttpSettings(_Model):
     backoff_base_seconds: float = Field(default=1.0, ge=0)
     backoff_max_seconds: float = Field(default=30.0, ge=0)
     proxy: str | None = None
+
+    def backoff(self, attempt: int) -> float:
+        """The wait before retry `attempt` + 1: capped exponential backoff, half of it jitter."""
+        backoff = min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** (attempt - 1))
+        return backoff / 2 + random.uniform(0, backoff / 2)
 
 
 class DetectSettings(_Model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 import time
@@ -247,13 +246,7 @@ class ApiClient:
                         support=err.support,
                     ) from None
                 remaining = deadline - time.monotonic()
-                if r.retry_after is not None:
-                    wait = r.retry_after
-                else:
-                    backoff = min(
-                        s.backoff_max_seconds, s.backoff_base_seconds * 2 ** (attempt - 1)
-                    )
-                    wait = backoff / 2 + random.uniform(0, backoff / 2)
+                wait = r.retry_after if r.retry_after is not None else s.backoff(attempt)
                 if attempt >= s.max_attempts or wait > remaining:
                     raise ApiError(
                         endpoint,
