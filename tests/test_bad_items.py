@@ -10,21 +10,13 @@ from typing import Any
 
 import pytest
 import redis
-import yaml
+from sync_helpers import sim_settings
 
-from monitor.config import Settings, parse_settings
+from monitor.config import Settings
 from monitor.events.stream import read_range
 from monitor.simulator import SimTenant, Simulator, generate_tenant
 from monitor.snapshot.store import SnapshotStore
 from monitor.sync import run_sync
-
-FAST_HTTP = {
-    "backoff_base_seconds": 0.01,
-    "backoff_max_seconds": 0.05,
-    "max_retry_seconds": 5,
-    "max_attempts": 3,
-    "timeout_seconds": 1.5,
-}
 
 
 @pytest.fixture
@@ -33,11 +25,9 @@ def world(tmp_path: Path, redis_prefix: str) -> Iterator[tuple[SimTenant, Settin
         machines=12, users=8, vulns_per_machine=3, cves=15, logon_users_per_machine=1, seed=11
     )
     with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
-        data = yaml.safe_load(sim.config_yaml())
-        data["http"] = FAST_HTTP
-        data["redis_prefix"] = redis_prefix
-        data["tenants"][0]["logon_user_budget"] = 1000  # every machine's logon users each sync
-        yield sim.tenant(tenant.tenant_id), parse_settings(data, "test")
+        # every machine's logon users each sync
+        settings = sim_settings(sim, redis_prefix, logon_user_budget=1000)
+        yield sim.tenant(tenant.tenant_id), settings
 
 
 def events(client: redis.Redis, settings: Settings, generation: int | None) -> list[dict]:

@@ -9,22 +9,14 @@ from typing import Any
 
 import pytest
 import redis
-import yaml
+from sync_helpers import sim_settings
 
-from monitor.config import Settings, parse_settings
+from monitor.config import Settings
 from monitor.events.stream import read_range
 from monitor.model.schema import level_rank
 from monitor.simulator import Fault, SimTenant, Simulator, generate_tenant
 from monitor.snapshot.store import SnapshotStore
 from monitor.sync import run_sync
-
-FAST_HTTP = {
-    "backoff_base_seconds": 0.01,
-    "backoff_max_seconds": 0.05,
-    "max_retry_seconds": 5,
-    "max_attempts": 3,
-    "timeout_seconds": 1.5,
-}
 
 
 @pytest.fixture
@@ -33,10 +25,7 @@ def world(tmp_path: Path, redis_prefix: str) -> Iterator[tuple[Simulator, SimTen
         machines=20, users=10, vulns_per_machine=3, cves=25, logon_users_per_machine=1, seed=5
     )
     with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
-        data = yaml.safe_load(sim.config_yaml())
-        data["http"] = FAST_HTTP
-        data["redis_prefix"] = redis_prefix
-        yield sim, sim.tenant(tenant.tenant_id), parse_settings(data, "test")
+        yield sim, sim.tenant(tenant.tenant_id), sim_settings(sim, redis_prefix)
 
 
 def events_of(client: redis.Redis, settings: Settings, generation: int) -> list[dict[str, Any]]:
@@ -226,10 +215,7 @@ def test_logon_user_rotation_invents_no_updates(
     reports: dict[str, int] = Counter(lu["id"] for lus in tenant.logon_users.values() for lu in lus)
     assert any(n > 1 for n in reports.values())
     with Simulator(tenants=[tenant], state_dir=tmp_path) as sim:
-        data = yaml.safe_load(sim.config_yaml())
-        data.update(http=FAST_HTTP, redis_prefix=redis_prefix)
-        data["tenants"][0]["logon_user_budget"] = 7
-        settings = parse_settings(data, "test")
+        settings = sim_settings(sim, redis_prefix, logon_user_budget=7)
         for _ in range(5):
             summary = run_sync(settings, "sim", redis_client=redis_client)
             assert summary.status == "ok"
