@@ -19,6 +19,7 @@ import msal
 import msal.exceptions
 
 from monitor.collect.errors import AuthError
+from monitor.collect.http import parse_retry_after
 from monitor.config import Cloud, HttpSettings, TenantConfig
 from monitor.redact import register_secret, scrub
 
@@ -56,11 +57,7 @@ class MsalHttpClient:
 
     def _seen(self, resp: httpx.Response) -> httpx.Response:
         self.last_status = resp.status_code
-        value = resp.headers.get("Retry-After")
-        try:
-            self.last_retry_after = max(0.0, float(value)) if value else None
-        except ValueError:
-            self.last_retry_after = None
+        self.last_retry_after = parse_retry_after(resp)
         return resp
 
     def post(self, url: str, data: Any = None, **kwargs: Any) -> httpx.Response:

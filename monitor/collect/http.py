@@ -10,13 +10,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from monitor import __version__
-from monitor.auth import TokenProvider
 from monitor.collect.budget import Budget
 from monitor.collect.errors import (
     FEATURE_DISABLED_CODES,
@@ -28,6 +27,9 @@ from monitor.collect.errors import (
     Throttled,
 )
 from monitor.config import HttpSettings, Settings, origin
+
+if TYPE_CHECKING:  # monitor.auth imports parse_retry_after from here
+    from monitor.auth import TokenProvider
 
 Json = dict[str, Any]
 
@@ -108,7 +110,9 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def parse_retry_after(resp: httpx.Response) -> float | None:
+    """Seconds to wait per the answer's Retry-After (delta-seconds or HTTP-date); None if absent
+    or unreadable."""
     value = resp.headers.get("Retry-After")
     if not value:
         return None
@@ -319,7 +323,7 @@ class ApiClient:
             raise NotFound(endpoint, message, status=404, code=code, support=support)
         if status == 429:
             self.stats.count(self.stats.throttled, endpoint)
-            retry_after = _retry_after(resp)
+            retry_after = parse_retry_after(resp)
             if retry_after is not None:
                 self._budget.block(endpoint, retry_after)  # every worker of this tenant waits
             raise _Retry(
@@ -329,7 +333,7 @@ class ApiClient:
         if status >= 500 or status == 408:
             raise _Retry(
                 ApiError(endpoint, message, status=status, code=code, support=support),
-                _retry_after(resp),
+                parse_retry_after(resp),
             )
         raise ApiError(endpoint, message, status=status, code=code, support=support)
 
