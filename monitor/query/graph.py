@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import redis
 
 from monitor.events import stream
 from monitor.model.graph import Graph, Item
+from monitor.model.schema import epoch_ms
 from monitor.snapshot.store import SnapshotStore
 
 _MISSING = object()
@@ -47,15 +47,6 @@ def rel_class(rel: Item) -> str:
     return str(c or "").upper()
 
 
-def _time_ms(value: Any) -> int | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
-
-
 @dataclass
 class ChangeFacts:
     """From the tenant's stored events: when each entity appeared and last changed."""
@@ -68,7 +59,7 @@ class ChangeFacts:
     def add(self, ev: Mapping[str, Any]) -> None:
         """Fold one stored event into the facts."""
         typ = str(ev.get("type", ""))
-        when = _time_ms(ev.get("time"))
+        when = epoch_ms(ev.get("time"))
         if when is None:
             return
         if typ == "mde.sync.baseline":
