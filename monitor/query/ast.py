@@ -65,13 +65,7 @@ class BoolOp:
     pos: Pos
 
 
-@dataclass(frozen=True)
-class Not:
-    item: Expr
-    pos: Pos
-
-
-Expr = Compare | Changed | BoolOp | Not
+Expr = Compare | Changed | BoolOp
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from monitor.events import stream
-from monitor.model.graph import Graph, Item
+from monitor.model.graph import Item
 from monitor.model.schema import epoch_ms
 from monitor.snapshot.store import SnapshotStore
 
@@ -140,12 +140,6 @@ class QueryGraph:
         for r in relationships:
             g._add_relationship(r)
         return g
-
-    @classmethod
-    def from_graph(cls, tenant: str, generation: int, graph: Graph) -> QueryGraph:
-        return cls.from_items(
-            tenant, generation, graph.entities.values(), graph.relationships.values()
-        )
 
     def _add_entity(self, e: Item) -> None:
         e[TENANT_PROP] = self.tenant
