@@ -37,7 +37,7 @@ from monitor.model import schema
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.query import compile_query, execute
-from monitor.query.graph import QueryGraph, clear_cache, load_query_graph
+from monitor.query.graph import QueryGraph, clear_cache, load_query_graph, split_items
 from monitor.questions import load_questions
 from monitor.redis_conn import delete_prefix
 from monitor.simulator.generate import generate_tenant
@@ -191,8 +191,7 @@ def run(scale: float, url: str) -> dict[str, Any]:
 
         # index memory per item (the items themselves are the snapshot, not counted)
         items = [dict(i) for i in (*qg.entities.values(), *qg.relationships.values())]
-        ents = [i for i in items if "_fromEntityKey" not in i and "_mapping" not in i]
-        rels = [i for i in items if "_fromEntityKey" in i or "_mapping" in i]
+        ents, rels = split_items(items)
         gc.collect()
         tracemalloc.start()
         index = QueryGraph.from_items(TENANT, 1, ents, rels)
