@@ -26,13 +26,13 @@ from typing import Any
 
 import orjson
 import redis
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from query_helpers import build, commit_graph  # type: ignore[import-not-found]
 
+from monitor import safe_yaml
 from monitor.alerts.query_rules import evaluate, graph_after_commit
 from monitor.alerts.rules import Rule, compile_rule
 from monitor.model.graph import Graph
@@ -90,7 +90,7 @@ def best(fn: Any, n: int = 3) -> tuple[float, Any]:
 def twenty_rules() -> list[Rule]:
     """The four shipped query rules and 16 questions that return entities (alert-like)."""
     pack = Path(__file__).resolve().parents[1] / "alerts" / "queries.yaml"
-    texts = [r["query"] for r in yaml.safe_load(pack.read_text())["rules"]]
+    texts = [r["query"] for r in safe_yaml.load_file(pack)["rules"]]
     texts += [
         q.query
         for qu in load_questions()
