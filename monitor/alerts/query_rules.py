@@ -120,7 +120,7 @@ class Evaluation:
 
 def _plan(text: str) -> Plan:
     plan = _PLANS.get(text)
-    if plan is None or "date.now" in text.lower():  # relative dates: re-plan each time
+    if plan is None or plan.query.relative:  # date.now: re-plan each time
         plan = compile_query(text)
         _PLANS[text] = plan
     return plan

@@ -60,6 +60,7 @@ class Parser:
         self.i = 0
         self.now = now if now is not None else now_ms()
         self.aliases: dict[str, str] = {}
+        self.relative = False  # a date.now was read
 
     # -- token helpers -------------------------------------------------------------------------
     @property
@@ -154,6 +155,7 @@ class Parser:
             limit=limit,
             unique=unique,
             aliases=dict(self.aliases),
+            relative=self.relative,
         )
 
     def integer(self, what: str) -> int:
@@ -410,6 +412,7 @@ class Parser:
             raise self.error("now after date.")
         end = self.advance()
         value = self.now
+        self.relative = True
         if self.is_punct("+") or self.is_punct("-"):
             sign = 1 if self.advance().text == "+" else -1
             n = self.tok
