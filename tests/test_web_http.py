@@ -28,9 +28,9 @@ from web_helpers import (
 
 from monitor.alerts.silences import SilenceStore
 from monitor.model.schema import MACHINE
+from monitor.query import run_query
 from monitor.redis_conn import delete_prefix
 from monitor.web import create_app
-from monitor.web.explore import fallback_query
 
 M00 = MACHINE.key("m00")
 
@@ -162,14 +162,10 @@ def test_query_api_is_the_query_json_document(local: TestClient, world: dict) ->
     r = local.get("/api/query", params={"q": q, "tenant": TENANT})
     assert r.status_code == 200
     s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
-    from monitor.web import explore
-
-    expected = explore.run(world["client"], s, q, TENANT)
+    expected = run_query(world["client"], s, q, TENANT)
     assert r.json() == json.loads(json.dumps(expected, default=str))
     assert r.json()["type"] in ("list", "table")
-    if not explore.HAVE_J1QL:
-        assert {row["_key"] for row in r.json()["data"]} == {M00, MACHINE.key("m01")}
-        assert fallback_query(world["client"], s, q, TENANT)["data"]
+    assert {row["_key"] for row in r.json()["data"]} == {M00, MACHINE.key("m01")}
     bad = local.get("/api/query", params={"q": "FIND"})
     assert bad.status_code == 400 and "line" in bad.json()["error"]
     csv_text = local.get("/explore.csv", params={"q": q}).text
@@ -453,10 +449,7 @@ def test_api_query_equals_the_cli_query_json(
     from typer.testing import CliRunner
 
     from monitor.cli import app as cli_app
-    from monitor.web import explore
 
-    if not explore.HAVE_J1QL:
-        pytest.skip("the J1QL engine (monitor.query) is not installed")
     s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
     cfg = tmp_path / "monitor.yaml"
     cfg.write_text(

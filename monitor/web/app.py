@@ -40,10 +40,11 @@ from monitor.alerts.rules import load_rules, parse_duration
 from monitor.alerts.silences import SilenceStore
 from monitor.config import ConfigError, Settings, TenantConfig
 from monitor.events.history import summarize_changes
+from monitor.query import QueryError, run_query
 from monitor.redis_conn import connect
 from monitor.snapshot.store import SnapshotStore
 from monitor.status import collect_status, iso_to_ts, ts_to_iso
-from monitor.web import explore, oidc, plots, portal
+from monitor.web import oidc, plots, portal
 from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page, row
 from monitor.web.live import Broadcaster, frame, sid_key, wanted
 from monitor.web.security import COOKIE, LOCAL_USER, SECURITY_HEADERS, Guard, User, is_loopback
@@ -751,7 +752,7 @@ def _run_query(console: Console, request: Request) -> tuple[dict[str, Any] | Non
         return None, "limit: expected a number"
     try:
         return (
-            explore.run(
+            run_query(
                 console.client,
                 console.settings,
                 text,
@@ -761,8 +762,8 @@ def _run_query(console: Console, request: Request) -> tuple[dict[str, Any] | Non
             ),
             None,
         )
-    except explore.QueryError as exc:
-        return None, f"line {exc.line}, column {exc.column}: {exc.message}"
+    except QueryError as exc:
+        return None, str(exc)  # "line L, column C: message"
 
 
 @endpoint()
@@ -812,7 +813,6 @@ def explore_page(console: Console, request: Request, ctx: Ctx, data: dict[str, A
         error=err,
         cols=cols,
         rows=rows[:1000],
-        j1ql=explore.HAVE_J1QL,
         csv_url="/explore.csv?"
         + urlencode({k: v for k, v in request.query_params.items() if k in ("q", "tenant")}),
     )
