@@ -43,7 +43,7 @@ from monitor.events.history import summarize_changes
 from monitor.query import QueryError, run_query
 from monitor.redis_conn import connect
 from monitor.snapshot.store import SnapshotStore
-from monitor.status import collect_status, iso_to_ts, ts_to_iso
+from monitor.status import collect_status, iso_to_ts, read_state, ts_to_iso
 from monitor.web import oidc, plots, portal
 from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page, row
 from monitor.web.live import Broadcaster, frame, sid_key, wanted
@@ -331,10 +331,9 @@ def _back(request: Request, data: dict[str, Any], default: str) -> str:
 
 
 def overview_data(console: Console) -> dict[str, Any]:
-    st = collect_status(console.settings, console.client)
-    if not console.settings.tenants:
-        from monitor.status import read_state
-
+    if console.settings.tenants:
+        st = collect_status(console.settings, console.client)
+    else:  # no tenants configured: those with stored syncs
         st = read_state(console.client, console.prefix, console.store.tenants())
     doc = st.to_dict()
     firing = firing_summary(console)
@@ -367,8 +366,8 @@ def overview_data(console: Console) -> dict[str, Any]:
     }
 
 
-def tenant_plots(console: Console, tenant: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """SVG plots from the tenant's recent sync metadata (oldest first) and that history."""
+def tenant_plots(console: Console, tenant: str) -> list[str]:
+    """SVG plots over the tenant's recent sync metadata (oldest first)."""
     history = list(reversed(console.store.history(tenant)))
     labels = [str(h.get("finished") or "")[:16].replace("T", " ") for h in history]
     out: list[str] = []
@@ -409,7 +408,7 @@ def tenant_plots(console: Console, tenant: str) -> tuple[list[str], list[dict[st
                 labels,
             )
         )
-    return out, history
+    return out
 
 
 @endpoint()
@@ -417,7 +416,7 @@ def overview_page(console: Console, request: Request, ctx: Ctx, data: dict[str, 
     doc = overview_data(console)
     plot_svgs = {}
     for t in doc["status"]["tenants"]:
-        svgs, _ = tenant_plots(console, t["name"])
+        svgs = tenant_plots(console, t["name"])
         plot_svgs[t["name"]] = [Markup(s) for s in svgs]  # built from numbers + escaped text
     return console.render(request, ctx, "overview.html", doc=doc, plots=plot_svgs)
 
@@ -439,7 +438,6 @@ def tenant_data(console: Console, name: str) -> dict[str, Any] | None:
     meta = console.store.meta(name) or {}
     graph = console.graphs.get(name)
     cfg = console.tenant_config(name)
-    _, history = tenant_plots(console, name)
     return {
         "name": name,
         "description": cfg.description if cfg else "",
@@ -457,7 +455,7 @@ def tenant_data(console: Console, name: str) -> dict[str, Any] | None:
                 "aggregates": h.get("aggregates"),
                 "error": h.get("error"),
             }
-            for h in reversed(history)
+            for h in console.store.history(name)  # newest first
         ],
     }
 
@@ -468,7 +466,7 @@ def tenant_page(console: Console, request: Request, ctx: Ctx, data: dict[str, An
     doc = tenant_data(console, name)
     if doc is None:
         return _error(console, request, ctx, 404, f"no tenant {name!r}")
-    svgs, _ = tenant_plots(console, name)
+    svgs = tenant_plots(console, name)
     return console.render(request, ctx, "tenant.html", t=doc, plots=[Markup(s) for s in svgs])
 
 
