@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monitor.alerts.deliver import DeliveryQueue
 from monitor.alerts.dispatch import firing_key
-from monitor.alerts.rules import load_rules, parse_duration
+from monitor.alerts.rules import RuleSet, build_sinks, load_rules, parse_duration, sink_rows
 from monitor.alerts.silences import SilenceStore
 from monitor.config import ConfigError, Settings, TenantConfig
 from monitor.events.history import summarize_changes
@@ -336,7 +336,7 @@ def overview_data(console: Console) -> dict[str, Any]:
     else:  # no tenants configured: those with stored syncs
         st = read_state(console.client, console.prefix, console.store.tenants())
     doc = st.to_dict()
-    firing = firing_summary(console)
+    firing = firing_summary(console, load_rules(console.settings.alerts_dir))
     per_tenant_firing: dict[str, int] = {}
     for alerts in firing.values():
         for a in alerts:
@@ -838,9 +838,8 @@ def explore_csv(console: Console, request: Request, ctx: Ctx, data: dict[str, An
 # ------------------------------------------------------------------------------ alerts
 
 
-def firing_summary(console: Console) -> dict[str, list[dict[str, Any]]]:
+def firing_summary(console: Console, ruleset: RuleSet) -> dict[str, list[dict[str, Any]]]:
     """rule -> firing alerts (tenant, subject, group key, labels), from the dispatcher's state."""
-    ruleset = load_rules(console.settings.alerts_dir)
     pipe = console.client.pipeline(transaction=False)
     for r in ruleset.rules:
         pipe.hgetall(firing_key(console.prefix, r.name))
@@ -866,32 +865,16 @@ def firing_summary(console: Console) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def sinks_rows(console: Console) -> list[dict[str, Any]]:
+def sinks_rows(console: Console, ruleset: RuleSet) -> list[dict[str, Any]]:
     """What `mde-monitor sinks list --json` prints."""
-    from monitor.alerts.rules import build_sinks
-
-    ruleset = load_rules(console.settings.alerts_dir)
     sinks, errors = build_sinks(
         ruleset,
         redis_client=console.client,
         redis_prefix=console.prefix,
         ca_bundle=console.settings.ca_bundle,
     )
-    errors = [*ruleset.errors, *errors]
     disabled = DeliveryQueue(console.client, console.prefix).disabled_sinks()
-    rows = []
-    for name, cfg in ruleset.sinks.items():
-        problems = [e.message for e in errors if e.file == cfg.file and e.line == cfg.line]
-        rows.append(
-            {
-                "name": name,
-                "type": cfg.type,
-                "describe": sinks[name].describe() if name in sinks else None,
-                "disabled": disabled.get(name),
-                "errors": problems,
-                "rules": [r.name for r in ruleset.rules if name in r.sinks],
-            }
-        )
+    rows = sink_rows(ruleset, sinks, [*ruleset.errors, *errors], disabled)
     for s in sinks.values():
         close = getattr(s, "close", None)
         if callable(close):
@@ -899,8 +882,7 @@ def sinks_rows(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
-def alerts_data(console: Console) -> dict[str, Any]:
-    ruleset = load_rules(console.settings.alerts_dir)
+def alerts_data(console: Console, ruleset: RuleSet) -> dict[str, Any]:
     queue = DeliveryQueue(console.client, console.prefix)
     deliveries = queue.records(limit=100)
     last_fired: dict[str, float] = {}
@@ -917,7 +899,7 @@ def alerts_data(console: Console) -> dict[str, Any]:
             {**r.summary(), "last_fired": ts_to_iso(last_fired.get(r.name))} for r in ruleset.rules
         ],
         "errors": [e.to_dict() for e in ruleset.errors],
-        "firing": firing_summary(console),
+        "firing": firing_summary(console, ruleset),
         "disabled_sinks": queue.disabled_sinks(),
         "deliveries": deliveries,
         "dead_letters": queue.dead_letters(50),
@@ -930,7 +912,8 @@ def alerts_data(console: Console) -> dict[str, Any]:
 
 @endpoint()
 def alerts_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    doc = alerts_data(console)
+    ruleset = load_rules(console.settings.alerts_dir)  # once per request: the files as they are now
+    doc = alerts_data(console, ruleset)
     p = request.query_params
     prefill = {
         "matchers": "\n".join(p.getlist("match")),
@@ -942,7 +925,7 @@ def alerts_page(console: Console, request: Request, ctx: Ctx, data: dict[str, An
         ctx,
         "alerts.html",
         a=doc,
-        sinks=sinks_rows(console),
+        sinks=sinks_rows(console, ruleset),
         audit=console.guard.audit_entries(20),
         prefill=prefill,
     )
@@ -950,7 +933,7 @@ def alerts_page(console: Console, request: Request, ctx: Ctx, data: dict[str, An
 
 @endpoint()
 def alerts_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    doc = alerts_data(console)
+    doc = alerts_data(console, load_rules(console.settings.alerts_dir))
     return _json({k: doc[k] for k in ("rules", "errors", "firing", "disabled_sinks")})
 
 
@@ -997,7 +980,7 @@ def dead_letters_api(
 
 @endpoint()
 def sinks_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    return _json(sinks_rows(console))
+    return _json(sinks_rows(console, load_rules(console.settings.alerts_dir)))
 
 
 @endpoint()
