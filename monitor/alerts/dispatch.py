@@ -39,6 +39,7 @@ from monitor.alerts.deliver import (
     crash_point,
     scrub,
 )
+from monitor.alerts.links import notification_links, summary_lines
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import headline, render_notification
 from monitor.alerts.rules import (
@@ -55,7 +56,6 @@ from monitor.config import Settings
 from monitor.events import stream
 from monitor.events.envelope import Event
 from monitor.metrics import record_delivery
-from monitor.web.links import notification_links, summary_lines
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from monitor.alerts import portal
 from monitor.alerts.deliver import DeliveryQueue
 from monitor.alerts.dispatch import firing_key
 from monitor.alerts.rules import RuleSet, build_sinks, load_rules, parse_duration, sink_rows
@@ -44,7 +45,7 @@ from monitor.query import QueryError, run_query
 from monitor.redis_conn import connect
 from monitor.snapshot.store import SnapshotStore
 from monitor.status import collect_status, iso_to_ts, read_state, ts_to_iso
-from monitor.web import oidc, plots, portal
+from monitor.web import oidc, plots
 from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page, row
 from monitor.web.live import Broadcaster, frame, sid_key, wanted
 from monitor.web.security import COOKIE, LOCAL_USER, SECURITY_HEADERS, Guard, User, is_loopback
