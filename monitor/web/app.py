@@ -367,9 +367,9 @@ def overview_data(console: Console) -> dict[str, Any]:
     }
 
 
-def tenant_plots(console: Console, tenant: str) -> list[str]:
-    """SVG plots over the tenant's recent sync metadata (oldest first)."""
-    history = list(reversed(console.store.history(tenant)))
+def tenant_plots(recent: list[dict[str, Any]]) -> list[str]:
+    """SVG plots over a tenant's recent sync metadata (`store.history`, newest first)."""
+    history = list(reversed(recent))
     labels = [str(h.get("finished") or "")[:16].replace("T", " ") for h in history]
     out: list[str] = []
 
@@ -413,18 +413,15 @@ def tenant_plots(console: Console, tenant: str) -> list[str]:
 
 
 @endpoint()
-def overview_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
+def overview_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
     doc = overview_data(console)
+    if _wants_json(request):
+        return _json(doc)
     plot_svgs = {}
     for t in doc["status"]["tenants"]:
-        svgs = tenant_plots(console, t["name"])
+        svgs = tenant_plots(console.store.history(t["name"]))
         plot_svgs[t["name"]] = [Markup(s) for s in svgs]  # built from numbers + escaped text
     return console.render(request, ctx, "overview.html", doc=doc, plots=plot_svgs)
-
-
-@endpoint()
-def overview_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    return _json(overview_data(console))
 
 
 @endpoint()
@@ -433,9 +430,8 @@ def status_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
     return _json(collect_status(console.settings, console.client).to_dict())
 
 
-def tenant_data(console: Console, name: str) -> dict[str, Any] | None:
-    if name not in console.tenant_names():
-        return None
+def tenant_data(console: Console, name: str, recent: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tenant page's document; `recent` is its `store.history`, newest first."""
     meta = console.store.meta(name) or {}
     graph = console.graphs.get(name)
     cfg = console.tenant_config(name)
@@ -456,28 +452,22 @@ def tenant_data(console: Console, name: str) -> dict[str, Any] | None:
                 "aggregates": h.get("aggregates"),
                 "error": h.get("error"),
             }
-            for h in console.store.history(name)  # newest first
+            for h in recent
         ],
     }
 
 
 @endpoint()
-def tenant_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
+def tenant_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
     name = request.path_params["name"]
-    doc = tenant_data(console, name)
-    if doc is None:
+    if name not in console.tenant_names():
         return _error(console, request, ctx, 404, f"no tenant {name!r}")
-    svgs = tenant_plots(console, name)
+    recent = console.store.history(name)
+    doc = tenant_data(console, name, recent)
+    if _wants_json(request):
+        return _json(doc)
+    svgs = tenant_plots(recent)
     return console.render(request, ctx, "tenant.html", t=doc, plots=[Markup(s) for s in svgs])
-
-
-@endpoint()
-def tenant_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    name = request.path_params["name"]
-    doc = tenant_data(console, name)
-    if doc is None:
-        return _json({"error": f"no tenant {name!r}"}, 404)
-    return _json(doc)
 
 
 # ------------------------------------------------------------------------------ changes
@@ -1199,11 +1189,11 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
     """The console for `settings`, bound (or about to be) on `host`."""
     console = Console(settings, host=host)
     routes = [
-        Route("/", overview_page),
-        Route("/api/overview", overview_api),
+        Route("/", overview_view),
+        Route("/api/overview", overview_view),
         Route("/api/status", status_api),
-        Route("/tenants/{name}", tenant_page),
-        Route("/api/tenants/{name}", tenant_api),
+        Route("/tenants/{name}", tenant_view),
+        Route("/api/tenants/{name}", tenant_view),
         Route("/tenants/{name}/sync", sync_trigger, methods=["POST"]),
         Route("/api/tenants/{name}/sync", sync_trigger, methods=["POST"]),
         Route("/changes", changes_view),
