@@ -31,6 +31,7 @@ from monitor.model.schema import MACHINE
 from monitor.query import run_query
 from monitor.redis_conn import delete_prefix
 from monitor.web import create_app
+from monitor.web.app import config_doc
 
 M00 = MACHINE.key("m00")
 
@@ -379,6 +380,21 @@ def test_config_page_shows_no_secret(secured: TestClient) -> None:
     secured.post("/login", data={"token": VIEWER_TOKEN, "csrf": token})
     html = secured.get("/config").text
     assert "not-a-real-secret" not in html and VIEWER_TOKEN not in html and "***" in html
+
+
+def test_config_doc_masks_url_passwords(world: dict) -> None:
+    """Passwords inside URLs (Redis userinfo or ?password=, a proxy's userinfo) are masked too."""
+    s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
+    for redis_url in (
+        "rediss://default:redis-pass-1@cache.example:6380/0",
+        "redis://cache.example:6379/0?password=redis-pass-2",
+    ):
+        proxied = s.http.model_copy(update={"proxy": "http://bob:proxy-pass-3@proxy.example:3128"})
+        doc = config_doc(s.model_copy(update={"redis_url": redis_url, "http": proxied}))
+        text = json.dumps(doc)
+        assert "redis-pass" not in text and "proxy-pass" not in text, text
+        assert "cache.example" in doc["redis_url"] and "***" in doc["redis_url"]
+        assert doc["http"]["proxy"] == "http://bob:***@proxy.example:3128"
 
 
 def test_trigger_sync_and_accept_drop_enqueue_a_task(secured: TestClient, world: dict) -> None:

@@ -42,7 +42,7 @@ from monitor.alerts.silences import SilenceStore
 from monitor.config import ConfigError, Settings, TenantConfig
 from monitor.events.history import summarize_changes
 from monitor.query import QueryError, run_query
-from monitor.redis_conn import connect
+from monitor.redis_conn import connect, mask_url
 from monitor.snapshot.store import SnapshotStore
 from monitor.status import collect_status, iso_to_ts, read_state, ts_to_iso
 from monitor.web import oidc, plots
@@ -1074,9 +1074,9 @@ def sync_trigger(console: Console, request: Request, ctx: Ctx, data: dict[str, A
     )
 
 
-def config_doc(console: Console) -> dict[str, Any]:
-    """The loaded configuration with every secret shown as `***`."""
-    doc = console.settings.model_dump(mode="json")
+def config_doc(settings: Settings) -> dict[str, Any]:
+    """The loaded configuration with every secret shown as `***` (URL passwords included)."""
+    doc = settings.model_dump(mode="json")
 
     def mask(value: Any, key: str = "") -> Any:
         if isinstance(value, dict):
@@ -1085,9 +1085,8 @@ def config_doc(console: Console) -> dict[str, Any]:
             return [mask(v, key) for v in value]
         if value is not None and any(w in key.lower() for w in ("secret", "token", "password")):
             return "***"
-        if key == "redis_url" and isinstance(value, str) and "@" in value:
-            scheme, _, rest = value.partition("://")
-            return f"{scheme}://***@{rest.rpartition('@')[2]}"
+        if isinstance(value, str) and "://" in value and ("@" in value or "password=" in value):
+            return mask_url(value)  # redis_url, http.proxy: userinfo or ?password=
         return value
 
     masked: dict[str, Any] = mask(doc)
@@ -1096,7 +1095,7 @@ def config_doc(console: Console) -> dict[str, Any]:
 
 @endpoint()
 def config_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    doc = config_doc(console)
+    doc = config_doc(console.settings)
     if _wants_json(request):
         return _json(doc)
     return console.render(request, ctx, "config.html", doc=doc)
