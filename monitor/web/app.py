@@ -124,7 +124,6 @@ class Console:
 
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1") -> None:
         self.settings = settings
-        self.host = host
         self.client: redis.Redis = connect(settings.redis_url)
         self.prefix = settings.redis_prefix
         self.guard = Guard(settings, self.client, host=host)
@@ -210,7 +209,7 @@ def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def set_cookie(console: Console, request: Request, response: Response, sid: str) -> None:
+def set_cookie(request: Request, response: Response, sid: str) -> None:
     plain_local = request.url.scheme == "http" and is_loopback(request.url.hostname or "")
     response.set_cookie(
         COOKIE,
@@ -306,7 +305,7 @@ def endpoint(
 
 def _finish(console: Console, request: Request, ctx: Ctx, resp: Response) -> Response:
     if ctx.new_sid and not ctx.bearer:
-        set_cookie(console, request, resp, ctx.new_sid)
+        set_cookie(request, resp, ctx.new_sid)
     return resp
 
 
@@ -320,7 +319,7 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(JSON_DUMPS(data), status_code=status, media_type="application/json")
 
 
-def _back(request: Request, data: dict[str, Any], default: str) -> str:
+def _back(data: dict[str, Any], default: str) -> str:
     """Where a form post returns: its `next` when it is a local path."""
     nxt = str(data.get("next") or "")
     if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt:
@@ -991,7 +990,7 @@ def _done(
 ) -> Response:
     if _wants_json(request):
         return _json(doc, status)
-    return RedirectResponse(_back(request, data, default), status_code=303)
+    return RedirectResponse(_back(data, default), status_code=303)
 
 
 @endpoint(role="operator", write=True)
@@ -1124,7 +1123,7 @@ def login_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
         request,
         ctx,
         "login.html",
-        next=_back(request, dict(request.query_params), "/"),
+        next=_back(dict(request.query_params), "/"),
         message=request.query_params.get("error", ""),
     )
 
@@ -1145,10 +1144,10 @@ def login_post(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
             ctx,
             "login.html",
             status=401,
-            next=_back(request, data, "/"),
+            next=_back(data, "/"),
             message="that token is not valid",
         )
-    return _signed_in(console, request, ctx, user, _back(request, data, "/"))
+    return _signed_in(console, request, ctx, user, _back(data, "/"))
 
 
 @endpoint(role=None, write=True)
@@ -1166,7 +1165,7 @@ def login_entra(console: Console, request: Request, ctx: Ctx, data: dict[str, An
         return _error(console, request, ctx, 404, "Entra ID sign-in is not configured")
     sid = ctx.cookie_sid
     assert sid is not None
-    url = oidc.start(console, request, sid, _back(request, dict(request.query_params), "/"))
+    url = oidc.start(console, request, sid, _back(dict(request.query_params), "/"))
     return RedirectResponse(url, status_code=303)
 
 
