@@ -254,47 +254,57 @@ async def _body(request: Request) -> dict[str, Any]:
 Handler = Callable[[Console, Request, Ctx, dict[str, Any]], Response]
 
 
+async def _admit(
+    console: Console, request: Request, role: str | None, write: bool, api: bool
+) -> tuple[Ctx, dict[str, Any], Response | None]:
+    """The one gate of every route: authenticate, check CSRF on writes, authorise `role`.
+    Returns the caller, the form/JSON body of a write, and the refusal when there is one."""
+    ctx, failed = authenticate(console, request)
+    if failed is not None:
+        return ctx, {}, failed
+    data: dict[str, Any] = {}
+    if write:
+        data = await _body(request)
+        if not ctx.bearer:
+            token = request.headers.get("x-csrf-token") or data.get("csrf")
+            if not _same_origin(request, console.settings.web.public_url) or not (
+                console.guard.csrf_ok(ctx.sid, str(token) if token else None)
+            ):
+                resp: Response = _error(
+                    console, request, ctx, 403, "CSRF check failed: reload the page"
+                )
+                return ctx, data, _finish(request, ctx, resp)
+    if role is not None and ctx.user is None:
+        if api:
+            resp = JSONResponse({"error": "authentication required"}, status_code=401)
+        else:
+            nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            resp = RedirectResponse(f"/login?{urlencode({'next': nxt})}", status_code=303)
+        return ctx, data, _finish(request, ctx, resp)
+    if role == "operator" and ctx.user is not None and not ctx.user.operator:
+        if write:
+            console.guard.audit(
+                ctx.user, request.url.path, "", "refused: operator role needed", ok=False
+            )
+        resp = _error(console, request, ctx, 403, "this needs the operator role")
+        return ctx, data, _finish(request, ctx, resp)
+    return ctx, data, None
+
+
 def endpoint(
     role: str | None = "viewer", write: bool = False
 ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Wrap a sync handler: authenticate, authorise `role`, check CSRF on writes, run it in a
-    thread, set the session cookie when one was created."""
+    """Wrap a sync handler: pass `_admit`, run it in a thread, set the session cookie when one
+    was created."""
 
     def deco(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
             console: Console = request.app.state.console
-            ctx, failed = authenticate(console, request)
-            if failed is not None:
-                return failed
-            api = _wants_json(request)
-            data: dict[str, Any] = {}
-            if write:
-                data = await _body(request)
-                if not ctx.bearer:
-                    token = request.headers.get("x-csrf-token") or data.get("csrf")
-                    if not _same_origin(
-                        request, console.settings.web.public_url
-                    ) or not console.guard.csrf_ok(ctx.sid, str(token) if token else None):
-                        resp: Response = _error(
-                            console, request, ctx, 403, "CSRF check failed: reload the page"
-                        )
-                        return _finish(console, request, ctx, resp)
-            if role is not None and ctx.user is None:
-                if api:
-                    resp = JSONResponse({"error": "authentication required"}, status_code=401)
-                else:
-                    nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    resp = RedirectResponse(f"/login?{urlencode({'next': nxt})}", status_code=303)
-                return _finish(console, request, ctx, resp)
-            if role == "operator" and ctx.user is not None and not ctx.user.operator:
-                if write:
-                    console.guard.audit(
-                        ctx.user, request.url.path, "", "refused: operator role needed", ok=False
-                    )
-                resp = _error(console, request, ctx, 403, "this needs the operator role")
-                return _finish(console, request, ctx, resp)
+            ctx, data, refused = await _admit(console, request, role, write, _wants_json(request))
+            if refused is not None:
+                return refused
             resp = await run_in_threadpool(fn, console, request, ctx, data)
-            return _finish(console, request, ctx, resp)
+            return _finish(request, ctx, resp)
 
         handler.__name__ = fn.__name__
         handler.__doc__ = fn.__doc__
@@ -303,7 +313,7 @@ def endpoint(
     return deco
 
 
-def _finish(console: Console, request: Request, ctx: Ctx, resp: Response) -> Response:
+def _finish(request: Request, ctx: Ctx, resp: Response) -> Response:
     if ctx.new_sid and not ctx.bearer:
         set_cookie(request, resp, ctx.new_sid)
     return resp
@@ -545,11 +555,9 @@ async def changes_stream(request: Request) -> Response:
     """Server-Sent Events: new timeline rows as they are committed. `after` (or the browser's
     Last-Event-ID on reconnect) replays what was committed since that id first."""
     console: Console = request.app.state.console
-    ctx, failed = authenticate(console, request)
-    if failed is not None:
-        return failed
-    if ctx.user is None:
-        return JSONResponse({"error": "authentication required"}, status_code=401)
+    *_, refused = await _admit(console, request, "viewer", write=False, api=True)
+    if refused is not None:
+        return refused
     flt = _filter(request)
     after = request.headers.get("last-event-id") or request.query_params.get("after") or ""
     queue = await console.broadcaster.subscribe()
