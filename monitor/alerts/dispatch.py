@@ -32,13 +32,7 @@ import redis
 
 from monitor.alerts import group as groups
 from monitor.alerts import quarantine, throttle
-from monitor.alerts.deliver import (
-    CRASH_ENV,
-    DeliveryOutcome,
-    DeliveryQueue,
-    crash_point,
-    scrub,
-)
+from monitor.alerts.deliver import CRASH_ENV, DeliveryOutcome, DeliveryQueue, crash_point
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import headline, render_notification
 from monitor.alerts.rules import (
@@ -55,6 +49,7 @@ from monitor.config import Settings
 from monitor.events import stream
 from monitor.events.envelope import Event
 from monitor.metrics import record_delivery
+from monitor.redact import scrub
 from monitor.web.links import notification_links, summary_lines
 
 log = logging.getLogger(__name__)
