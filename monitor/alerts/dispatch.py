@@ -50,6 +50,7 @@ from monitor.events import stream
 from monitor.events.envelope import Event
 from monitor.metrics import record_delivery
 from monitor.redact import scrub
+from monitor.status import DISPATCH_BLOCKED
 from monitor.web.links import notification_links, summary_lines
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def dispatch_blocked_key(prefix: str) -> str:
     return f"{prefix}:alerts:dispatch:blocked"
 
 
-BLOCKED_MESSAGE = "dispatch blocked: rules not loaded"
+BLOCKED_MESSAGE = DISPATCH_BLOCKED  # the words `status` and the CLI show too
 
 
 def blocked_reason(ruleset: RuleSet) -> str | None:
