@@ -31,6 +31,7 @@ from monitor.alerts.rules import (
     format_duration,
     load_rules,
     parse_duration,
+    sink_rows,
 )
 from monitor.alerts.silences import SilenceStore
 from monitor.alerts.sinks.base import Notification, Sink
@@ -661,19 +662,7 @@ def sinks_list(json_out: bool = JSON_OPT) -> None:
     ruleset, sinks, errors = _load(redis_client=client)
     q = DeliveryQueue(client, settings.redis_prefix)
     disabled = q.disabled_sinks()
-    rows: list[dict[str, Any]] = []
-    for name, cfg in ruleset.sinks.items():
-        problems = [e.message for e in errors if e.file == cfg.file and e.line == cfg.line]
-        rows.append(
-            {
-                "name": name,
-                "type": cfg.type,
-                "describe": sinks[name].describe() if name in sinks else None,
-                "disabled": disabled.get(name),
-                "errors": problems,
-                "rules": [r.name for r in ruleset.rules if name in r.sinks],
-            }
-        )
+    rows = sink_rows(ruleset, sinks, errors, disabled)
     if json_out:
         print_json(rows)
         return
