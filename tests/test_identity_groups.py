@@ -31,9 +31,14 @@ def test_first_sync_pages_large_groups_then_delta_reports_only_changes(
         member_events = [e for e in events if e["type"].startswith("mde.group.")]
         assert member_events == []  # first sync: a baseline, no per-item events
 
+        # the saved state is large: a quiet round writes only the link. A TTL set here survives
+        # only if the state key is not written again (SET clears it)
+        state_key = f"{env.prefix}:groups_delta:{env.name}"
+        assert env.client.expire(state_key, 3600)
         summary, events = env.sync()  # quiet: one delta request, nothing new
         assert env.graph_requests(DELTA) == 1
         assert [e["type"] for e in events] == []
+        assert env.client.ttl(state_key) > 0
 
         users = list(env.tenant.users)
         victim, newcomer = next(iter(d.members[big])), users[-1]
@@ -45,6 +50,7 @@ def test_first_sync_pages_large_groups_then_delta_reports_only_changes(
         env.tenant.set_group(promoted, isAssignableToRole=True)
         summary, events = env.sync()
         assert env.graph_requests(DELTA) == 1
+        assert env.client.ttl(state_key) == -1  # changed: the state was saved again
         removed = of_type(events, "mde.group.member_removed")
         assert [e["data"]["target"]["_key"] for e in removed] == [USER_KEY.format(victim)]
         added = of_type(events, "mde.group.member_added")
