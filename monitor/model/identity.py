@@ -248,8 +248,7 @@ def index_users(users: Iterable[Item], netbios_domains: Mapping[str, str]) -> Us
 
 @dataclass
 class LogonOutcome:
-    kinds: Counter[str] = field(default_factory=Counter)
-    mapped: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)  # "domain": mapped to a directory user
 
 
 def _hostnames(graph: Graph) -> dict[str, set[str]]:
@@ -321,7 +320,6 @@ def _map_logon_users(
     rel_type_name = LOGON_USER_IS_USER.type
     assert LOGON_USER_IS_USER.key("a", "b") == "a|is|b"
     kinds: Counter[str] = Counter()
-    mapped = 0
     for key in logon_keys:
         lu = entities[key]
         sid = lu.get("accountSid")
@@ -367,7 +365,6 @@ def _map_logon_users(
         emp_status: str | None = None
         after_termination: bool | None = None
         if user is not None:
-            mapped += 1
             state = "disabled" if user.get("accountEnabled") is False else "enabled"
             user_key = user["_key"]
             rel_key = f"{key}|is|{user_key}"  # rel_type.relationship(), inlined: hot loop
@@ -395,4 +392,4 @@ def _map_logon_users(
         lu["directoryUserState"] = state
         lu["employeeStatus"] = emp_status
         lu["loggedOnAfterTermination"] = after_termination
-    return LogonOutcome(kinds, mapped)
+    return LogonOutcome(kinds)
