@@ -37,7 +37,6 @@ from monitor.model.employees import (
 )
 from monitor.model.graph import Graph, Item
 from monitor.model.schema import (
-    EMPLOYEE,
     EMPLOYEE_MANAGES_EMPLOYEE,
     LOGON_USER,
     LOGON_USER_IS_USER,
@@ -126,14 +125,13 @@ def _build_employees(
 ) -> EmployeesOutcome:
     by_hr_id, by_hr_mail = index_records(hr_records or [])
     employees: dict[str, Item] = {}  # employee key -> entity
-    hr_of: dict[str, HrRecord] = {}
+    key_of_hr: dict[int, str] = {}  # id(HR record) -> its employee key
     for r in hr_records or []:
         emp_id = employee_id_of(None, r)
         assert emp_id is not None
         entity = employee_entity(emp_id, None, r, account_tag=account_tag)
         employees[entity["_key"]] = entity
-        hr_of[entity["_key"]] = r
-    key_of_hr = {id(r): EMPLOYEE.key(employee_id_of(None, r) or "") for r in hr_records or []}
+        key_of_hr[id(r)] = entity["_key"]
     # directory employees (merged with their HR record when one matches)
     for u in users:
         if not is_directory_employee(u, settings.directory_employees):
