@@ -186,7 +186,7 @@ def collect_tenant(
         )
         timed("users", t)
         # whether logon accounts can be mapped this sync (users whole, HR file readable): if not,
-        # their refresh is held rather than fetched, kept as before and spent budget for nothing
+        # the logon-user refresh is held (previous logon users kept), not fetched and thrown away
         inputs = identity_inputs(tenant, builder.graph())
         held: list[str] = []
         t = time.monotonic()
