@@ -26,23 +26,22 @@ from typing import Any
 
 import orjson
 import redis
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from query_helpers import build, commit_graph  # type: ignore[import-not-found]
+
+from monitor import safe_yaml
 from monitor.alerts.query_rules import evaluate, graph_after_commit
 from monitor.alerts.rules import Rule, compile_rule
-from monitor.config import DetectSettings, EventSettings, TenantConfig
-from monitor.model import schema
-from monitor.model.builder import GraphBuilder
-from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.model.graph import Graph
 from monitor.query import compile_query, execute
-from monitor.query.graph import QueryGraph, clear_cache, load_query_graph
+from monitor.query.graph import QueryGraph, clear_cache, load_query_graph, split_items
 from monitor.questions import load_questions
 from monitor.redis_conn import delete_prefix
 from monitor.simulator.generate import generate_tenant
-from monitor.simulator.tenant import SimTenant
-from monitor.snapshot.commit import CommitResult, detect_and_commit
+from monitor.snapshot.commit import CommitResult
 from monitor.snapshot.store import SnapshotStore
 
 TENANT = "bench"
@@ -73,41 +72,9 @@ TWO_HOP = {
 }
 
 
-def build(sim: SimTenant) -> Graph:
-    cfg = TenantConfig(
-        name=TENANT, tenant_id=sim.tenant_id, client_id=sim.client_id, client_secret="unused"
-    )
-    b = GraphBuilder(cfg)
-    b.add_account(sim.organization)
-    b.add_users(sim.users.values())
-    b.add_machines(sim.machines.values())
-    b.add_machine_vulnerabilities(sim.machine_vulnerability_list(), sim.vulnerability_list())
-    for mid, entries in sim.logon_users.items():
-        b.add_logon_users(mid, entries)
-    for scope in (
-        schema.SCOPE_ACCOUNT,
-        schema.SCOPE_USERS,
-        schema.SCOPE_MACHINES,
-        schema.SCOPE_VULNERABILITIES,
-    ):
-        b.set_scope(scope, ScopeStatus(ScopeState.COMPLETE, b.count(scope)))
-    for mid in sim.machines:
-        b.set_scope(schema.logon_users_scope(mid), ScopeStatus(ScopeState.COMPLETE))
-    return b.graph()
-
-
 def commit(store: SnapshotStore, graph: Graph) -> tuple[CommitResult, float]:
-    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     t = time.perf_counter()
-    result = detect_and_commit(
-        store,
-        tenant=TENANT,
-        graph=graph,
-        meta={"started": stamp, "finished": stamp},
-        detect=DetectSettings(),
-        events=EventSettings(),
-        lock=None,
-    )
+    result = commit_graph(store, graph, datetime.now(UTC), TENANT)
     return result, time.perf_counter() - t
 
 
@@ -123,7 +90,7 @@ def best(fn: Any, n: int = 3) -> tuple[float, Any]:
 def twenty_rules() -> list[Rule]:
     """The four shipped query rules and 16 questions that return entities (alert-like)."""
     pack = Path(__file__).resolve().parents[1] / "alerts" / "queries.yaml"
-    texts = [r["query"] for r in yaml.safe_load(pack.read_text())["rules"]]
+    texts = [r["query"] for r in safe_yaml.load_file(pack)["rules"]]
     texts += [
         q.query
         for qu in load_questions()
@@ -160,7 +127,7 @@ def run(scale: float, url: str) -> dict[str, Any]:
             seed=7,
             base_time=datetime.now(UTC) - timedelta(hours=1),
         )
-        graph = build(sim)
+        graph = build(sim, TENANT, identities=False)
         out["items"] = len(graph.entities) + len(graph.relationships)
         out["pairs"] = sim.pair_count()
         out["generate_s"] = round(time.perf_counter() - t, 2)
@@ -191,8 +158,7 @@ def run(scale: float, url: str) -> dict[str, Any]:
 
         # index memory per item (the items themselves are the snapshot, not counted)
         items = [dict(i) for i in (*qg.entities.values(), *qg.relationships.values())]
-        ents = [i for i in items if "_fromEntityKey" not in i and "_mapping" not in i]
-        rels = [i for i in items if "_fromEntityKey" in i or "_mapping" in i]
+        ents, rels = split_items(items)
         gc.collect()
         tracemalloc.start()
         index = QueryGraph.from_items(TENANT, 1, ents, rels)
@@ -208,7 +174,7 @@ def run(scale: float, url: str) -> dict[str, Any]:
         for mid in sorted(sim.machines)[::50]:
             old = sim.machines[mid]["riskScore"]
             sim.set_machine(mid, riskScore="High" if old != "High" else "Low")
-        graph2 = build(sim)
+        graph2 = build(sim, TENANT, identities=False)
         gc.collect()
         result, commit_s = commit(store, graph2)
         t = time.perf_counter()

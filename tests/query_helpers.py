@@ -1,4 +1,6 @@
-"""A generated tenant in the real model shape (simulator data -> GraphBuilder), committed twice."""
+"""A generated tenant in the real model shape (simulator data -> GraphBuilder), committed twice.
+
+`build` and `commit_graph` are also what bench/query.py measures with."""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.identity import map_logon_users
 from monitor.simulator.generate import generate_tenant
 from monitor.simulator.tenant import SimTenant
-from monitor.snapshot.commit import detect_and_commit
+from monitor.snapshot.commit import CommitResult, detect_and_commit
 from monitor.snapshot.store import SnapshotStore
 
 TENANT = "contoso"
 
 
-def build(sim: SimTenant, name: str = TENANT) -> Graph:
-    """The Graph a complete sync of `sim` produces."""
+def build(sim: SimTenant, name: str = TENANT, *, identities: bool = True) -> Graph:
+    """The Graph a complete sync of `sim` produces (without the identity mapping when not
+    `identities`: no logon user IS user relationships, no directoryUserState)."""
     cfg = TenantConfig(
         name=name, tenant_id=sim.tenant_id, client_id=sim.client_id, client_secret="unused"
     )
@@ -40,13 +43,17 @@ def build(sim: SimTenant, name: str = TENANT) -> Graph:
     for mid in sim.machines:
         b.set_scope(schema.logon_users_scope(mid), ScopeStatus(ScopeState.COMPLETE))
     graph = b.graph()
-    map_logon_users(graph, IdentitySettings())  # logon user IS user, directoryUserState
+    if identities:
+        map_logon_users(graph, IdentitySettings())  # logon user IS user, directoryUserState
     return graph
 
 
-def commit_graph(store: SnapshotStore, graph: Graph, when: datetime, name: str = TENANT) -> None:
+def commit_graph(
+    store: SnapshotStore, graph: Graph, when: datetime, name: str = TENANT
+) -> CommitResult:
+    """Diff and commit `graph` as a sync that started and finished at `when`."""
     stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    detect_and_commit(
+    return detect_and_commit(
         store,
         tenant=name,
         graph=graph,

@@ -353,3 +353,13 @@ def test_a_relationship_is_used_once_per_path(
         {"a.displayName": host(0), "u.displayName": "l1", "b.displayName": host(1)},
         {"a.displayName": host(1), "u.displayName": "l1", "b.displayName": host(0)},
     ]
+
+
+def test_relative_dates_are_known_however_written() -> None:
+    """Query rules plan a query again when its dates move with the clock; the parser says so
+    (a text search for "date.now" missed `date . now` and a line break)."""
+    from monitor.query import compile_query
+
+    assert compile_query("FIND HostAgent WITH lastSeenOn > date . now - 7 days").query.relative
+    assert compile_query("FIND HostAgent WITH lastSeenOn >\n  date.\nNOW").query.relative
+    assert not compile_query("FIND HostAgent WITH lastSeenOn > date(2024-05-01)").query.relative

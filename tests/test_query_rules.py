@@ -200,7 +200,7 @@ def test_incremental_index_equals_a_fresh_load(
 
     from monitor.alerts.query_rules import graph_after_commit
     from monitor.query import compile_query, execute
-    from monitor.query.graph import load_query_graph
+    from monitor.query.graph import load_query_graph, store_query_graph
 
     clear_cache()
     store = SnapshotStore(redis_client, redis_prefix)
@@ -212,14 +212,21 @@ def test_incremental_index_equals_a_fresh_load(
         "FIND * WITH _type = 'microsoft_defender_user' AND accountEnabled = false",
         "FIND HostAgent WITH CHANGED riskScore SINCE date(2020-01-01)",
     ]
-    before = load_query_graph(redis_client, redis_prefix, TENANT)
-    assert before is None
-    for graph in (build_graph(standard_tenant()), build_graph(mutated_tenant())):
+    assert load_query_graph(redis_client, redis_prefix, TENANT) is None
+    # mutated_tenant() also moves every machine's lastSeenOn, which changes more than a quarter
+    # of this small tenant's items and makes graph_after_commit rebuild instead of update: put
+    # those back so sync 2 really takes the copy-on-write path this test is about
+    small = mutated_tenant()
+    for m in small.machines.values():
+        m["lastSeenOn"] -= 3_600_000
+    previous = None
+    for graph in (build_graph(standard_tenant()), build_graph(small)):
         result = commit(store, graph)
         incremental = graph_after_commit(store, TENANT, result, graph)
         incremental.ensure_changes(redis_client, redis_prefix)
-        old = before
-        before = incremental
+        if previous is not None:  # unchanged entities are shared, not re-read: an update
+            shared = [k for k, e in previous.entities.items() if incremental.entities.get(k) is e]
+            assert shared, "graph_after_commit rebuilt the index instead of updating it"
         clear_cache()
         fresh = load_query_graph(redis_client, redis_prefix, TENANT)
         assert fresh is not None
@@ -232,8 +239,6 @@ def test_incremental_index_equals_a_fresh_load(
             assert sorted(orjson.dumps(r, option=opt) for r in a) == sorted(
                 orjson.dumps(r, option=opt) for r in b
             ), text
-        from monitor.query.graph import store_query_graph
-
-        store_query_graph(redis_client, redis_prefix, incremental)
-        del old
+        store_query_graph(redis_client, redis_prefix, incremental)  # the next sync's base
+        previous = incremental
     assert incremental.generation == 2 and len(incremental.entities) == len(fresh.entities)

@@ -34,7 +34,9 @@ from monitor.query import QueryError, compile_query, execute
 from monitor.query.graph import (
     QueryGraph,
     cached_query_graph,
+    index_fingerprints,
     load_query_graph,
+    split_items,
     store_query_graph,
 )
 from monitor.query.planner import Plan
@@ -118,7 +120,7 @@ class Evaluation:
 
 def _plan(text: str) -> Plan:
     plan = _PLANS.get(text)
-    if plan is None or "date.now" in text.lower():  # relative dates: re-plan each time
+    if plan is None or plan.query.relative:  # date.now: re-plan each time
         plan = compile_query(text)
         _PLANS[text] = plan
     return plan
@@ -290,7 +292,7 @@ def graph_after_commit(
         if qg is None:
             raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
         return qg
-    fps = {k: fp for types in index.values() for keys in types.values() for k, fp in keys.items()}
+    fps = index_fingerprints(index)
     have: dict[str, Item] = {**fetched.entities, **fetched.relationships}
     cached = cached_query_graph(store.client, store.prefix, tenant)
     if (
@@ -314,8 +316,7 @@ def graph_after_commit(
             store_query_graph(store.client, store.prefix, qg)
             return qg
     items = _bodies(store, tenant, list(fps), have)
-    entities = [i for i in items.values() if "_fromEntityKey" not in i and "_mapping" not in i]
-    rels = [i for i in items.values() if "_fromEntityKey" in i or "_mapping" in i]
+    entities, rels = split_items(items.values())
     qg = QueryGraph.from_items(tenant, result.generation, entities, rels)
     qg.fingerprints = fps
     store_query_graph(store.client, store.prefix, qg)

@@ -59,10 +59,12 @@ def execute(
 
 def query_tenants(client: redis.Redis, settings: Settings, tenant: str | None) -> list[str]:
     """The named tenant, or every tenant that has a committed snapshot."""
+    configured = [t.name for t in settings.tenants]
+    if tenant is not None and tenant in configured:
+        return [tenant]  # no keyspace SCAN for the common case
     stored = SnapshotStore(client, settings.redis_prefix).tenants()
     if tenant is not None:
-        configured = [t.name for t in settings.tenants]
-        if tenant not in configured and tenant not in stored:
+        if tenant not in stored:
             known = ", ".join(sorted({*configured, *stored})) or "none"
             raise QueryError(f"unknown tenant {tenant!r} (known: {known})", 0, 0)
         return [tenant]

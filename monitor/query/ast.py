@@ -65,13 +65,7 @@ class BoolOp:
     pos: Pos
 
 
-@dataclass(frozen=True)
-class Not:
-    item: Expr
-    pos: Pos
-
-
-Expr = Compare | Changed | BoolOp | Not
+Expr = Compare | Changed | BoolOp
 
 
 @dataclass(frozen=True)
@@ -137,3 +131,4 @@ class Query:
     limit: int | None = None
     unique: bool = False
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> "entity" | "relationship"
+    relative: bool = False  # uses date.now: its dates move with the clock (plan it again)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import redis
 
 from monitor.events import stream
-from monitor.model.graph import Graph, Item
-from monitor.snapshot.store import SnapshotStore
+from monitor.model.graph import Item
+from monitor.model.schema import epoch_ms
+from monitor.snapshot.store import Index, SnapshotStore
 
 _MISSING = object()
 TENANT_PROP = "_tenant"
@@ -47,13 +47,23 @@ def rel_class(rel: Item) -> str:
     return str(c or "").upper()
 
 
-def _time_ms(value: Any) -> int | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
+def is_relationship(item: Item) -> bool:
+    """A stored relationship (direct, or mapped to a target by `_mapping`), not an entity."""
+    return "_fromEntityKey" in item or "_mapping" in item
+
+
+def split_items(items: Iterable[Item]) -> tuple[list[Item], list[Item]]:
+    """(entities, relationships): `from_items` wants every entity before the relationships."""
+    entities: list[Item] = []
+    rels: list[Item] = []
+    for item in items:
+        (rels if is_relationship(item) else entities).append(item)
+    return entities, rels
+
+
+def index_fingerprints(index: Index) -> dict[str, str]:
+    """`_key -> fingerprint` of a stored snapshot index (scope -> _type -> _key -> fp)."""
+    return {k: fp for types in index.values() for keys in types.values() for k, fp in keys.items()}
 
 
 @dataclass
@@ -68,7 +78,7 @@ class ChangeFacts:
     def add(self, ev: Mapping[str, Any]) -> None:
         """Fold one stored event into the facts."""
         typ = str(ev.get("type", ""))
-        when = _time_ms(ev.get("time"))
+        when = epoch_ms(ev.get("time"))
         if when is None:
             return
         if typ == "mde.sync.baseline":
@@ -149,12 +159,6 @@ class QueryGraph:
         for r in relationships:
             g._add_relationship(r)
         return g
-
-    @classmethod
-    def from_graph(cls, tenant: str, generation: int, graph: Graph) -> QueryGraph:
-        return cls.from_items(
-            tenant, generation, graph.entities.values(), graph.relationships.values()
-        )
 
     def _add_entity(self, e: Item) -> None:
         e[TENANT_PROP] = self.tenant
@@ -255,12 +259,11 @@ class QueryGraph:
                 g._remove_relationship(k)
             else:
                 g._remove_entity(k)
-        for item in items.values():
-            if "_fromEntityKey" not in item and "_mapping" not in item:
-                g._add_entity(item)
-        for item in items.values():
-            if "_fromEntityKey" in item or "_mapping" in item:
-                g._add_relationship(item)
+        entities, rels = split_items(items.values())
+        for item in entities:
+            g._add_entity(item)
+        for item in rels:
+            g._add_relationship(item)
         g._touched = None
         g.fingerprints = fingerprints
         return g
@@ -331,7 +334,7 @@ def _read(
     index = store.load_index(tenant)
     if index is None:
         return None
-    fps = {k: fp for types in index.values() for keys in types.values() for k, fp in keys.items()}
+    fps = index_fingerprints(index)
     entities: list[Item] = []
     rels: list[Item] = []
     hkey = store.key(tenant, "body")
@@ -342,7 +345,7 @@ def _read(
             if raw_key.decode() not in fps:
                 continue
             item = store.decode_body(raw)
-            (rels if "_fromEntityKey" in item or "_mapping" in item else entities).append(item)
+            (rels if is_relationship(item) else entities).append(item)
         if cursor == 0:
             break
     return entities, rels, fps

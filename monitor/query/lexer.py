@@ -17,9 +17,6 @@ class Token:
     line: int
     column: int
 
-    def upper(self) -> str:
-        return self.text.upper() if self.kind == "IDENT" else ""
-
     def describe(self) -> str:
         if self.kind == "EOF":
             return "the end of the query"

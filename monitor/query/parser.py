@@ -6,9 +6,9 @@ Every error is a QuerySyntaxError naming the line, column, what was expected and
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 
+from monitor.model.schema import epoch_ms
 from monitor.query import ast
 from monitor.query.errors import QuerySyntaxError
 from monitor.query.lexer import Token, tokenize
@@ -47,7 +47,6 @@ DATE_UNITS_MS = {
     "MONTH": 30 * 86_400_000,
     "YEAR": 365 * 86_400_000,
 }
-_ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def now_ms() -> int:
@@ -61,6 +60,7 @@ class Parser:
         self.i = 0
         self.now = now if now is not None else now_ms()
         self.aliases: dict[str, str] = {}
+        self.relative = False  # a date.now was read
 
     # -- token helpers -------------------------------------------------------------------------
     @property
@@ -155,6 +155,7 @@ class Parser:
             limit=limit,
             unique=unique,
             aliases=dict(self.aliases),
+            relative=self.relative,
         )
 
     def integer(self, what: str) -> int:
@@ -395,18 +396,14 @@ class Parser:
         raw = t.text
         if raw.isdigit():
             return int(raw)
-        text = raw + "T00:00:00Z" if _ISO_DAY.match(raw) else raw
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
+        ms = epoch_ms(raw)  # a day is its midnight, no zone is UTC (as for the ...On fields)
+        if ms is None:
             raise QuerySyntaxError(
                 f"date({raw}) is not a date: use date(2026-05-01), an ISO 8601 time or epoch ms",
                 t.line,
                 t.column,
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return int(moment.timestamp() * 1000)
+            )
+        return ms
 
     def relative_date(self) -> ast.Literal:
         t = self.advance()  # date
@@ -415,6 +412,7 @@ class Parser:
             raise self.error("now after date.")
         end = self.advance()
         value = self.now
+        self.relative = True
         if self.is_punct("+") or self.is_punct("-"):
             sign = 1 if self.advance().text == "+" else -1
             n = self.tok

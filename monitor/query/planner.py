@@ -66,8 +66,6 @@ def _props(e: ast.Expr) -> list[ast.Prop]:
         return [e.left] + ([e.right] if isinstance(e.right, ast.Prop) else [])
     if isinstance(e, ast.Changed):
         return [e.prop]
-    if isinstance(e, ast.Not):
-        return _props(e.item)
     return [p for item in e.items for p in _props(item)]
 
 
@@ -82,9 +80,6 @@ def _check_types(e: ast.Expr) -> None:
     if isinstance(e, ast.BoolOp):
         for item in e.items:
             _check_types(item)
-        return
-    if isinstance(e, ast.Not):
-        _check_types(e.item)
         return
     if not isinstance(e, ast.Compare):
         return
@@ -211,8 +206,6 @@ def _strip_alias(e: ast.Expr) -> ast.Expr:
         return ast.Compare(ast.Prop(e.left.name, e.left.pos), e.op, right, e.pos)
     if isinstance(e, ast.Changed):
         return ast.Changed(ast.Prop(e.prop.name, e.prop.pos), e.since, e.pos)
-    if isinstance(e, ast.Not):
-        return ast.Not(_strip_alias(e.item), e.pos)
     return ast.BoolOp(e.op, tuple(_strip_alias(i) for i in e.items), e.pos)
 
 
@@ -287,9 +280,6 @@ def compile_expr(e: ast.Expr, graph: QueryGraph, getter: Callable[[ast.Prop], Ge
         if e.op == "AND":
             return lambda x: all(p(x) for p in parts)
         return lambda x: any(p(x) for p in parts)
-    if isinstance(e, ast.Not):
-        inner = compile_expr(e.item, graph, getter)
-        return lambda x: not inner(x)
     if isinstance(e, ast.Changed):
         key_of = getter(ast.Prop("_key", e.prop.pos, e.prop.alias))
         name, since = e.prop.name, int(e.since.value)

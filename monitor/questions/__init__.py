@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import yaml
+from monitor import safe_yaml
 
 RESULTS_ARE = ("GOOD", "BAD", "INFORMATIVE", "UNKNOWN")
 
@@ -92,7 +92,12 @@ def load_questions() -> list[Question]:
     questions: list[Question] = []
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.endswith((".yaml", ".yml")):
-            questions += _parse(yaml.safe_load(entry.read_text()), entry.name)
+            try:  # bounded like every other YAML file the project reads
+                text = safe_yaml.decode_utf8(entry.read_bytes(), entry.name)
+                doc = safe_yaml.loads(text, entry.name)
+            except safe_yaml.YamlFileError as exc:
+                raise QuestionError(str(exc)) from None
+            questions += _parse(doc, entry.name)
     seen: set[str] = set()
     for q in questions:
         if q.id in seen:
