@@ -249,22 +249,15 @@ class LogonOutcome:
     kinds: Counter[str] = field(default_factory=Counter)  # "domain": mapped to a directory user
 
 
-def _hostnames(graph: Graph) -> dict[str, set[str]]:
-    """Logon-user key -> upper-case short names of the machines that HAVE it (this sync)."""
-    names: dict[str, str] = {}
-    out: dict[str, set[str]] = {}
+def _machines_of(graph: Graph) -> dict[str, list[str]]:
+    """Logon-user key -> ids of the machines that HAVE it (this sync), from the relationships."""
+    prefix = MACHINE.key("")
+    out: dict[str, list[str]] = {}
     rel_type = MACHINE_HAS_LOGON_USER.type
     for rel in graph.relationships.values():
-        if rel.get("_type") != rel_type:
-            continue
-        mkey = rel["_fromEntityKey"]
-        name = names.get(mkey)
-        if name is None:
-            machine = graph.entities.get(mkey) or {}
-            dns = machine.get("computerDnsName") or ""
-            name = names[mkey] = str(dns).split(".")[0].upper()
-        if name:
-            out.setdefault(rel["_toEntityKey"], set()).add(name)
+        if rel.get("_type") == rel_type:
+            mid = rel["_fromEntityKey"].removeprefix(prefix)
+            out.setdefault(rel["_toEntityKey"], []).append(mid)
     return out
 
 
@@ -285,15 +278,15 @@ def map_logon_users(
             users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
         if logon_keys is None:
             logon_keys = [k for k, e in graph.entities.items() if e.get("_type") == LOGON_USER.type]
+        if machines_of is None:
+            machines_of = _machines_of(graph)
         return _map_logon_users(
             graph, settings, user_employee or {}, logon_keys, users, machines_of
         )
 
 
-def _hosts_of(graph: Graph, key: str, machines_of: Mapping[str, Iterable[str]] | None) -> set[str]:
+def _hosts_of(graph: Graph, key: str, machines_of: Mapping[str, Iterable[str]]) -> set[str]:
     """Upper-case short names of the machines that HAVE this logon user (this sync)."""
-    if machines_of is None:
-        return _hostnames(graph).get(key, set())
     out = set()
     for mid in machines_of.get(key, ()):
         machine = graph.entities.get(MACHINE.key(mid)) or {}
@@ -309,7 +302,7 @@ def _map_logon_users(
     user_employee: Mapping[str, str],
     logon_keys: Iterable[str],
     users: list[Item],
-    machines_of: Mapping[str, Iterable[str]] | None,
+    machines_of: Mapping[str, Iterable[str]],
 ) -> LogonOutcome:
     idx = index_users(users, settings.netbios_domains)
     by_sid, by_sam, by_upn, by_local = idx.by_sid, idx.by_sam, idx.by_upn, idx.by_upn_local
