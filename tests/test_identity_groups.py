@@ -155,3 +155,25 @@ def test_failed_roles_read_keeps_assignments(
         assert [e["type"] for e in events if e["type"].startswith("mde.role.")] == [
             "mde.role.unassigned"
         ]
+
+
+def test_a_role_without_id_fails_its_scope_not_the_sync(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    with identity_env(tmp_path, redis_url, redis_prefix) as env:
+        first, _ = env.sync()
+        uid = next(u for u, doc in env.tenant.users.items() if doc.get("accountEnabled", True))
+        env.tenant.set_user(uid, accountEnabled=False)  # another scope's change: must commit
+        with env.tenant.lock:
+            env.tenant.directory.roles[""] = {"displayName": "Broken", "roleTemplateId": "t"}
+        env.tenant.changed()
+        summary, events = env.sync()
+        assert summary.status == "degraded"
+        error = summary.scopes_incomplete["directory_roles"] or ""
+        assert "directoryRoles item" in error and "'id'" in error and "kept" in error, error
+        rel = "microsoft_defender_user_assigned_entra_directory_role"
+        assert summary.counts[rel] == first.counts[rel]
+        assert not [e for e in events if e["type"].startswith("mde.role.")]
+        assert ("mde.user.disabled", USER_KEY.format(uid)) in {
+            (e["type"], e["subject"]) for e in events
+        }
