@@ -20,7 +20,7 @@ from rich.table import Table
 
 from monitor import safe_yaml
 from monitor.alerts.deliver import DeliveryQueue
-from monitor.alerts.dispatch import Dispatcher, subject_of
+from monitor.alerts.dispatch import BLOCKED_MESSAGE, Dispatcher, subject_of
 from monitor.alerts.group import group_key, group_labels, notification_id
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import render_notification
@@ -452,7 +452,7 @@ def dispatch(
             _print_errors(d.errors)
         if d.blocked:
             console.print(
-                f"[bold red]dispatch blocked: rules not loaded[/bold red]: {escape(d.blocked)}",
+                f"[bold red]{BLOCKED_MESSAGE}[/bold red]: {escape(d.blocked)}",
                 highlight=False,
                 soft_wrap=True,
             )
