@@ -38,8 +38,13 @@ def try_acquire(lock: Lock, token: str | None = None) -> bool:
     return True
 
 
-def release(lock: Lock) -> bool:
-    """Release if still ours; False (logged) when it expired or another holder has it now."""
+def release(lock: Lock, token: str | None = None) -> bool:
+    """Release if still ours; False (logged) when it expired or another holder has it now.
+
+    `token`: the fixed holder name it was taken with (`try_acquire`), for a lock object built
+    afresh to release it."""
+    if token is not None:
+        lock.local.token = token.encode()
     try:
         lock.release()
     except LockError as exc:

@@ -331,20 +331,24 @@ def start_metrics_server(
     """Serve /metrics (nothing else) on `addr:port` in a daemon thread; returns the server
     (call .shutdown()). `port` 0 picks a free port (`server.server_port`)."""
     import threading
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
 
     class _Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
             pass
 
-    class _Threaded(WSGIServer):
-        daemon_threads = True
-
     registry = build_registry(client, prefix, tenants, process=True)
+    # a thread per request (as prometheus_client's own server): a stalled client never holds
+    # up the next scrape
     server = make_server(
-        addr, port, _only_metrics(make_wsgi_app(registry)), _Threaded, handler_class=_Quiet
+        addr,
+        port,
+        _only_metrics(make_wsgi_app(registry)),
+        ThreadingWSGIServer,
+        handler_class=_Quiet,
     )
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info(

@@ -25,6 +25,7 @@ from pydantic import BaseModel, SecretStr
 
 MASK = "***"
 MIN_SECRET_LEN = 8  # shorter values would mask ordinary words everywhere
+MIN_LOCAL_SECRET_LEN = 4  # a caller's own secrets in its own error text (`scrub`)
 MIN_URL_PART_LEN = 8  # a path segment or query value of a secret URL: see _tokenish
 
 _lock = threading.Lock()
@@ -149,10 +150,17 @@ def redact_bytes(data: bytes) -> bytes:
     return data if out is text else out.encode("utf-8", errors="surrogateescape")
 
 
-def scrub(text: str, limit: int = 300) -> str:
+def scrub(text: str, limit: int = 300, secrets: Iterable[str] = ()) -> str:
     """Error text safe to log and store: secrets masked (exact and by pattern), URLs cut to
-    scheme://host/…, at most `limit` characters."""
+    scheme://host/…, at most `limit` characters.
+
+    `secrets` are the caller's own (a sink's URL and keys): masked here from 4 characters, below
+    the registry's `MIN_SECRET_LEN`, since in this text they are known to be secrets.
+    """
     text = redact(text)
+    for secret in secrets:
+        if secret and len(secret) >= MIN_LOCAL_SECRET_LEN:
+            text = text.replace(secret, MASK)
     text = _URL.sub(lambda m: f"{m.group(1)}{m.group(2)}/…", text)
     text = _SECRETISH.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{MASK}", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)

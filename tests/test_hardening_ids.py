@@ -9,11 +9,10 @@ dedup_key (the group key) still repeats on purpose: it is the incident.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import redis
-from alert_helpers import FakeClock, change_event, publish, settings_for
+from alert_helpers import FakeClock, change_event, publish, settings_for, write_alerts
 from sink_receivers import Receiver
 
 from monitor.alerts import group as groups
@@ -33,19 +32,15 @@ rules:
 
 
 def _alerts(tmp_path: Path, url: str) -> Path:
-    d = tmp_path / "alerts"
-    d.mkdir(exist_ok=True)
-    (d / "rules.yaml").write_text(textwrap.dedent(RULES))
-    (d / "sinks.yaml").write_text(
-        textwrap.dedent(
-            f"""
-            delivery: {{backoff_base: 10ms, backoff_max: 20ms, jitter: 0}}
-            sinks:
-              hook: {{type: webhook, url: "{url}/in"}}
-            """
-        )
+    return write_alerts(
+        tmp_path / "alerts",
+        RULES,
+        f"""
+        delivery: {{backoff_base: 10ms, backoff_max: 20ms, jitter: 0}}
+        sinks:
+          hook: {{type: webhook, url: "{url}/in"}}
+        """,
     )
-    return d
 
 
 def _dispatch(redis_url: str, prefix: str, alerts: Path, client: redis.Redis) -> Dispatcher:

@@ -19,6 +19,7 @@ from alert_helpers import (
     publish,
     restore_logging,  # noqa: F401 (fixture)
     sync_event,
+    write_alerts,
 )
 from sink_receivers import Receiver, Reply
 from typer.testing import CliRunner
@@ -88,32 +89,25 @@ def test_configured_secrets_are_masked_in_errors_events_logs_and_delivery_record
             Reply(400, f'{{"error": "unknown hook {URL_TOKEN}"}}'),
             Reply(400, f"bad routing key {ROUTING_KEY} (\\u0022{ROUTING_KEY}\\u0022)"),
         )
-        alerts = tmp_path / "alerts"
-        alerts.mkdir()
-        (alerts / "rules.yaml").write_text(
-            textwrap.dedent(
-                """
-                rules:
-                  - name: failed
-                    match: {type: mde.sync.failed}
-                    sinks: [chat]
-                    group_wait: 0s
-                  - name: risk
-                    match: {type: mde.machine.risk_raised}
-                    sinks: [pd]
-                    group_wait: 0s
-                """
-            )
-        )
-        (alerts / "sinks.yaml").write_text(
-            textwrap.dedent(
-                f"""
-                delivery: {{max_attempts: 1}}
-                sinks:
-                  chat: {{type: slack, url: "{rx.url}/services/T0/B0/{URL_TOKEN}"}}
-                  pd: {{type: pagerduty, routing_key: "{ROUTING_KEY}", url: "{rx.url}/enqueue"}}
-                """
-            )
+        alerts = write_alerts(
+            tmp_path / "alerts",
+            """
+            rules:
+              - name: failed
+                match: {type: mde.sync.failed}
+                sinks: [chat]
+                group_wait: 0s
+              - name: risk
+                match: {type: mde.machine.risk_raised}
+                sinks: [pd]
+                group_wait: 0s
+            """,
+            f"""
+            delivery: {{max_attempts: 1}}
+            sinks:
+              chat: {{type: slack, url: "{rx.url}/services/T0/B0/{URL_TOKEN}"}}
+              pd: {{type: pagerduty, routing_key: "{ROUTING_KEY}", url: "{rx.url}/enqueue"}}
+            """,
         )
         config = _config(tmp_path, redis_url, redis_prefix, alerts)
         settings = load_settings(config)  # registers the client secret

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import redis
-from alert_helpers import FakeClock, change_event, publish, settings_for
+from alert_helpers import FakeClock, change_event, publish, settings_for, write_alerts
 from sink_receivers import Receiver
 
 from monitor.alerts.dispatch import Dispatcher
@@ -81,18 +81,15 @@ def test_over_budget_at_run_time_falls_back_and_long_text_fits_each_sink(
     tmp_path: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     with Receiver() as rx:
-        alerts = tmp_path / "alerts"
-        alerts.mkdir()
-        (alerts / "rules.yaml").write_text(textwrap.dedent(RULES))
-        (alerts / "sinks.yaml").write_text(
-            textwrap.dedent(
-                f"""
-                sinks:
-                  chat: {{type: slack, url: "{rx.url}/slack/T0/B0/abcdefgh"}}
-                  pd: {{type: pagerduty, routing_key: "R0123456789", url: "{rx.url}/pd"}}
-                  hook: {{type: webhook, url: "{rx.url}/hook", batch: false}}
-                """
-            )
+        alerts = write_alerts(
+            tmp_path / "alerts",
+            RULES,
+            f"""
+            sinks:
+              chat: {{type: slack, url: "{rx.url}/slack/T0/B0/abcdefgh"}}
+              pd: {{type: pagerduty, routing_key: "R0123456789", url: "{rx.url}/pd"}}
+              hook: {{type: webhook, url: "{rx.url}/hook", batch: false}}
+            """,
         )
         rs = load_rules(alerts)
         assert rs.problems == [], rs.problems

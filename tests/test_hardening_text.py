@@ -7,12 +7,11 @@ bidi control characters reached the receivers invisibly (PagerDuty custom_detail
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import redis
-from alert_helpers import FakeClock, publish, settings_for
+from alert_helpers import FakeClock, publish, settings_for, write_alerts
 from sink_receivers import Receiver, machine_event
 
 from monitor.alerts.dispatch import Dispatcher
@@ -40,28 +39,21 @@ def test_mentions_and_invisible_characters_are_inert_in_every_block_and_sink(
     tmp_path: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     with Receiver() as rx:
-        alerts = tmp_path / "alerts"
-        alerts.mkdir()
-        (alerts / "rules.yaml").write_text(
-            textwrap.dedent(
-                """
-                rules:
-                  - name: risk
-                    match: {type: mde.machine.risk_raised}
-                    sinks: [chat, pd, teams]
-                    group_wait: 0s
-                """
-            )
-        )
-        (alerts / "sinks.yaml").write_text(
-            textwrap.dedent(
-                f"""
-                sinks:
-                  chat: {{type: slack, url: "{rx.url}/slack/T0/B0/abcdefgh"}}
-                  pd: {{type: pagerduty, routing_key: "R0123456789", url: "{rx.url}/pd"}}
-                  teams: {{type: teams, url: "{rx.url}/teams/abcdefgh"}}
-                """
-            )
+        alerts = write_alerts(
+            tmp_path / "alerts",
+            """
+            rules:
+              - name: risk
+                match: {type: mde.machine.risk_raised}
+                sinks: [chat, pd, teams]
+                group_wait: 0s
+            """,
+            f"""
+            sinks:
+              chat: {{type: slack, url: "{rx.url}/slack/T0/B0/abcdefgh"}}
+              pd: {{type: pagerduty, routing_key: "R0123456789", url: "{rx.url}/pd"}}
+              teams: {{type: teams, url: "{rx.url}/teams/abcdefgh"}}
+            """,
         )
         event = machine_event(HOSTILE_NAME)
         event["time"] = utc_now_iso()

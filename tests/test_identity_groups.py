@@ -31,9 +31,14 @@ def test_first_sync_pages_large_groups_then_delta_reports_only_changes(
         member_events = [e for e in events if e["type"].startswith("mde.group.")]
         assert member_events == []  # first sync: a baseline, no per-item events
 
+        # the saved state is large: a quiet round writes only the link. A TTL set here survives
+        # only if the state key is not written again (SET clears it)
+        state_key = f"{env.prefix}:groups_delta:{env.name}"
+        assert env.client.expire(state_key, 3600)
         summary, events = env.sync()  # quiet: one delta request, nothing new
         assert env.graph_requests(DELTA) == 1
         assert [e["type"] for e in events] == []
+        assert env.client.ttl(state_key) > 0
 
         users = list(env.tenant.users)
         victim, newcomer = next(iter(d.members[big])), users[-1]
@@ -45,6 +50,7 @@ def test_first_sync_pages_large_groups_then_delta_reports_only_changes(
         env.tenant.set_group(promoted, isAssignableToRole=True)
         summary, events = env.sync()
         assert env.graph_requests(DELTA) == 1
+        assert env.client.ttl(state_key) == -1  # changed: the state was saved again
         removed = of_type(events, "mde.group.member_removed")
         assert [e["data"]["target"]["_key"] for e in removed] == [USER_KEY.format(victim)]
         added = of_type(events, "mde.group.member_added")
@@ -149,3 +155,25 @@ def test_failed_roles_read_keeps_assignments(
         assert [e["type"] for e in events if e["type"].startswith("mde.role.")] == [
             "mde.role.unassigned"
         ]
+
+
+def test_a_role_without_id_fails_its_scope_not_the_sync(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    with identity_env(tmp_path, redis_url, redis_prefix) as env:
+        first, _ = env.sync()
+        uid = next(u for u, doc in env.tenant.users.items() if doc.get("accountEnabled", True))
+        env.tenant.set_user(uid, accountEnabled=False)  # another scope's change: must commit
+        with env.tenant.lock:
+            env.tenant.directory.roles[""] = {"displayName": "Broken", "roleTemplateId": "t"}
+        env.tenant.changed()
+        summary, events = env.sync()
+        assert summary.status == "degraded"
+        error = summary.scopes_incomplete["directory_roles"] or ""
+        assert "directoryRoles item" in error and "'id'" in error and "kept" in error, error
+        rel = "microsoft_defender_user_assigned_entra_directory_role"
+        assert summary.counts[rel] == first.counts[rel]
+        assert not [e for e in events if e["type"].startswith("mde.role.")]
+        assert ("mde.user.disabled", USER_KEY.format(uid)) in {
+            (e["type"], e["subject"]) for e in events
+        }

@@ -221,6 +221,9 @@ def test_users_incomplete_keeps_logon_users_and_employees(
         summary, events = env.sync()
         assert summary.status == "degraded"
         assert "employees" in summary.scopes_incomplete
+        # the logon-user refresh is held, not fetched and thrown away: no budget spent
+        assert env.graph_requests("defender:/api/machines/{id}/logonusers") == 0
+        assert first.requests["requests"]["defender:/api/machines/{id}/logonusers"] > 0
         for typ in (
             "employee",
             "microsoft_defender_logon_user",

@@ -187,6 +187,20 @@ def test_a_disabled_account_logging_on_again_to_a_machine_it_used_is_caught(
         fired = [r.name for r, status in ruleset.evaluate(logged_on[0]) if status == "firing"]
         assert fired == ["identity-inactive-account-logon"]
 
-        # an enabled account's repeat logons stay quiet (volatile facts, no event)
+        # an enabled account's repeat logons stay quiet (volatile facts, no event): its lastSeen
+        # moves on too, so only the account-state filter keeps this sync quiet
+        other_machine, other = next(
+            (m, lu)
+            for m, lus in sorted(t.logon_users.items())
+            for lu in lus
+            if lu["accountSid"] in by_sid and lu["accountSid"] != account["accountSid"]
+        )
+        with t.lock:
+            t.logon_users[other_machine] = [
+                {**lu, "lastSeen": "2099-01-02T00:00:00Z"} if lu["id"] == other["id"] else lu
+                for lu in t.logon_users[other_machine]
+            ]
         t.touch_all_machines()
-        assert of_type(env.sync()[1], "mde.machine_logon_user.logged_on") == []
+        summary, events = env.sync()
+        assert summary.status == "ok", summary.scopes_incomplete
+        assert of_type(events, "mde.machine_logon_user.logged_on") == []

@@ -42,19 +42,25 @@ def test_a_renewed_lock_outlives_its_ttl_and_lapses_once_renewal_stops(
     redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     key = f"{redis_prefix}:lock:renewed"
-    lock = make_lock(redis_client, key, 0.6)
+    ttl_s = 3.0  # renewed every second: a stall of 2 s would be needed to lose it
+    lock = make_lock(redis_client, key, ttl_s)
     assert try_acquire(lock)
-    renewer = Renewer(lock, 0.6)
+    renewer = Renewer(lock, ttl_s)
     try:
-        # alive for well over three TTLs: each renewal puts the TTL back up
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+        # three renewals seen: the remaining TTL goes back up each time, the lock still ours
+        renewals, last = 0, int(redis_client.pttl(key))
+        deadline = time.monotonic() + 30
+        while renewals < 3:
+            assert time.monotonic() < deadline, f"{renewals} renewals seen"
             assert redis_client.get(key) == lock.local.token
+            now = int(redis_client.pttl(key))
+            renewals += now > last
+            last = now
             time.sleep(0.05)
     finally:
         renewer.stop()
     # a holder that stops renewing (it died, or lost Redis) frees the lock after one TTL
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + ttl_s + 10
     while redis_client.exists(key) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not redis_client.exists(key)

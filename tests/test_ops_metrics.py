@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,20 @@ def test_endpoint_serves_only_metrics_with_build_process_and_queue_metrics(
     assert 'mde_celery_queue_length{queue="dispatch"} 1.0' in text
     assert 'mde_celery_queue_length{queue="sync"} 0.0' in text
     assert "process_resident_memory_bytes" in text and "python_info" in text
+
+
+def test_endpoint_answers_while_another_client_stalls(
+    redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    server = start_metrics_server(0, redis_client, redis_prefix, lambda: [], addr="127.0.0.1")
+    try:
+        # a client that connects and never sends its request (a hung scraper, a port scan)
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10):
+            resp = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10)
+            assert resp.status_code == 200 and "mde_redis_up 1.0" in resp.text
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

@@ -28,9 +28,10 @@ from web_helpers import (
 
 from monitor.alerts.silences import SilenceStore
 from monitor.model.schema import MACHINE
+from monitor.query import run_query
 from monitor.redis_conn import delete_prefix
 from monitor.web import create_app
-from monitor.web.explore import fallback_query
+from monitor.web.app import config_doc
 
 M00 = MACHINE.key("m00")
 
@@ -162,14 +163,10 @@ def test_query_api_is_the_query_json_document(local: TestClient, world: dict) ->
     r = local.get("/api/query", params={"q": q, "tenant": TENANT})
     assert r.status_code == 200
     s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
-    from monitor.web import explore
-
-    expected = explore.run(world["client"], s, q, TENANT)
+    expected = run_query(world["client"], s, q, TENANT)
     assert r.json() == json.loads(json.dumps(expected, default=str))
     assert r.json()["type"] in ("list", "table")
-    if not explore.HAVE_J1QL:
-        assert {row["_key"] for row in r.json()["data"]} == {M00, MACHINE.key("m01")}
-        assert fallback_query(world["client"], s, q, TENANT)["data"]
+    assert {row["_key"] for row in r.json()["data"]} == {M00, MACHINE.key("m01")}
     bad = local.get("/api/query", params={"q": "FIND"})
     assert bad.status_code == 400 and "line" in bad.json()["error"]
     csv_text = local.get("/explore.csv", params={"q": q}).text
@@ -385,6 +382,21 @@ def test_config_page_shows_no_secret(secured: TestClient) -> None:
     assert "not-a-real-secret" not in html and VIEWER_TOKEN not in html and "***" in html
 
 
+def test_config_doc_masks_url_passwords(world: dict) -> None:
+    """Passwords inside URLs (Redis userinfo or ?password=, a proxy's userinfo) are masked too."""
+    s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
+    for redis_url in (
+        "rediss://default:redis-pass-1@cache.example:6380/0",
+        "redis://cache.example:6379/0?password=redis-pass-2",
+    ):
+        proxied = s.http.model_copy(update={"proxy": "http://bob:proxy-pass-3@proxy.example:3128"})
+        doc = config_doc(s.model_copy(update={"redis_url": redis_url, "http": proxied}))
+        text = json.dumps(doc)
+        assert "redis-pass" not in text and "proxy-pass" not in text, text
+        assert "cache.example" in doc["redis_url"] and "***" in doc["redis_url"]
+        assert doc["http"]["proxy"] == "http://bob:***@proxy.example:3128"
+
+
 def test_trigger_sync_and_accept_drop_enqueue_a_task(secured: TestClient, world: dict) -> None:
     import base64
 
@@ -453,10 +465,7 @@ def test_api_query_equals_the_cli_query_json(
     from typer.testing import CliRunner
 
     from monitor.cli import app as cli_app
-    from monitor.web import explore
 
-    if not explore.HAVE_J1QL:
-        pytest.skip("the J1QL engine (monitor.query) is not installed")
     s = settings_for(world["redis_url"], world["prefix"], world["alerts"])
     cfg = tmp_path / "monitor.yaml"
     cfg.write_text(

@@ -323,9 +323,7 @@ class DeliveryQueue:
         try:
             return self._attempt(did, rec, sink_name, sinks)  # every outcome releases the lease
         except BaseException:
-            lease = self._lease_lock(did)
-            lease.local.token = self.consumer.encode()
-            release(lease)  # only if still ours
+            release(self._lease_lock(did), token=self.consumer)  # only if still ours
             raise
 
     def _attempt(

@@ -32,13 +32,8 @@ import redis
 
 from monitor.alerts import group as groups
 from monitor.alerts import quarantine, throttle
-from monitor.alerts.deliver import (
-    CRASH_ENV,
-    DeliveryOutcome,
-    DeliveryQueue,
-    crash_point,
-    scrub,
-)
+from monitor.alerts.deliver import CRASH_ENV, DeliveryOutcome, DeliveryQueue, crash_point
+from monitor.alerts.links import notification_links, summary_lines
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import headline, render_notification
 from monitor.alerts.rules import (
@@ -55,7 +50,8 @@ from monitor.config import Settings
 from monitor.events import stream
 from monitor.events.envelope import Event
 from monitor.metrics import record_delivery
-from monitor.web.links import notification_links, summary_lines
+from monitor.redact import scrub
+from monitor.status import DISPATCH_BLOCKED
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,7 @@ def dispatch_blocked_key(prefix: str) -> str:
     return f"{prefix}:alerts:dispatch:blocked"
 
 
-BLOCKED_MESSAGE = "dispatch blocked: rules not loaded"
+BLOCKED_MESSAGE = DISPATCH_BLOCKED  # the words `status` and the CLI show too
 
 
 def blocked_reason(ruleset: RuleSet) -> str | None:
@@ -207,7 +203,6 @@ class Dispatcher:
         self.batch_size = batch_size
         self.claim_idle_s = claim_idle_s
         self._reported_at: float | None = None
-        self._quarantined: list[tuple[str, Event, str]] = []
         self._deployment_id: str | None = None
         self.clock = clock
         self.sleep = sleep
@@ -389,8 +384,13 @@ class Dispatcher:
         return when is not None and when.timestamp() < now - age
 
     def _admissions(
-        self, batch: list[tuple[str, Event]], silences: list[Silence], stats: DispatchStats
+        self,
+        batch: list[tuple[str, Event]],
+        silences: list[Silence],
+        stats: DispatchStats,
+        quarantined: list[tuple[str, Event, str]],
     ) -> list[_Admission]:
+        """The rule hits of `batch`; events whose evaluation raised go to `quarantined`."""
         now = self.clock()
         out: list[_Admission] = []
         keys: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
@@ -407,7 +407,7 @@ class Dispatcher:
                 stats.eval_errors += 1
                 stats.quarantined += 1
                 reason = f"evaluation failed: {type(exc).__name__}: {scrub(str(exc))}"
-                self._quarantined.append((sid, event, reason))
+                quarantined.append((sid, event, reason))
                 continue
             for rule, status in hits:
                 adm = _Admission(rule, status, event, sid, subject_of(event))
@@ -432,8 +432,8 @@ class Dispatcher:
         self, batch: list[tuple[str, Event]], silences: list[Silence], stats: DispatchStats
     ) -> None:
         stats.read += len(batch)
-        self._quarantined = []
-        adms = self._admissions(batch, silences, stats)
+        quarantined: list[tuple[str, Event, str]] = []
+        adms = self._admissions(batch, silences, stats, quarantined)
         now = self.clock()
         # read 1: firing state of the subjects involved, one HMGET per rule
         subjects: dict[str, list[str]] = {}
@@ -565,7 +565,7 @@ class Dispatcher:
                 g.headlines,
                 now,
             )
-        for sid, event, reason in self._quarantined:
+        for sid, event, reason in quarantined:
             quarantine.record(pipe, self.prefix, sid, event, reason, 1)
         stream.ack(pipe, self.prefix, self.group, [sid for sid, _ in batch])
         crash_point("before_ingest_commit")

@@ -831,3 +831,25 @@ def build_sinks(
             for line in lines or [type(exc).__name__]:
                 errors.append(LoadError(cfg.file, cfg.line, None, line))
     return sinks, errors
+
+
+def sink_rows(
+    ruleset: RuleSet,
+    sinks: dict[str, Sink],
+    errors: Iterable[LoadError],
+    disabled: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Each declared sink as `sinks list --json` shows it: type, target (no secrets), disabled
+    state, its load errors, and the rules that send to it."""
+    errors = list(errors)
+    return [
+        {
+            "name": name,
+            "type": cfg.type,
+            "describe": sinks[name].describe() if name in sinks else None,
+            "disabled": disabled.get(name),
+            "errors": [e.message for e in errors if e.file == cfg.file and e.line == cfg.line],
+            "rules": [r.name for r in ruleset.rules if name in r.sinks],
+        }
+        for name, cfg in ruleset.sinks.items()
+    ]

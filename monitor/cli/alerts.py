@@ -20,7 +20,7 @@ from rich.table import Table
 
 from monitor import safe_yaml
 from monitor.alerts.deliver import DeliveryQueue
-from monitor.alerts.dispatch import Dispatcher, subject_of
+from monitor.alerts.dispatch import BLOCKED_MESSAGE, Dispatcher, subject_of
 from monitor.alerts.group import group_key, group_labels, notification_id
 from monitor.alerts.match import parse_datetime
 from monitor.alerts.render import render_notification
@@ -31,6 +31,7 @@ from monitor.alerts.rules import (
     format_duration,
     load_rules,
     parse_duration,
+    sink_rows,
 )
 from monitor.alerts.silences import SilenceStore
 from monitor.alerts.sinks.base import Notification, Sink
@@ -452,7 +453,7 @@ def dispatch(
             _print_errors(d.errors)
         if d.blocked:
             console.print(
-                f"[bold red]dispatch blocked: rules not loaded[/bold red]: {escape(d.blocked)}",
+                f"[bold red]{BLOCKED_MESSAGE}[/bold red]: {escape(d.blocked)}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -661,19 +662,7 @@ def sinks_list(json_out: bool = JSON_OPT) -> None:
     ruleset, sinks, errors = _load(redis_client=client)
     q = DeliveryQueue(client, settings.redis_prefix)
     disabled = q.disabled_sinks()
-    rows: list[dict[str, Any]] = []
-    for name, cfg in ruleset.sinks.items():
-        problems = [e.message for e in errors if e.file == cfg.file and e.line == cfg.line]
-        rows.append(
-            {
-                "name": name,
-                "type": cfg.type,
-                "describe": sinks[name].describe() if name in sinks else None,
-                "disabled": disabled.get(name),
-                "errors": problems,
-                "rules": [r.name for r in ruleset.rules if name in r.sinks],
-            }
-        )
+    rows = sink_rows(ruleset, sinks, errors, disabled)
     if json_out:
         print_json(rows)
         return

@@ -170,26 +170,26 @@ def duration_option(default: float, *flags: str, help: str) -> Any:
 
 
 def since_ms(text: str, option: str = "--since") -> int:
-    """Epoch ms for `--since`: a duration ago (`24h`, `1h30m`, `7d`) or an ISO date/time."""
+    """Epoch ms for `--since`: a duration ago (`24h`, `1h30m`, `7d`) or an ISO date/time.
+
+    Durations in the rule files' grammar (`parse_duration`); the rest is the event history's
+    own `parse_since` (ISO, UTC when naive)."""
     import time
-    from datetime import UTC, datetime
 
     from monitor.alerts.rules import parse_duration
+    from monitor.events.history import parse_since
 
     try:
         return int((time.time() - parse_duration(text)) * 1000)
     except ValueError:
         pass
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return parse_since(text)
     except ValueError:
         raise typer.BadParameter(
             f"{text!r}: expected a duration like 24h, 1h30m, 7d or an ISO date/time",
             param_hint=option,
         ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
 
 
 def print_json(data: Any) -> None:

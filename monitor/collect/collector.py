@@ -19,7 +19,7 @@ from monitor.collect.defender_api import DefenderClient
 from monitor.collect.errors import AuthError
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.http import ApiClient, RequestStats, build_http_client
-from monitor.collect.identity import IdentityResult, collect_identity
+from monitor.collect.identity import IdentityResult, collect_identity, identity_inputs
 from monitor.collect.logon_users import (
     LogonUsersResult,
     RefreshLedger,
@@ -32,7 +32,8 @@ from monitor.collect.users import collect_users
 from monitor.collect.vulnerabilities import collect_vulnerabilities
 from monitor.config import Settings, TenantConfig
 from monitor.model.builder import GraphBuilder
-from monitor.model.graph import Graph
+from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.model.schema import logon_users_scope
 
 
 def _now_iso() -> str:
@@ -184,6 +185,10 @@ def collect_tenant(
             s.graph, builder, progress, managers=tenant.identity.directory_employees.managers
         )
         timed("users", t)
+        # whether logon accounts can be mapped this sync (users whole, HR file readable): if not,
+        # the logon-user refresh is held (previous logon users kept), not fetched and thrown away
+        inputs = identity_inputs(tenant, builder.graph())
+        held: list[str] = []
         t = time.monotonic()
         machines = collect_machines(s.defender, builder, progress)
         timed("machines", t)
@@ -198,6 +203,8 @@ def collect_tenant(
             plan = plan_refresh(
                 machines.last_seen, ledger, tenant.logon_user_budget, machines.onboarded
             )
+            if inputs.problem is not None:
+                held, plan = plan, []
             logon = collect_logon_users(
                 s.defender,
                 builder,
@@ -206,6 +213,10 @@ def collect_tenant(
                 tenant.logon_user_concurrency,
                 progress,
             )
+            for mid in held:  # not a plain rotation: say why their turn passed
+                builder.set_scope(
+                    logon_users_scope(mid), ScopeStatus(ScopeState.SKIPPED, error=inputs.problem)
+                )
             timed("logon_users", t)
         t = time.monotonic()
         identity = collect_identity(
@@ -215,9 +226,10 @@ def collect_tenant(
             progress,
             redis_client=redis_client,
             redis_prefix=settings.redis_prefix,
-            logon=logon,
+            inputs=inputs,
             machines_of=builder.logon_user_machines(),
         )
+        identity.logon_set_aside = len(held)
         timed("identity", t)
         return CollectResult(
             tenant.name,

@@ -2,7 +2,8 @@
 
 Graph returns at most 20 expanded members per role; a role whose expanded list is that long is
 read again through `/directoryRoles/{id}/members` (paged). Every page or nothing: a failure
-leaves the scope FAILED and the previous roles and assignments are kept.
+leaves the scope FAILED and the previous roles and assignments are kept; so does a role that
+cannot be converted (no id), named in the scope's error.
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def collect_directory_roles(
                     "directory role members",
                 )  # type: ignore[assignment]
             members[rid] = listed
+        n = add_roles(target, roles, members, account_tag=account_tag)
     except IncompleteList as exc:
         status = exc.status()
+    except ValueError as exc:  # a role that cannot be converted: this scope fails, not the sync
+        status = ScopeStatus(ScopeState.FAILED, error=f"{exc}; previous roles and assignments kept")
     else:
-        status = ScopeStatus(
-            ScopeState.COMPLETE, count=add_roles(target, roles, members, account_tag=account_tag)
-        )
+        status = ScopeStatus(ScopeState.COMPLETE, count=n)
     target.scopes[SCOPE_DIRECTORY_ROLES] = status
     return status

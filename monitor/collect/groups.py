@@ -6,7 +6,8 @@ pages (the group appears again with more `members@delta`). Later syncs follow th
 link and get only the changes: changed properties, `members@delta` additions and removals
 (`@removed`), and removed groups (`@removed`). The state (every group's properties and member
 ids) and the delta link live in Redis per tenant and are saved only AFTER the snapshot commit,
-so a sync that dies re-reads the same changes next time.
+so a sync that dies re-reads the same changes next time. The link has a key of its own: a round
+that brought no changes writes only the new link, not the whole (large) state again.
 
 No phantom deletions: a page that fails leaves the scope FAILED (previous groups kept, the state
 and link untouched); a 410 (the delta token expired, `syncStateNotFound`) restarts with a full
@@ -46,6 +47,7 @@ class GroupsState:
     delta_link: str | None = None
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: dict[str, dict[str, str]] = field(default_factory=dict)  # gid -> id -> @odata.type
+    changed: bool = True  # groups or members differ from what was saved (not saved itself)
 
     def dumps(self) -> bytes:
         doc = {"v": 1, "link": self.delta_link, "groups": self.groups, "members": self.members}
@@ -56,7 +58,7 @@ class GroupsState:
         doc = orjson.loads(zlib.decompress(blob))
         if not isinstance(doc, dict) or doc.get("v") != 1:
             raise ValueError("unknown groups state version")
-        return cls(doc.get("link"), doc.get("groups") or {}, doc.get("members") or {})
+        return cls(doc.get("link"), doc.get("groups") or {}, doc.get("members") or {}, False)
 
     def user_members(self) -> dict[str, list[str]]:
         return {
@@ -74,29 +76,41 @@ class GroupsStateStore:
     def __init__(self, client: redis.Redis | None, prefix: str, tenant: str) -> None:
         self._client = client
         self.key = f"{prefix}:groups_delta:{tenant}"
+        self.link_key = f"{prefix}:groups_delta_link:{tenant}"  # newer than the state's own
 
     def load(self) -> GroupsState | None:
         if self._client is None:
             return None
-        blob = self._client.get(self.key)
+        blob, link = self._client.mget(self.key, self.link_key)  # type: ignore[misc]
         if blob is None:
             return None
         try:
-            return GroupsState.loads(blob)  # type: ignore[arg-type]
+            state = GroupsState.loads(blob)
         except (ValueError, zlib.error, orjson.JSONDecodeError) as exc:
             log.warning(
                 "groups delta state unreadable; doing a full read", extra={"error": str(exc)}
             )
             return None
+        if link:
+            state.delta_link = link.decode()
+        return state
 
     def save(self, state: GroupsState) -> None:
-        """Call after the snapshot commit."""
-        if self._client is not None:
-            self._client.set(self.key, state.dumps())
+        """Call after the snapshot commit: the link, and the state when it changed."""
+        if self._client is None:
+            return
+        pipe = self._client.pipeline(transaction=True)
+        if state.changed:
+            pipe.set(self.key, state.dumps())
+        pipe.set(self.link_key, state.delta_link or "")
+        pipe.execute()
+        state.changed = False
 
 
 def apply_delta_items(state: GroupsState, items: list[Json]) -> None:
     """Fold one page of `/groups/delta` items into `state`."""
+    if items:
+        state.changed = True
     for i, item in enumerate(items):
         gid = item.get("id")
         if not isinstance(gid, str) or not gid:

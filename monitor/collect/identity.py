@@ -5,10 +5,11 @@ Runs after users and logon users are in the builder. Scope rules (nothing delete
 
 - `employees` is COMPLETE only when the users were read whole and the HR file (if configured)
   parsed; otherwise FAILED and the previous employees and their relationships are kept.
-- The logon users refreshed this sync are mapped only when that mapping can be trusted (users
-  and employees complete). Otherwise they are set aside (scopes SKIPPED with the reason): the
-  previous logon users, their kinds and IS relationships are kept and the machines are
-  refreshed again next sync.
+- Logon users are mapped only when that mapping can be trusted (users and employees complete).
+  `identity_inputs` decides that right after the users are read, before any logon users are
+  fetched: when it cannot be trusted, the collector holds this sync's logon-user refresh (the
+  planned machines' scopes SKIPPED with the reason, no `/logonusers` call spent): the previous
+  logon users, their kinds and IS relationships are kept and the machines are refreshed later.
 - `groups` / `directory_roles`: see monitor.collect.groups and monitor.collect.directory_roles.
   A feature turned off in the config is an empty COMPLETE scope.
 """
@@ -23,7 +24,6 @@ import redis
 from monitor.collect.directory_roles import collect_directory_roles
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.groups import GroupsResult, GroupsStateStore, collect_groups
-from monitor.collect.logon_users import LogonUsersResult
 from monitor.collect.progress import Progress
 from monitor.config import TenantConfig
 from monitor.model.account import account_tag
@@ -35,7 +35,6 @@ from monitor.model.schema import (
     SCOPE_DIRECTORY_ROLES,
     SCOPE_EMPLOYEES,
     SCOPE_GROUPS,
-    SCOPE_LOGON_USERS,
     SCOPE_USERS,
     USER,
 )
@@ -49,7 +48,7 @@ class IdentityResult:
     groups_store: GroupsStateStore | None = None
     employees: EmployeesOutcome | None = None
     logon_kinds: dict[str, int] = field(default_factory=dict)
-    logon_set_aside: int = 0  # machines whose logon users were kept (mapping not trusted)
+    logon_set_aside: int = 0  # machines whose refresh was held (mapping not trusted)
 
     def summary(self) -> dict[str, object]:
         """For the sync metadata: what was mapped, whether groups had to be read in full."""
@@ -73,23 +72,29 @@ def _complete(graph: Graph, scope: str) -> bool:
     return st is not None and st.state is ScopeState.COMPLETE
 
 
-def _set_aside_logon_users(graph: Graph, reason: str, logon: LogonUsersResult | None) -> int:
-    """Remove this sync's logon users from the graph; their scopes become SKIPPED (kept)."""
-    prefix = f"{SCOPE_LOGON_USERS}:"
-    scopes = {
-        s
-        for s, st in graph.scopes.items()
-        if s.startswith(prefix) and st.state is not ScopeState.SKIPPED
-    }
-    for store in (graph.entities, graph.relationships):
-        for key in [k for k in store if graph.scope_of.get(k, "").startswith(prefix)]:
-            del store[key]
-            graph.scope_of.pop(key, None)
-    for s in scopes:
-        graph.scopes[s] = ScopeStatus(ScopeState.SKIPPED, error=reason)
-    if logon is not None:
-        logon.refreshed.clear()
-    return len(scopes)
+@dataclass
+class IdentityInputs:
+    """What the mapping needs besides the graph: the HR records (None: no HR file configured)
+    and, when users cannot be mapped to employees and logon accounts this sync, why."""
+
+    hr_records: list[HrRecord] | None = None
+    problem: str | None = None
+
+
+def identity_inputs(tenant: TenantConfig, graph: Graph) -> IdentityInputs:
+    """Call once the directory users are in `graph`, before the logon users are fetched: a
+    `problem` means this sync's logon-user refresh should be held (see the module doc)."""
+    if not _complete(graph, SCOPE_USERS):
+        return IdentityInputs(
+            problem="directory users incomplete: employees and logon-user mapping kept as before"
+        )
+    hr_file = tenant.identity.hr_file
+    if hr_file is None:
+        return IdentityInputs()
+    try:
+        return IdentityInputs(hr_records=read_hr_file(hr_file))
+    except HrFileError as exc:
+        return IdentityInputs(problem=f"HR file: {exc}")
 
 
 def collect_identity(
@@ -100,7 +105,7 @@ def collect_identity(
     *,
     redis_client: redis.Redis | None,
     redis_prefix: str,
-    logon: LogonUsersResult | None = None,
+    inputs: IdentityInputs,
     machines_of: Mapping[str, Iterable[str]] | None = None,
 ) -> IdentityResult:
     """Employees, groups, roles and the mappings into `target` (see the module doc)."""
@@ -121,20 +126,11 @@ def collect_identity(
     else:
         target.scopes[SCOPE_DIRECTORY_ROLES] = ScopeStatus(ScopeState.COMPLETE)
 
-    # employees
-    records: list[HrRecord] | None = None
-    problem: str | None = None
-    if not _complete(target, SCOPE_USERS):
-        problem = "directory users incomplete: employees and logon-user mapping kept as before"
-    elif cfg.hr_file is not None:
-        try:
-            records = read_hr_file(cfg.hr_file)
-        except HrFileError as exc:
-            problem = f"HR file: {exc}"
-    if problem is not None:
-        target.scopes[SCOPE_EMPLOYEES] = ScopeStatus(ScopeState.FAILED, error=problem)
-        result.logon_set_aside = _set_aside_logon_users(target, problem, logon)
+    # employees (the logon users of this sync were not fetched if there is a problem)
+    if inputs.problem is not None:
+        target.scopes[SCOPE_EMPLOYEES] = ScopeStatus(ScopeState.FAILED, error=inputs.problem)
         return result
+    records = inputs.hr_records
     users: list[Item] = []
     logon_keys: list[str] = []
     for key, entity in target.entities.items():

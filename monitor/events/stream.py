@@ -243,11 +243,10 @@ def read_group(
     consumer: str,
     count: int = 500,
     block_ms: int | None = None,
-    pending: bool = False,
 ) -> list[tuple[str, Event]]:
-    """Next events for `consumer`; with pending=True, its delivered-but-unacknowledged ones."""
+    """Next new events for `consumer` (its unacknowledged ones: `Dispatcher._recover`)."""
     resp: Any = client.xreadgroup(
-        group, consumer, {stream_key(prefix): "0" if pending else ">"}, count=count, block=block_ms
+        group, consumer, {stream_key(prefix): ">"}, count=count, block=block_ms
     )
     return [pair for _stream, batch in resp or [] for pair in entries(batch)]
 

@@ -37,7 +37,6 @@ from monitor.model.employees import (
 )
 from monitor.model.graph import Graph, Item
 from monitor.model.schema import (
-    EMPLOYEE,
     EMPLOYEE_MANAGES_EMPLOYEE,
     LOGON_USER,
     LOGON_USER_IS_USER,
@@ -126,14 +125,13 @@ def _build_employees(
 ) -> EmployeesOutcome:
     by_hr_id, by_hr_mail = index_records(hr_records or [])
     employees: dict[str, Item] = {}  # employee key -> entity
-    hr_of: dict[str, HrRecord] = {}
+    key_of_hr: dict[int, str] = {}  # id(HR record) -> its employee key
     for r in hr_records or []:
         emp_id = employee_id_of(None, r)
         assert emp_id is not None
         entity = employee_entity(emp_id, None, r, account_tag=account_tag)
         employees[entity["_key"]] = entity
-        hr_of[entity["_key"]] = r
-    key_of_hr = {id(r): EMPLOYEE.key(employee_id_of(None, r) or "") for r in hr_records or []}
+        key_of_hr[id(r)] = entity["_key"]
     # directory employees (merged with their HR record when one matches)
     for u in users:
         if not is_directory_employee(u, settings.directory_employees):
@@ -248,26 +246,18 @@ def index_users(users: Iterable[Item], netbios_domains: Mapping[str, str]) -> Us
 
 @dataclass
 class LogonOutcome:
-    kinds: Counter[str] = field(default_factory=Counter)
-    mapped: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)  # "domain": mapped to a directory user
 
 
-def _hostnames(graph: Graph) -> dict[str, set[str]]:
-    """Logon-user key -> upper-case short names of the machines that HAVE it (this sync)."""
-    names: dict[str, str] = {}
-    out: dict[str, set[str]] = {}
+def _machines_of(graph: Graph) -> dict[str, list[str]]:
+    """Logon-user key -> ids of the machines that HAVE it (this sync), from the relationships."""
+    prefix = MACHINE.key("")
+    out: dict[str, list[str]] = {}
     rel_type = MACHINE_HAS_LOGON_USER.type
     for rel in graph.relationships.values():
-        if rel.get("_type") != rel_type:
-            continue
-        mkey = rel["_fromEntityKey"]
-        name = names.get(mkey)
-        if name is None:
-            machine = graph.entities.get(mkey) or {}
-            dns = machine.get("computerDnsName") or ""
-            name = names[mkey] = str(dns).split(".")[0].upper()
-        if name:
-            out.setdefault(rel["_toEntityKey"], set()).add(name)
+        if rel.get("_type") == rel_type:
+            mid = rel["_fromEntityKey"].removeprefix(prefix)
+            out.setdefault(rel["_toEntityKey"], []).append(mid)
     return out
 
 
@@ -288,15 +278,15 @@ def map_logon_users(
             users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
         if logon_keys is None:
             logon_keys = [k for k, e in graph.entities.items() if e.get("_type") == LOGON_USER.type]
+        if machines_of is None:
+            machines_of = _machines_of(graph)
         return _map_logon_users(
             graph, settings, user_employee or {}, logon_keys, users, machines_of
         )
 
 
-def _hosts_of(graph: Graph, key: str, machines_of: Mapping[str, Iterable[str]] | None) -> set[str]:
+def _hosts_of(graph: Graph, key: str, machines_of: Mapping[str, Iterable[str]]) -> set[str]:
     """Upper-case short names of the machines that HAVE this logon user (this sync)."""
-    if machines_of is None:
-        return _hostnames(graph).get(key, set())
     out = set()
     for mid in machines_of.get(key, ()):
         machine = graph.entities.get(MACHINE.key(mid)) or {}
@@ -312,7 +302,7 @@ def _map_logon_users(
     user_employee: Mapping[str, str],
     logon_keys: Iterable[str],
     users: list[Item],
-    machines_of: Mapping[str, Iterable[str]] | None,
+    machines_of: Mapping[str, Iterable[str]],
 ) -> LogonOutcome:
     idx = index_users(users, settings.netbios_domains)
     by_sid, by_sam, by_upn, by_local = idx.by_sid, idx.by_sam, idx.by_upn, idx.by_upn_local
@@ -321,7 +311,6 @@ def _map_logon_users(
     rel_type_name = LOGON_USER_IS_USER.type
     assert LOGON_USER_IS_USER.key("a", "b") == "a|is|b"
     kinds: Counter[str] = Counter()
-    mapped = 0
     for key in logon_keys:
         lu = entities[key]
         sid = lu.get("accountSid")
@@ -367,7 +356,6 @@ def _map_logon_users(
         emp_status: str | None = None
         after_termination: bool | None = None
         if user is not None:
-            mapped += 1
             state = "disabled" if user.get("accountEnabled") is False else "enabled"
             user_key = user["_key"]
             rel_key = f"{key}|is|{user_key}"  # rel_type.relationship(), inlined: hot loop
@@ -395,4 +383,4 @@ def _map_logon_users(
         lu["directoryUserState"] = state
         lu["employeeStatus"] = emp_status
         lu["loggedOnAfterTermination"] = after_termination
-    return LogonOutcome(kinds, mapped)
+    return LogonOutcome(kinds)

@@ -18,7 +18,6 @@ from monitor.model.schema import (
 Item = dict[str, Any]
 
 GRAPH_ROLE_FIELDS = ("id", "displayName", "description", "roleTemplateId")
-GLOBAL_ADMINISTRATOR_TEMPLATE = "62e90394-69f5-4237-9190-012177145e10"
 
 
 def role_entity(

@@ -1,8 +1,8 @@
 """The console: `mde-monitor web`, server-rendered pages over the same Redis, JSON twins under
 /api/, operator actions (silences, retries, sink enable, sync) audited.
 
-`create_app` is imported lazily: the alert stage uses `monitor.web.links` without loading the
-web stack (and without an import cycle through `monitor.alerts`)."""
+`create_app` is imported lazily: `monitor.web.security` (used by the CLI before serving) loads
+without the web stack."""
 
 from __future__ import annotations
 

@@ -34,16 +34,18 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from monitor.alerts import portal
 from monitor.alerts.deliver import DeliveryQueue
 from monitor.alerts.dispatch import firing_key
-from monitor.alerts.rules import load_rules, parse_duration
+from monitor.alerts.rules import RuleSet, build_sinks, load_rules, parse_duration, sink_rows
 from monitor.alerts.silences import SilenceStore
 from monitor.config import ConfigError, Settings, TenantConfig
 from monitor.events.history import summarize_changes
-from monitor.redis_conn import connect
+from monitor.query import QueryError, run_query
+from monitor.redis_conn import connect, mask_url
 from monitor.snapshot.store import SnapshotStore
-from monitor.status import collect_status, iso_to_ts, ts_to_iso
-from monitor.web import explore, oidc, plots, portal
+from monitor.status import collect_status, iso_to_ts, read_state, ts_to_iso
+from monitor.web import oidc, plots
 from monitor.web.data import ChangeFilter, EventIndex, GraphCache, changes_page, row
 from monitor.web.live import Broadcaster, frame, sid_key, wanted
 from monitor.web.security import COOKIE, LOCAL_USER, SECURITY_HEADERS, Guard, User, is_loopback
@@ -122,7 +124,6 @@ class Console:
 
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1") -> None:
         self.settings = settings
-        self.host = host
         self.client: redis.Redis = connect(settings.redis_url)
         self.prefix = settings.redis_prefix
         self.guard = Guard(settings, self.client, host=host)
@@ -208,7 +209,7 @@ def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def set_cookie(console: Console, request: Request, response: Response, sid: str) -> None:
+def set_cookie(request: Request, response: Response, sid: str) -> None:
     plain_local = request.url.scheme == "http" and is_loopback(request.url.hostname or "")
     response.set_cookie(
         COOKIE,
@@ -253,47 +254,57 @@ async def _body(request: Request) -> dict[str, Any]:
 Handler = Callable[[Console, Request, Ctx, dict[str, Any]], Response]
 
 
+async def _admit(
+    console: Console, request: Request, role: str | None, write: bool, api: bool
+) -> tuple[Ctx, dict[str, Any], Response | None]:
+    """The one gate of every route: authenticate, check CSRF on writes, authorise `role`.
+    Returns the caller, the form/JSON body of a write, and the refusal when there is one."""
+    ctx, failed = authenticate(console, request)
+    if failed is not None:
+        return ctx, {}, failed
+    data: dict[str, Any] = {}
+    if write:
+        data = await _body(request)
+        if not ctx.bearer:
+            token = request.headers.get("x-csrf-token") or data.get("csrf")
+            if not _same_origin(request, console.settings.web.public_url) or not (
+                console.guard.csrf_ok(ctx.sid, str(token) if token else None)
+            ):
+                resp: Response = _error(
+                    console, request, ctx, 403, "CSRF check failed: reload the page"
+                )
+                return ctx, data, _finish(request, ctx, resp)
+    if role is not None and ctx.user is None:
+        if api:
+            resp = JSONResponse({"error": "authentication required"}, status_code=401)
+        else:
+            nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            resp = RedirectResponse(f"/login?{urlencode({'next': nxt})}", status_code=303)
+        return ctx, data, _finish(request, ctx, resp)
+    if role == "operator" and ctx.user is not None and not ctx.user.operator:
+        if write:
+            console.guard.audit(
+                ctx.user, request.url.path, "", "refused: operator role needed", ok=False
+            )
+        resp = _error(console, request, ctx, 403, "this needs the operator role")
+        return ctx, data, _finish(request, ctx, resp)
+    return ctx, data, None
+
+
 def endpoint(
     role: str | None = "viewer", write: bool = False
 ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Wrap a sync handler: authenticate, authorise `role`, check CSRF on writes, run it in a
-    thread, set the session cookie when one was created."""
+    """Wrap a sync handler: pass `_admit`, run it in a thread, set the session cookie when one
+    was created."""
 
     def deco(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
             console: Console = request.app.state.console
-            ctx, failed = authenticate(console, request)
-            if failed is not None:
-                return failed
-            api = _wants_json(request)
-            data: dict[str, Any] = {}
-            if write:
-                data = await _body(request)
-                if not ctx.bearer:
-                    token = request.headers.get("x-csrf-token") or data.get("csrf")
-                    if not _same_origin(
-                        request, console.settings.web.public_url
-                    ) or not console.guard.csrf_ok(ctx.sid, str(token) if token else None):
-                        resp: Response = _error(
-                            console, request, ctx, 403, "CSRF check failed: reload the page"
-                        )
-                        return _finish(console, request, ctx, resp)
-            if role is not None and ctx.user is None:
-                if api:
-                    resp = JSONResponse({"error": "authentication required"}, status_code=401)
-                else:
-                    nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    resp = RedirectResponse(f"/login?{urlencode({'next': nxt})}", status_code=303)
-                return _finish(console, request, ctx, resp)
-            if role == "operator" and ctx.user is not None and not ctx.user.operator:
-                if write:
-                    console.guard.audit(
-                        ctx.user, request.url.path, "", "refused: operator role needed", ok=False
-                    )
-                resp = _error(console, request, ctx, 403, "this needs the operator role")
-                return _finish(console, request, ctx, resp)
+            ctx, data, refused = await _admit(console, request, role, write, _wants_json(request))
+            if refused is not None:
+                return refused
             resp = await run_in_threadpool(fn, console, request, ctx, data)
-            return _finish(console, request, ctx, resp)
+            return _finish(request, ctx, resp)
 
         handler.__name__ = fn.__name__
         handler.__doc__ = fn.__doc__
@@ -302,9 +313,9 @@ def endpoint(
     return deco
 
 
-def _finish(console: Console, request: Request, ctx: Ctx, resp: Response) -> Response:
+def _finish(request: Request, ctx: Ctx, resp: Response) -> Response:
     if ctx.new_sid and not ctx.bearer:
-        set_cookie(console, request, resp, ctx.new_sid)
+        set_cookie(request, resp, ctx.new_sid)
     return resp
 
 
@@ -318,7 +329,7 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(JSON_DUMPS(data), status_code=status, media_type="application/json")
 
 
-def _back(request: Request, data: dict[str, Any], default: str) -> str:
+def _back(data: dict[str, Any], default: str) -> str:
     """Where a form post returns: its `next` when it is a local path."""
     nxt = str(data.get("next") or "")
     if nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt:
@@ -330,13 +341,12 @@ def _back(request: Request, data: dict[str, Any], default: str) -> str:
 
 
 def overview_data(console: Console) -> dict[str, Any]:
-    st = collect_status(console.settings, console.client)
-    if not console.settings.tenants:
-        from monitor.status import read_state
-
+    if console.settings.tenants:
+        st = collect_status(console.settings, console.client)
+    else:  # no tenants configured: those with stored syncs
         st = read_state(console.client, console.prefix, console.store.tenants())
     doc = st.to_dict()
-    firing = firing_summary(console)
+    firing = firing_summary(console, load_rules(console.settings.alerts_dir))
     per_tenant_firing: dict[str, int] = {}
     for alerts in firing.values():
         for a in alerts:
@@ -366,9 +376,9 @@ def overview_data(console: Console) -> dict[str, Any]:
     }
 
 
-def tenant_plots(console: Console, tenant: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """SVG plots from the tenant's recent sync metadata (oldest first) and that history."""
-    history = list(reversed(console.store.history(tenant)))
+def tenant_plots(recent: list[dict[str, Any]]) -> list[str]:
+    """SVG plots over a tenant's recent sync metadata (`store.history`, newest first)."""
+    history = list(reversed(recent))
     labels = [str(h.get("finished") or "")[:16].replace("T", " ") for h in history]
     out: list[str] = []
 
@@ -408,22 +418,19 @@ def tenant_plots(console: Console, tenant: str) -> tuple[list[str], list[dict[st
                 labels,
             )
         )
-    return out, history
+    return out
 
 
 @endpoint()
-def overview_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
+def overview_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
     doc = overview_data(console)
+    if _wants_json(request):
+        return _json(doc)
     plot_svgs = {}
     for t in doc["status"]["tenants"]:
-        svgs, _ = tenant_plots(console, t["name"])
+        svgs = tenant_plots(console.store.history(t["name"]))
         plot_svgs[t["name"]] = [Markup(s) for s in svgs]  # built from numbers + escaped text
     return console.render(request, ctx, "overview.html", doc=doc, plots=plot_svgs)
-
-
-@endpoint()
-def overview_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    return _json(overview_data(console))
 
 
 @endpoint()
@@ -432,13 +439,11 @@ def status_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
     return _json(collect_status(console.settings, console.client).to_dict())
 
 
-def tenant_data(console: Console, name: str) -> dict[str, Any] | None:
-    if name not in console.tenant_names():
-        return None
+def tenant_data(console: Console, name: str, recent: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tenant page's document; `recent` is its `store.history`, newest first."""
     meta = console.store.meta(name) or {}
     graph = console.graphs.get(name)
     cfg = console.tenant_config(name)
-    _, history = tenant_plots(console, name)
     return {
         "name": name,
         "description": cfg.description if cfg else "",
@@ -456,28 +461,22 @@ def tenant_data(console: Console, name: str) -> dict[str, Any] | None:
                 "aggregates": h.get("aggregates"),
                 "error": h.get("error"),
             }
-            for h in reversed(history)
+            for h in recent
         ],
     }
 
 
 @endpoint()
-def tenant_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
+def tenant_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
     name = request.path_params["name"]
-    doc = tenant_data(console, name)
-    if doc is None:
+    if name not in console.tenant_names():
         return _error(console, request, ctx, 404, f"no tenant {name!r}")
-    svgs, _ = tenant_plots(console, name)
+    recent = console.store.history(name)
+    doc = tenant_data(console, name, recent)
+    if _wants_json(request):
+        return _json(doc)
+    svgs = tenant_plots(recent)
     return console.render(request, ctx, "tenant.html", t=doc, plots=[Markup(s) for s in svgs])
-
-
-@endpoint()
-def tenant_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    name = request.path_params["name"]
-    doc = tenant_data(console, name)
-    if doc is None:
-        return _json({"error": f"no tenant {name!r}"}, 404)
-    return _json(doc)
 
 
 # ------------------------------------------------------------------------------ changes
@@ -556,11 +555,9 @@ async def changes_stream(request: Request) -> Response:
     """Server-Sent Events: new timeline rows as they are committed. `after` (or the browser's
     Last-Event-ID on reconnect) replays what was committed since that id first."""
     console: Console = request.app.state.console
-    ctx, failed = authenticate(console, request)
-    if failed is not None:
-        return failed
-    if ctx.user is None:
-        return JSONResponse({"error": "authentication required"}, status_code=401)
+    *_, refused = await _admit(console, request, "viewer", write=False, api=True)
+    if refused is not None:
+        return refused
     flt = _filter(request)
     after = request.headers.get("last-event-id") or request.query_params.get("after") or ""
     queue = await console.broadcaster.subscribe()
@@ -751,7 +748,7 @@ def _run_query(console: Console, request: Request) -> tuple[dict[str, Any] | Non
         return None, "limit: expected a number"
     try:
         return (
-            explore.run(
+            run_query(
                 console.client,
                 console.settings,
                 text,
@@ -761,8 +758,8 @@ def _run_query(console: Console, request: Request) -> tuple[dict[str, Any] | Non
             ),
             None,
         )
-    except explore.QueryError as exc:
-        return None, f"line {exc.line}, column {exc.column}: {exc.message}"
+    except QueryError as exc:
+        return None, str(exc)  # "line L, column C: message"
 
 
 @endpoint()
@@ -812,7 +809,6 @@ def explore_page(console: Console, request: Request, ctx: Ctx, data: dict[str, A
         error=err,
         cols=cols,
         rows=rows[:1000],
-        j1ql=explore.HAVE_J1QL,
         csv_url="/explore.csv?"
         + urlencode({k: v for k, v in request.query_params.items() if k in ("q", "tenant")}),
     )
@@ -840,9 +836,8 @@ def explore_csv(console: Console, request: Request, ctx: Ctx, data: dict[str, An
 # ------------------------------------------------------------------------------ alerts
 
 
-def firing_summary(console: Console) -> dict[str, list[dict[str, Any]]]:
+def firing_summary(console: Console, ruleset: RuleSet) -> dict[str, list[dict[str, Any]]]:
     """rule -> firing alerts (tenant, subject, group key, labels), from the dispatcher's state."""
-    ruleset = load_rules(console.settings.alerts_dir)
     pipe = console.client.pipeline(transaction=False)
     for r in ruleset.rules:
         pipe.hgetall(firing_key(console.prefix, r.name))
@@ -868,32 +863,16 @@ def firing_summary(console: Console) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def sinks_rows(console: Console) -> list[dict[str, Any]]:
+def sinks_rows(console: Console, ruleset: RuleSet) -> list[dict[str, Any]]:
     """What `mde-monitor sinks list --json` prints."""
-    from monitor.alerts.rules import build_sinks
-
-    ruleset = load_rules(console.settings.alerts_dir)
     sinks, errors = build_sinks(
         ruleset,
         redis_client=console.client,
         redis_prefix=console.prefix,
         ca_bundle=console.settings.ca_bundle,
     )
-    errors = [*ruleset.errors, *errors]
     disabled = DeliveryQueue(console.client, console.prefix).disabled_sinks()
-    rows = []
-    for name, cfg in ruleset.sinks.items():
-        problems = [e.message for e in errors if e.file == cfg.file and e.line == cfg.line]
-        rows.append(
-            {
-                "name": name,
-                "type": cfg.type,
-                "describe": sinks[name].describe() if name in sinks else None,
-                "disabled": disabled.get(name),
-                "errors": problems,
-                "rules": [r.name for r in ruleset.rules if name in r.sinks],
-            }
-        )
+    rows = sink_rows(ruleset, sinks, [*ruleset.errors, *errors], disabled)
     for s in sinks.values():
         close = getattr(s, "close", None)
         if callable(close):
@@ -901,8 +880,7 @@ def sinks_rows(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
-def alerts_data(console: Console) -> dict[str, Any]:
-    ruleset = load_rules(console.settings.alerts_dir)
+def alerts_data(console: Console, ruleset: RuleSet) -> dict[str, Any]:
     queue = DeliveryQueue(console.client, console.prefix)
     deliveries = queue.records(limit=100)
     last_fired: dict[str, float] = {}
@@ -919,7 +897,7 @@ def alerts_data(console: Console) -> dict[str, Any]:
             {**r.summary(), "last_fired": ts_to_iso(last_fired.get(r.name))} for r in ruleset.rules
         ],
         "errors": [e.to_dict() for e in ruleset.errors],
-        "firing": firing_summary(console),
+        "firing": firing_summary(console, ruleset),
         "disabled_sinks": queue.disabled_sinks(),
         "deliveries": deliveries,
         "dead_letters": queue.dead_letters(50),
@@ -932,7 +910,8 @@ def alerts_data(console: Console) -> dict[str, Any]:
 
 @endpoint()
 def alerts_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    doc = alerts_data(console)
+    ruleset = load_rules(console.settings.alerts_dir)  # once per request: the files as they are now
+    doc = alerts_data(console, ruleset)
     p = request.query_params
     prefill = {
         "matchers": "\n".join(p.getlist("match")),
@@ -944,7 +923,7 @@ def alerts_page(console: Console, request: Request, ctx: Ctx, data: dict[str, An
         ctx,
         "alerts.html",
         a=doc,
-        sinks=sinks_rows(console),
+        sinks=sinks_rows(console, ruleset),
         audit=console.guard.audit_entries(20),
         prefill=prefill,
     )
@@ -952,7 +931,7 @@ def alerts_page(console: Console, request: Request, ctx: Ctx, data: dict[str, An
 
 @endpoint()
 def alerts_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    doc = alerts_data(console)
+    doc = alerts_data(console, load_rules(console.settings.alerts_dir))
     return _json({k: doc[k] for k in ("rules", "errors", "firing", "disabled_sinks")})
 
 
@@ -999,7 +978,7 @@ def dead_letters_api(
 
 @endpoint()
 def sinks_api(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    return _json(sinks_rows(console))
+    return _json(sinks_rows(console, load_rules(console.settings.alerts_dir)))
 
 
 @endpoint()
@@ -1019,7 +998,7 @@ def _done(
 ) -> Response:
     if _wants_json(request):
         return _json(doc, status)
-    return RedirectResponse(_back(request, data, default), status_code=303)
+    return RedirectResponse(_back(data, default), status_code=303)
 
 
 @endpoint(role="operator", write=True)
@@ -1102,9 +1081,9 @@ def sync_trigger(console: Console, request: Request, ctx: Ctx, data: dict[str, A
     )
 
 
-def config_doc(console: Console) -> dict[str, Any]:
-    """The loaded configuration with every secret shown as `***`."""
-    doc = console.settings.model_dump(mode="json")
+def config_doc(settings: Settings) -> dict[str, Any]:
+    """The loaded configuration with every secret shown as `***` (URL passwords included)."""
+    doc = settings.model_dump(mode="json")
 
     def mask(value: Any, key: str = "") -> Any:
         if isinstance(value, dict):
@@ -1113,9 +1092,8 @@ def config_doc(console: Console) -> dict[str, Any]:
             return [mask(v, key) for v in value]
         if value is not None and any(w in key.lower() for w in ("secret", "token", "password")):
             return "***"
-        if key == "redis_url" and isinstance(value, str) and "@" in value:
-            scheme, _, rest = value.partition("://")
-            return f"{scheme}://***@{rest.rpartition('@')[2]}"
+        if isinstance(value, str) and "://" in value and ("@" in value or "password=" in value):
+            return mask_url(value)  # redis_url, http.proxy: userinfo or ?password=
         return value
 
     masked: dict[str, Any] = mask(doc)
@@ -1124,7 +1102,7 @@ def config_doc(console: Console) -> dict[str, Any]:
 
 @endpoint()
 def config_view(console: Console, request: Request, ctx: Ctx, data: dict[str, Any]) -> Response:
-    doc = config_doc(console)
+    doc = config_doc(console.settings)
     if _wants_json(request):
         return _json(doc)
     return console.render(request, ctx, "config.html", doc=doc)
@@ -1153,7 +1131,7 @@ def login_page(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
         request,
         ctx,
         "login.html",
-        next=_back(request, dict(request.query_params), "/"),
+        next=_back(dict(request.query_params), "/"),
         message=request.query_params.get("error", ""),
     )
 
@@ -1174,10 +1152,10 @@ def login_post(console: Console, request: Request, ctx: Ctx, data: dict[str, Any
             ctx,
             "login.html",
             status=401,
-            next=_back(request, data, "/"),
+            next=_back(data, "/"),
             message="that token is not valid",
         )
-    return _signed_in(console, request, ctx, user, _back(request, data, "/"))
+    return _signed_in(console, request, ctx, user, _back(data, "/"))
 
 
 @endpoint(role=None, write=True)
@@ -1195,7 +1173,7 @@ def login_entra(console: Console, request: Request, ctx: Ctx, data: dict[str, An
         return _error(console, request, ctx, 404, "Entra ID sign-in is not configured")
     sid = ctx.cookie_sid
     assert sid is not None
-    url = oidc.start(console, request, sid, _back(request, dict(request.query_params), "/"))
+    url = oidc.start(console, request, sid, _back(dict(request.query_params), "/"))
     return RedirectResponse(url, status_code=303)
 
 
@@ -1217,11 +1195,11 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
     """The console for `settings`, bound (or about to be) on `host`."""
     console = Console(settings, host=host)
     routes = [
-        Route("/", overview_page),
-        Route("/api/overview", overview_api),
+        Route("/", overview_view),
+        Route("/api/overview", overview_view),
         Route("/api/status", status_api),
-        Route("/tenants/{name}", tenant_page),
-        Route("/api/tenants/{name}", tenant_api),
+        Route("/tenants/{name}", tenant_view),
+        Route("/api/tenants/{name}", tenant_view),
         Route("/tenants/{name}/sync", sync_trigger, methods=["POST"]),
         Route("/api/tenants/{name}/sync", sync_trigger, methods=["POST"]),
         Route("/changes", changes_view),

@@ -52,7 +52,12 @@ class Broadcaster:
         finally:
             self._ready.set()
         try:
-            while self.subscribers:
+            while True:
+                if not self.subscribers:
+                    # let go before the awaits below: a browser subscribing while this reader
+                    # closes starts a new one instead of waiting on a reader that is leaving
+                    self._task = None
+                    break
                 try:
                     resp: Any = await client.xread({self.key: last}, block=5_000, count=500)
                 except (OSError, aioredis.RedisError) as exc:

@@ -10,7 +10,6 @@ against `web.oidc.operator_*` and `viewer_*`.
 from __future__ import annotations
 
 import hashlib
-import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import msal
 from starlette.requests import Request
 
 from monitor.auth import MsalHttpClient
+from monitor.collect.http import build_http_client
 from monitor.config import Cloud
 from monitor.web.security import User
 
@@ -32,20 +32,12 @@ class SignInError(Exception):
     """Sign-in did not complete; the message is safe to show."""
 
 
-def _app(console: Console) -> tuple[msal.ConfidentialClientApplication, str]:
+def _app(console: Console, http: httpx.Client) -> tuple[msal.ConfidentialClientApplication, str]:
     oidc = console.guard.oidc
     assert oidc is not None
     tenant = console.settings.tenant(oidc.tenant)
     endpoints = tenant.cloud_endpoints()
     authority = f"{endpoints.authority}/{tenant.tenant_id}"
-    ca = console.settings.ca_bundle
-    verify: Any = ssl.create_default_context(cafile=str(ca)) if ca else True
-    http = httpx.Client(
-        timeout=console.settings.http.timeout_seconds,
-        verify=verify,
-        proxy=console.settings.http.proxy,
-        trust_env=False,
-    )
     app = msal.ConfidentialClientApplication(
         oidc.client_id,
         client_credential=oidc.client_secret.get_secret_value(),
@@ -63,10 +55,11 @@ def redirect_uri(console: Console, request: Request) -> str:
 
 def start(console: Console, request: Request, sid: str, nxt: str) -> str:
     """The authorize URL to send the browser to (the flow is stored under `sid`)."""
-    app, _issuer = _app(console)
-    flow = app.initiate_auth_code_flow(
-        scopes=[], redirect_uri=redirect_uri(console, request), response_mode="query"
-    )
+    with build_http_client(console.settings) as http:
+        app, _issuer = _app(console, http)
+        flow = app.initiate_auth_code_flow(
+            scopes=[], redirect_uri=redirect_uri(console, request), response_mode="query"
+        )
     console.guard.put_flow(sid, {"flow": flow, "next": nxt})
     return str(flow["auth_uri"])
 
@@ -90,11 +83,14 @@ def finish(console: Console, sid: str, params: dict[str, str]) -> tuple[User, st
         raise SignInError("the sign-in expired or was started in another browser; try again")
     if params.get("error"):
         raise SignInError(f"Entra ID refused the sign-in: {params.get('error')}")
-    app, issuer = _app(console)
-    try:
-        result = app.acquire_token_by_auth_code_flow(stored["flow"], params)
-    except (ValueError, RuntimeError):  # state or nonce mismatch
-        raise SignInError("the sign-in response does not match this browser's request") from None
+    with build_http_client(console.settings) as http:
+        app, issuer = _app(console, http)
+        try:
+            result = app.acquire_token_by_auth_code_flow(stored["flow"], params)
+        except (ValueError, RuntimeError):  # state or nonce mismatch
+            raise SignInError(
+                "the sign-in response does not match this browser's request"
+            ) from None
     if "error" in result:
         raise SignInError(f"Entra ID refused the code: {result.get('error')}")
     claims: dict[str, Any] = result.get("id_token_claims") or {}

@@ -26,7 +26,6 @@ import redis
 from monitor.config import Settings
 
 COOKIE = "mde_sid"
-ROLES = ("viewer", "operator")
 AUDIT_MAXLEN = 10_000
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
@@ -77,7 +76,6 @@ class Guard:
     """Authentication, sessions, CSRF and audit for one console."""
 
     def __init__(self, settings: Settings, client: redis.Redis, *, host: str) -> None:
-        self.settings = settings
         self.client = client
         self.prefix = settings.redis_prefix
         web = settings.web

@@ -1,8 +1,10 @@
 """Shared HTTP plumbing for sinks: URL policy, one POST per call, status -> DeliveryError, limiter.
 
 Secrets (webhook URLs with tokens in their path or query, keys, header values) never appear in
-messages, logs or reprs: only scheme://host[:port] of a URL is ever shown (`redact_url`). The
-`httpx` logger's "HTTP Request: POST <url>" lines are redacted too for URLs registered here.
+messages, logs or reprs: only scheme://host[:port] of a URL is ever shown (`redact_url`). A
+poster registers its URL and secrets with `monitor.redact`, whose log-record factory masks them in
+every log line (the `httpx` logger's "HTTP Request: POST <url>" included); its error texts go
+through `monitor.redact.scrub`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from monitor.alerts.sinks.base import DeliveryError
-from monitor.redact import redact, register_secret
+from monitor.redact import register_secret, register_secrets, scrub
 
 if TYPE_CHECKING:
     import redis
@@ -34,33 +36,6 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "mde-monitor-alerts/1"
 DEFAULT_TIMEOUT_SECONDS = 10.0
-
-_SECRET_URLS: set[str] = set()
-_SECRET_URLS_LOCK = threading.Lock()
-
-
-class _RedactSecretUrls(logging.Filter):
-    """Rewrites registered secret URLs in `httpx` log records to scheme://host/…."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _SECRET_URLS and isinstance(record.args, tuple):
-            record.args = tuple(
-                redact_url(str(a)) if str(a) in _SECRET_URLS else a for a in record.args
-            )
-        return True
-
-
-_httpx_filter = _RedactSecretUrls()
-if not any(isinstance(f, _RedactSecretUrls) for f in logging.getLogger("httpx").filters):
-    logging.getLogger("httpx").addFilter(_httpx_filter)
-
-
-def register_secret_url(url: str) -> None:
-    """Make the `httpx` request log show only scheme+host for this URL."""
-    register_secret(url)  # and masked by exact value everywhere (monitor.redact)
-    with _SECRET_URLS_LOCK:
-        _SECRET_URLS.add(url)
-        _SECRET_URLS.add(str(httpx.URL(url)))
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -143,15 +118,6 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - now).total_seconds())
 
 
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every non-trivial secret (these, and every registered one) replaced by ***."""
-    text = redact(text)
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
 def error_for_status(
     status: int,
     headers: Mapping[str, str],
@@ -218,8 +184,9 @@ class HttpPoster:
         self.target = redact_url(url)
         self.where = f"{sink_type} sink {name!r} ({self.target})"
         self._secrets = [url, *secrets] if secret_url else list(secrets)
+        register_secrets(self._secrets)  # masked in every log line, event and record from now on
         if secret_url:
-            register_secret_url(url)
+            register_secret(str(httpx.URL(url)))  # as httpx logs it (normalised)
         warn_if_plain_http(sink_type, name, url)
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_seconds),
@@ -244,7 +211,7 @@ class HttpPoster:
                     retryable=False,
                 ) from None
             kind = type(exc).__name__
-            reason = scrub(str(exc), self._secrets)[:200]
+            reason = scrub(str(exc), limit=200, secrets=self._secrets)
             raise DeliveryError(f"{self.where}: {kind}: {reason}", retryable=True) from None
         except httpx.HTTPError as exc:
             raise DeliveryError(f"{self.where}: {type(exc).__name__}", retryable=False) from None
@@ -259,7 +226,7 @@ class HttpPoster:
         if 200 <= response.status_code < 300:
             return ""
         text = " ".join(response.text[:200].split())
-        return scrub(text, self._secrets)
+        return scrub(text, secrets=self._secrets)
 
     def close(self) -> None:
         self._client.close()

@@ -63,13 +63,3 @@ def links(entity: dict[str, Any], tenant: TenantConfig | None) -> list[dict[str,
                 }
             )
     return out
-
-
-def defender_link(
-    entity_type: str | None, source_id: str | None, tenant: TenantConfig | None
-) -> str | None:
-    """The Defender portal page of a machine or CVE id, when there is one."""
-    if not entity_type or not source_id:
-        return None
-    found = links({"_type": entity_type, "id": source_id}, tenant)
-    return found[0]["url"] if found else None

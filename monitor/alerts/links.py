@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+from monitor.alerts import portal
 from monitor.config import ConfigError, Settings
 from monitor.events.envelope import Event
-from monitor.web import portal
 
 MAX_ENTITIES = 5
 
