@@ -36,6 +36,7 @@ from monitor.celery_app import (
     settings_cache,
     soft_limit,
 )
+from monitor.collect.progress import Progress, throttled
 from monitor.config import ConfigError, Settings
 from monitor.events.envelope import utc_now_iso
 from monitor.locks import Renewer, make_lock, release, try_acquire
@@ -242,19 +243,13 @@ def sync_tenant(
 PROGRESS_EVERY_S = 30.0
 
 
-def _log_progress(every_s: float = PROGRESS_EVERY_S) -> Any:
+def _log_progress(every_s: float = PROGRESS_EVERY_S) -> Progress:
     """A sync progress callback that logs each stage at most every `every_s` (and when done)."""
-    last: dict[str, float] = {}
 
-    def report(stage: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        finished = total is not None and done >= total
-        if stage in last and now - last[stage] < every_s and not finished:
-            return
-        last[stage] = now
+    def emit(stage: str, done: int, total: int | None) -> None:
         log.info("sync progress", extra={"stage": stage, "done": done, "total": total})
 
-    return report
+    return throttled(emit, every_s)
 
 
 def redis_retry_delay(retries: int) -> float:

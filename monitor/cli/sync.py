@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +23,7 @@ from rich.table import Table
 from monitor.cli.app import ExitCode, app, console, json_option, out, print_json, state
 from monitor.collect.check import check_tenant
 from monitor.collect.progress import Progress as ProgressFn
-from monitor.collect.progress import on_budget_wait, wait_message
+from monitor.collect.progress import on_budget_wait, throttled, wait_message
 from monitor.config import TenantConfig
 from monitor.redis_conn import connect
 from monitor.snapshot.lock import TenantBusy
@@ -43,14 +42,8 @@ def _progress(terminal: bool) -> Iterator[ProgressFn]:
     PROGRESS_EVERY_S per stage, and one line per rate-limit wait.
     """
     if not terminal:
-        last: dict[str, float] = {}
 
-        def log_line(stage: str, done: int, total: int | None) -> None:
-            now = time.monotonic()
-            finished = total is not None and done >= total
-            if stage in last and now - last[stage] < PROGRESS_EVERY_S and not finished:
-                return
-            last[stage] = now
+        def line(stage: str, done: int, total: int | None) -> None:
             of = f"/{total}" if total is not None else ""
             console.print(f"progress: {stage} {done}{of}", highlight=False, markup=False)
 
@@ -59,7 +52,7 @@ def _progress(terminal: bool) -> Iterator[ProgressFn]:
 
         remove = on_budget_wait(wait_line)
         try:
-            yield log_line
+            yield throttled(line, PROGRESS_EVERY_S)
         finally:
             remove()
         return

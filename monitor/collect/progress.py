@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -50,3 +51,19 @@ def announce_wait(endpoint: str, seconds: float, limit: str) -> None:
         listeners = list(_listeners)
     for listener in listeners:
         listener(endpoint, seconds, limit)
+
+
+def throttled(emit: Progress, every_s: float) -> Progress:
+    """`emit` each stage at most every `every_s` seconds, and always when a stage completes
+    (for logs and pipes, where every update would be a line)."""
+    last: dict[str, float] = {}
+
+    def report(stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if stage in last and now - last[stage] < every_s and not finished:
+            return
+        last[stage] = now
+        emit(stage, done, total)
+
+    return report
