@@ -167,7 +167,9 @@ def employee_entity(
     """One employee from a directory user entity and/or an HR record."""
     u: Mapping[str, Any] = user or {}
     email = (
-        (hr.email if hr else None) or _lower(u.get("email")) or _lower(u.get("userPrincipalName"))
+        (hr.email if hr else None)
+        or lower_text(u.get("email"))
+        or lower_text(u.get("userPrincipalName"))
     )
     name = (hr.name if hr else None) or u.get("displayName") or email or emp_id
     terminated = bool(hr and hr.terminated)
@@ -193,7 +195,8 @@ def employee_entity(
     return EMPLOYEE.entity(emp_id, str(name), properties, raw=raw, account_tag=account_tag)
 
 
-def _lower(value: object) -> str | None:
+def lower_text(value: object) -> str | None:
+    """A non-empty string in lower case (e-mail addresses, UPNs, ids); None otherwise."""
     return value.lower() if isinstance(value, str) and value else None
 
 
@@ -205,8 +208,8 @@ def employee_id_of(user: Mapping[str, Any] | None, hr: HrRecord | None) -> str |
         return None
     return (
         _text(user.get("employeeId"))
-        or _lower(user.get("email"))
-        or _lower(user.get("userPrincipalName"))
+        or lower_text(user.get("email"))
+        or lower_text(user.get("userPrincipalName"))
     )
 
 

@@ -34,6 +34,7 @@ from monitor.model.employees import (
     employee_id_of,
     index_records,
     is_directory_employee,
+    lower_text,
 )
 from monitor.model.graph import Graph, Item
 from monitor.model.schema import (
@@ -91,12 +92,8 @@ def _raw(entity: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
-def _lower(value: object) -> str | None:
-    return value.lower() if isinstance(value, str) and value else None
-
-
 def _find(index: Mapping[str, str], value: object) -> str | None:
-    text = _lower(value)
+    text = lower_text(value)
     return index.get(text) if text else None
 
 
@@ -139,7 +136,7 @@ def _build_employees(
         rec = None
         if u.get("employeeId"):
             rec = by_hr_id.get(str(u["employeeId"]).lower())
-        for mail in (_lower(u.get("email")), _lower(u.get("userPrincipalName"))):
+        for mail in (lower_text(u.get("email")), lower_text(u.get("userPrincipalName"))):
             if rec is None and mail:
                 rec = by_hr_mail.get(mail)
         if rec is not None:
@@ -229,14 +226,14 @@ def index_users(users: Iterable[Item], netbios_domains: Mapping[str, str]) -> Us
         sid = u.get("onPremisesSecurityIdentifier")
         if isinstance(sid, str) and sid:
             idx.by_sid[sid.upper()] = u
-        sam = _lower(u.get("onPremisesSamAccountName"))
-        dns_name = _lower(u.get("onPremisesDomainName"))
+        sam = lower_text(u.get("onPremisesSamAccountName"))
+        dns_name = lower_text(u.get("onPremisesDomainName"))
         if sam and dns_name:
             names = {dns_name, dns_name.split(".")[0], *dns_to_netbios.get(dns_name, ())}
             idx.netbios.update(names)
             for nb in names:
                 idx.by_sam[(sam, nb)] = u
-        upn = _lower(u.get("userPrincipalName"))
+        upn = lower_text(u.get("userPrincipalName"))
         if upn:
             idx.by_upn[upn] = u
             local = upn.split("@")[0]
