@@ -184,18 +184,32 @@ def build_events(
         if not klass:
             klass = key.split("|")[1].upper() if key.count("|") == 2 else ""
         change = on_create if is_created else on_delete
-        data = {
-            "relationshipType": typ,
-            "relationshipClass": klass,
-            "key": key,
-            "displayName": f"{display_name(src, src_key or '')} {klass} {display_name(dst, dst_key or '')}",
-            "changes": {},
-            "entity": public_view(rel) or {"_key": key, "_type": typ},
-            "source": public_view(src),
-            "target": public_view(dst),
-        }
+        data = _rel_data(typ, klass, key, rel, (src_key, src), (dst_key, dst), {})
         events.append(ctx.event(f"mde.{short}.{change}", key, data))
     return events
+
+
+def _rel_data(
+    typ: str,
+    klass: str,
+    key: str,
+    rel: Item | None,
+    source: tuple[str | None, Item | None],
+    target: tuple[str | None, Item | None],
+    changes: dict[str, Any],
+) -> dict[str, Any]:
+    """The `data` of a relationship event: its ends as they are now (or were, when deleted)."""
+    (src_key, src), (dst_key, dst) = source, target
+    return {
+        "relationshipType": typ,
+        "relationshipClass": klass,
+        "key": key,
+        "displayName": f"{display_name(src, src_key or '')} {klass} {display_name(dst, dst_key or '')}",
+        "changes": changes,
+        "entity": public_view(rel) or {"_key": key, "_type": typ},
+        "source": public_view(src),
+        "target": public_view(dst),
+    }
 
 
 # identity: the logon user's mirrors of its directory account and employee (monitor.model.identity)
@@ -228,16 +242,8 @@ def _inactive_account_logons(
         machine = graph.entities.get(str(rel.get("_fromEntityKey"))) or stored.get(
             str(rel.get("_fromEntityKey"))
         )
-        data = {
-            "relationshipType": rel["_type"],
-            "relationshipClass": "HAS",
-            "key": key,
-            "displayName": f"{display_name(machine, '')} HAS {display_name(account, '')}",
-            "changes": {"lastSeenOn": {"old": before, "new": after}},
-            "entity": public_view(rel),
-            "source": public_view(machine),
-            "target": public_view(account),
-        }
+        changes = {"lastSeenOn": {"old": before, "new": after}}
+        data = _rel_data(rel["_type"], "HAS", key, rel, (None, machine), (None, account), changes)
         out.append(ctx.event("mde.machine_logon_user.logged_on", key, data))
     return out
 
