@@ -222,7 +222,7 @@ def test_incremental_index_equals_a_fresh_load(
     previous = None
     for graph in (build_graph(standard_tenant()), build_graph(small)):
         result = commit(store, graph)
-        incremental = graph_after_commit(store, TENANT, result, graph)
+        incremental, _delta = graph_after_commit(store, TENANT, result, graph)
         incremental.ensure_changes(redis_client, redis_prefix)
         if previous is not None:  # unchanged entities are shared, not re-read: an update
             shared = [k for k, e in previous.entities.items() if incremental.entities.get(k) is e]

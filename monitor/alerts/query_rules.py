@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,10 @@ import redis
 
 from monitor.events import stream
 from monitor.events.envelope import Event, make_event, utc_now_iso
+from monitor.memory import gc_paused
 from monitor.model.graph import Graph, Item
 from monitor.query import QueryError, compile_query, execute
+from monitor.query.executor import DEFAULT_MAX_PATHS, match
 from monitor.query.graph import (
     QueryGraph,
     cached_query_graph,
@@ -39,7 +41,9 @@ from monitor.query.graph import (
     split_items,
     store_query_graph,
 )
+from monitor.query.incremental import GraphDelta, affected_starts, is_incremental, plan_fields
 from monitor.query.planner import Plan
+from monitor.query.result import public
 from monitor.snapshot.store import SnapshotStore
 
 if TYPE_CHECKING:
@@ -88,7 +92,14 @@ def meta_key(prefix: str, tenant: str, rule: str) -> str:
 class Member:
     key: str
     display: str
-    body: dict[str, Any]  # {"entity": ...} or {"row": ...}
+    entity: Item | None = None  # list results
+    row: dict[str, Any] | None = None  # table results
+
+    def body(self) -> dict[str, Any]:
+        """What an event about this member carries: {"entity": ...} or {"row": ...}."""
+        if self.entity is not None:
+            return {"entity": public(self.entity)}
+        return {"row": self.row}
 
 
 @dataclass
@@ -104,6 +115,7 @@ class Evaluation:
     kept: bool = False  # degraded or truncated: nothing was allowed to leave
     error: str | None = None
     events: list[Event] = field(default_factory=list)
+    incremental: bool = False  # only the members the commit could reach were matched again
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,20 +138,51 @@ def _plan(text: str) -> Plan:
     return plan
 
 
+def _display(e: Item) -> str:
+    return str(e.get("displayName") or e["_key"])[:MAX_LISTED]
+
+
 def members(doc: Mapping[str, Any]) -> dict[str, Member]:
     """The result set as members: entities by `_key`, table rows by a hash of their values."""
     out: dict[str, Member] = {}
     if doc["type"] == "list":
         for e in doc["data"]:
             key = str(e["_key"])
-            out[key] = Member(key, str(e.get("displayName") or key)[:MAX_LISTED], {"entity": e})
+            out[key] = Member(key, _display(e), entity=e)
         return out
     for row in doc["data"]:
         blob = orjson.dumps(row, option=orjson.OPT_SORT_KEYS, default=str)
         key = "row:" + hashlib.sha256(blob).hexdigest()[:24]
         display = ", ".join("" if v is None else str(v) for v in row.values())[:MAX_LISTED]
-        out[key] = Member(key, display, {"row": row})
+        out[key] = Member(key, display, row=row)
     return out
+
+
+@dataclass
+class _Answer:
+    """A rule's answer on a graph: member -> display name, and what events about them carry."""
+
+    displays: dict[str, str]
+    source: Callable[[str], Member]
+    truncated: bool
+
+
+def _answer(plan: Plan, graph: QueryGraph, starts: set[str] | None) -> _Answer:
+    """The plan's answer on `graph`; with `starts`, the part of it that begins at those.
+
+    A list query without ORDER BY / SKIP / LIMIT is read straight from the matched entities;
+    anything else goes through the result builder (J1's result document)."""
+    q = plan.query
+    if starts is not None or not (plan.table or q.order or q.skip is not None or q.limit):
+        matched = match(plan, graph, DEFAULT_MAX_PATHS, False, starts)
+        found = {str(e["_key"]): e for e in matched.items}
+        displays = {k: _display(found[k]) for k in sorted(found)}
+        return _Answer(
+            displays, lambda k: Member(k, displays[k], entity=found[k]), matched.truncated
+        )
+    doc = execute(plan, [graph], max_rows=None)
+    ms = members(doc)
+    return _Answer({k: m.display for k, m in ms.items()}, ms.__getitem__, bool(doc["truncated"]))
 
 
 def rules_for(rules: Iterable[Rule], tenant: str) -> list[Rule]:
@@ -150,6 +193,56 @@ def rules_for(rules: Iterable[Rule], tenant: str) -> list[Rule]:
     ]
 
 
+@dataclass
+class _Known:
+    """A rule's stored set as this process last wrote it (saves reading it back)."""
+
+    generation: int
+    query: str
+    members: dict[str, str]
+
+
+_KNOWN: dict[tuple[int, str, str, str], _Known] = {}
+
+
+def forget_known_sets() -> None:
+    """Read every stored set back from Redis at the next evaluation."""
+    _KNOWN.clear()
+
+
+def _known_set(
+    client: redis.Redis, prefix: str, tenant: str, rule: Rule, meta: Mapping[str, Any] | None
+) -> dict[str, str] | None:
+    """The stored set when this process wrote it last (per the stored metadata), else None."""
+    known = _KNOWN.get((id(client.connection_pool), prefix, tenant, rule.name))
+    if known is None or meta is None:
+        return None
+    if known.generation != meta.get("generation") or known.query != meta.get("query"):
+        return None
+    return known.members
+
+
+def _continues(meta: Mapping[str, Any] | None, rule: Rule, delta: GraphDelta | None) -> bool:
+    """Is the stored set this rule's complete answer on the delta's previous generation?"""
+    return (
+        delta is not None
+        and meta is not None
+        and meta.get("query") == rule.query
+        and meta.get("generation") == delta.before.generation
+        and not meta.get("kept")
+    )
+
+
+@dataclass
+class _Run:
+    rule: Rule
+    ev: Evaluation
+    answer: _Answer
+    starts: set[str] | None
+    previous: dict[str, str] | None  # the stored set, when known without reading it
+
+
+@gc_paused()
 def evaluate(
     client: redis.Redis,
     prefix: str,
@@ -157,94 +250,168 @@ def evaluate(
     rules: list[Rule],
     graph: QueryGraph,
     *,
+    delta: GraphDelta | None = None,
     degraded: bool = False,
     write: bool = True,
     now_iso: str | None = None,
     stream_maxlen: int = 100_000,
     retention_days: float = 30.0,
 ) -> list[Evaluation]:
-    """Run the query rules over `graph`; with `write`, store the sets and append the events."""
+    """Run the query rules over `graph`; with `write`, store the sets and append the events.
+
+    With `delta` (how `graph` differs from the previous generation), a rule whose stored set
+    is its answer on that generation is evaluated incrementally: only the start entities the
+    changes can reach are matched again. A set this process stored is not read back."""
     if not rules:
         return []
-    reads = client.pipeline(transaction=False)
-    for r in rules:
-        reads.get(meta_key(prefix, tenant, r.name))
-        reads.hgetall(state_key(prefix, tenant, r.name))
-    stored: list[Any] = reads.execute()
-    time_ = now_iso or utc_now_iso()
+    if delta is not None and delta.after is not graph:
+        delta = None
+    metas: Any = client.mget([meta_key(prefix, tenant, r.name) for r in rules])
+    watched = _watched(rules) if delta is not None else frozenset()
     evaluations: list[Evaluation] = []
-    pipe = client.pipeline(transaction=True)
-    events: list[Event] = []
-    for i, rule in enumerate(rules):
+    runs: list[_Run] = []
+    for rule, raw_meta in zip(rules, metas, strict=True):
         ev = Evaluation(rule.name, tenant)
         evaluations.append(ev)
-        raw_meta, raw_set = stored[2 * i], stored[2 * i + 1]
         meta = orjson.loads(raw_meta) if raw_meta else None
-        previous = {k.decode(): v.decode() for k, v in (raw_set or {}).items()}
+        ev.baseline = meta is None or meta.get("query") != rule.query
         assert rule.query is not None
         try:
             plan = _plan(rule.query)
             if plan.needs_changes:
                 graph.ensure_changes(client, prefix)
-            doc = execute(plan, [graph], max_rows=None)
+            starts = None
+            if _continues(meta, rule, delta) and is_incremental(plan):
+                assert delta is not None
+                starts = affected_starts(plan, delta, watched)
+            answer = _answer(plan, graph, starts)
         except QueryError as exc:
             ev.error = str(exc)
             log.warning("query rule failed", extra={"rule": rule.name, "error": ev.error})
             continue
-        current = members(doc)
-        ev.current = len(current)
-        ev.baseline = meta is None or meta.get("query") != rule.query
-        ev.kept = degraded or bool(doc.get("truncated"))
-        if not ev.baseline or rule.alert_on_baseline:
-            ev.entered = [m for k, m in current.items() if k not in previous]
-        if not ev.kept:
-            ev.left = [(k, d) for k, d in previous.items() if k not in current]
+        ev.incremental = starts is not None
+        ev.kept = degraded or answer.truncated
+        previous = _known_set(client, prefix, tenant, rule, meta)
+        runs.append(_Run(rule, ev, answer, starts, previous))
+    reads = client.pipeline(transaction=False)
+    for run in runs:
+        if run.previous is None:
+            reads.hgetall(state_key(prefix, tenant, run.rule.name))
+    stored = iter(reads.execute() if reads.command_stack else [])
+    time_ = now_iso or utc_now_iso()
+    pipe = client.pipeline(transaction=True)
+    events: list[Event] = []
+    sets: dict[str, dict[str, str]] = {}
+    for run in runs:
+        previous = run.previous
+        if previous is None:
+            raw: Any = next(stored) or {}
+            previous = {k.decode(): v.decode() for k, v in raw.items()}
+        sets[run.rule.name] = _compare(run, previous)
+        ev = run.ev
         for m in ev.entered:
+            body = m.body()
             ev.events.append(
                 _event(
                     tenant,
                     graph.generation,
-                    rule,
+                    run.rule,
                     QUERY_ENTERED,
                     m.key,
                     m.display,
-                    m.body,
-                    len(current),
+                    body,
+                    ev.current,
                     time_,
                 )
             )
         for k, d in ev.left:
             ev.events.append(
-                _event(tenant, graph.generation, rule, QUERY_LEFT, k, d, {}, len(current), time_)
+                _event(tenant, graph.generation, run.rule, QUERY_LEFT, k, d, {}, ev.current, time_)
             )
         events += ev.events
-        if not write:
-            continue
-        skey = state_key(prefix, tenant, rule.name)
-        added = {k: m.display for k, m in current.items() if previous.get(k) != m.display}
-        if ev.baseline and not ev.kept:
-            pipe.delete(skey)
-            added = {k: m.display for k, m in current.items()}
-        elif ev.left:
-            keys = [k for k, _d in ev.left]
-            for j in range(0, len(keys), 5000):
-                pipe.hdel(skey, *keys[j : j + 5000])
-        items = list(added.items())
-        for j in range(0, len(items), 5000):
-            pipe.hset(skey, mapping=dict(items[j : j + 5000]))
-        doc_meta = {
-            "query": rule.query,
-            "generation": graph.generation,
-            "size": len(current),
-            "time": time_,
-            "kept": ev.kept,
-        }
-        pipe.set(meta_key(prefix, tenant, rule.name), orjson.dumps(doc_meta))
+        if write:
+            _write_state(pipe, prefix, tenant, run, previous, sets[run.rule.name], graph, time_)
     if write:
         if events:
             stream.append(pipe, prefix, tenant, events, stream_maxlen, retention_days)
         pipe.execute()
+        pool = id(client.connection_pool)
+        for run in runs:
+            assert run.rule.query is not None
+            _KNOWN[(pool, prefix, tenant, run.rule.name)] = _Known(
+                graph.generation, run.rule.query, sets[run.rule.name]
+            )
     return evaluations
+
+
+def _watched(rules: list[Rule]) -> frozenset[str]:
+    """Every field an incremental rule reads: the changed entities are compared on these once."""
+    names: set[str] = set()
+    for rule in rules:
+        try:
+            plan = _plan(str(rule.query))
+        except QueryError:
+            continue
+        if is_incremental(plan):
+            names |= plan_fields(plan)
+    return frozenset(names)
+
+
+def _compare(run: _Run, previous: dict[str, str]) -> dict[str, str]:
+    """Fill the evaluation's entered / left / current from the stored set; the new set."""
+    ev, answer = run.ev, run.answer
+    now = answer.displays
+    joined = [k for k in now if k not in previous]
+    if not ev.baseline or run.rule.alert_on_baseline:
+        ev.entered = [answer.source(k) for k in joined]
+    scope = previous if run.starts is None else (k for k in run.starts if k in previous)
+    gone = [(k, previous[k]) for k in scope if k not in now]
+    if not ev.kept:
+        ev.left = gone
+    # the answer's size: incrementally, the previous answer (the stored set) moved by the
+    # members that joined and went
+    ev.current = len(now) if run.starts is None else len(previous) + len(joined) - len(gone)
+    if ev.baseline and not ev.kept:
+        return dict(now)
+    new = dict(previous)
+    for k, _d in ev.left:
+        del new[k]
+    new.update(now)
+    return new
+
+
+def _write_state(
+    pipe: Any,
+    prefix: str,
+    tenant: str,
+    run: _Run,
+    previous: dict[str, str],
+    new: dict[str, str],
+    graph: QueryGraph,
+    time_: str,
+) -> None:
+    """Queue the changes to the rule's stored set and its metadata."""
+    ev, rule = run.ev, run.rule
+    skey = state_key(prefix, tenant, rule.name)
+    if ev.baseline and not ev.kept:
+        pipe.delete(skey)
+        added = new
+    else:
+        keys = [k for k, _d in ev.left]
+        for j in range(0, len(keys), 5000):
+            pipe.hdel(skey, *keys[j : j + 5000])
+        added = {k: d for k, d in run.answer.displays.items() if previous.get(k) != d}
+    items = list(added.items())
+    for j in range(0, len(items), 5000):
+        pipe.hset(skey, mapping=dict(items[j : j + 5000]))
+    doc_meta = {
+        "query": rule.query,
+        "generation": graph.generation,
+        "size": ev.current,
+        "time": time_,
+        "kept": ev.kept,
+    }
+    pipe.set(meta_key(prefix, tenant, rule.name), orjson.dumps(doc_meta))
 
 
 def _event(
@@ -277,13 +444,15 @@ def _event(
     )
 
 
+@gc_paused()
 def graph_after_commit(
     store: SnapshotStore, tenant: str, result: CommitResult, fetched: Graph | None
-) -> QueryGraph:
-    """The committed snapshot as a QueryGraph, without re-reading what is in memory.
+) -> tuple[QueryGraph, GraphDelta | None]:
+    """The committed snapshot as a QueryGraph, without re-reading what is in memory, and how it
+    differs from the previous generation's (None when that is not known).
 
-    With the previous generation's graph cached in this process, only the items whose
-    fingerprint changed are swapped in (copy-on-write); otherwise the graph is built from the
+    With the previous generation's graph cached in this process, only the items the commit
+    wrote or deleted are swapped in (copy-on-write); otherwise the graph is built from the
     fetched items plus the carried-over ones read from Redis.
     """
     index = result.index
@@ -291,49 +460,50 @@ def graph_after_commit(
         qg = load_query_graph(store.client, store.prefix, tenant)
         if qg is None:
             raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
-        return qg
-    fps = index_fingerprints(index)
-    have: dict[str, Item] = {**fetched.entities, **fetched.relationships}
+        return qg, None
     cached = cached_query_graph(store.client, store.prefix, tenant)
+    changed = len(result.written_keys) + len(result.deleted_keys)
     if (
         cached is not None
-        and cached.fingerprints is not None
-        and cached.generation < result.generation
+        and result.previous_generation
+        and cached.generation == result.previous_generation
+        and changed <= (len(cached.entities) + len(cached.relationships)) // 4
     ):
-        old = cached.fingerprints
-        changed = [k for k, fp in fps.items() if old.get(k) != fp]
-        if len(changed) <= len(fps) // 4:
-            items = _bodies(store, tenant, changed, have)
-            qg = cached.updated(result.generation, fps, items)
-            if cached.changes is not None:  # fold this sync's events into the known facts
-                facts = cached.changes
-                for ev in result.events:
-                    facts.add(ev)
-                for k, item in items.items():
-                    if k in qg.entities:
-                        facts.stamp(k, item)
-                qg.changes = facts
-            store_query_graph(store.client, store.prefix, qg)
-            return qg
-    items = _bodies(store, tenant, list(fps), have)
+        items = _bodies(store, tenant, result.written_keys, fetched)
+        qg = cached.updated(
+            result.generation, items, result.deleted_keys, result.quiet_keys, result.ignored
+        )
+        if cached.changes is not None:  # fold this sync's events into the known facts
+            facts = cached.changes
+            for ev in result.events:
+                facts.add(ev)
+            for k, item in items.items():
+                if k in qg.entities:
+                    facts.stamp(k, item)
+            qg.changes = facts
+        store_query_graph(store.client, store.prefix, qg)
+        keys = frozenset((*result.written_keys, *result.deleted_keys))
+        return qg, GraphDelta(cached, qg, keys, result.quiet_keys, result.ignored)
+    items = _bodies(store, tenant, list(index_fingerprints(index)), fetched)
     entities, rels = split_items(items.values())
     qg = QueryGraph.from_items(tenant, result.generation, entities, rels)
-    qg.fingerprints = fps
     store_query_graph(store.client, store.prefix, qg)
-    return qg
+    return qg, None
 
 
-def _bodies(
-    store: SnapshotStore, tenant: str, keys: list[str], have: dict[str, Item]
-) -> dict[str, Item]:
+def _bodies(store: SnapshotStore, tenant: str, keys: list[str], fetched: Graph) -> dict[str, Item]:
     """Items by key: the fetched ones, the rest (carried over) read from the store."""
-    missing = [k for k in keys if k not in have]
-    loaded = store.load_bodies(tenant, missing) if missing else {}
+    ents, rels = fetched.entities, fetched.relationships
     out: dict[str, Item] = {}
+    missing: list[str] = []
     for k in keys:
-        item = have.get(k) or loaded.get(k)
-        if item is not None:
+        item = ents.get(k) or rels.get(k)
+        if item is None:
+            missing.append(k)
+        else:
             out[k] = item
+    if missing:
+        out.update(store.load_bodies(tenant, missing))
     return out
 
 
@@ -358,13 +528,14 @@ def evaluate_after_commit(
             return {}
         t0 = time.perf_counter()
         store = SnapshotStore(client, settings.redis_prefix)
-        graph = graph_after_commit(store, tenant, result, fetched)
+        graph, delta = graph_after_commit(store, tenant, result, fetched)
         evs = evaluate(
             client,
             settings.redis_prefix,
             tenant,
             rules,
             graph,
+            delta=delta,
             degraded=result.status == "degraded",
             stream_maxlen=settings.events.stream_maxlen,
             retention_days=settings.events.retention_days,

@@ -20,14 +20,13 @@ employee; `loggedOnAfterTermination` (last seen after the HR termination date).
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.config import IdentitySettings
+from monitor.memory import gc_paused
 from monitor.model.employees import (
     HrRecord,
     employee_entity,
@@ -62,19 +61,6 @@ SERVICE_LOGON_TYPES = frozenset({"service", "batch"})
 LOCAL_RIDS = ("-500", "-501", "-503", "-504")  # Administrator, Guest, DefaultAccount, WDAGUtility
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic GC while tens of thousands of small dicts are made (they hold no cycles); with
-    a large graph alive, each full collection would walk all of it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 @dataclass
 class EmployeesOutcome:
     employees: int = 0
@@ -107,7 +93,7 @@ def build_employees(
 ) -> EmployeesOutcome:
     """Employees, user IS employee, employee MANAGES employee into `graph` (scope "employees");
     sets `employeeMapped` on every user entity and `directoryAccountEnabled` on employees."""
-    with _gc_paused():
+    with gc_paused():
         if users is None:
             users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
         return _build_employees(graph, settings, hr_records, users, account_tag)
@@ -270,7 +256,7 @@ def map_logon_users(
     """Set accountKind & co. on the logon users in `graph` and add their IS user relationships
     (in each logon user's own scope). `users` / `logon_keys` / `machines_of` (logon-user key ->
     machine ids) save a pass over the graph when the caller has them."""
-    with _gc_paused():
+    with gc_paused():
         if users is None:
             users = [e for e in graph.entities.values() if e.get("_type") == USER.type]
         if logon_keys is None:

@@ -5,12 +5,16 @@ filters and negations), then a forward and a backward semi-join pass so every re
 candidate lies on at least one complete path (joining from the smaller side each time). Without
 RETURN and cross-alias WHERE that is the answer; otherwise the paths are enumerated, at most
 `max_paths` of them (the result then says `truncated`).
+
+Given `starts` (a few start entities, e.g. those a commit's changes can reach), the first node's
+candidates are those of `starts` only and each next node's are the neighbours of the previous
+set that pass its tests: the cost follows the start set, not the tenant's size.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +48,11 @@ class Matched:
     truncated: bool = False
 
 
-def _node_pred(node: NodePlan, graph: QueryGraph) -> Pred:
+def node_pred(node: NodePlan, graph: QueryGraph, lazy: bool = False) -> Pred:
+    """The node's filters and negations as one test of an entity."""
     preds = [compile_expr(f, graph, item_getter) for f in node.filters]
     for neg in node.negations:
-        preds.append(_negation_pred(neg, graph))
+        preds.append(_negation_pred(neg, graph, lazy))
     if not preds:
         return lambda item: True
     if len(preds) == 1:
@@ -72,7 +77,7 @@ def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
         if hint is not None
         else graph.base(node.selector.names)
     )
-    pred = _node_pred(node, graph)
+    pred = node_pred(node, graph)
     return {e["_key"]: e for e in base if pred(e)}
 
 
@@ -89,7 +94,7 @@ def _lists(adj: dict[str, list[Item]], verbs: frozenset[str] | None) -> Iterator
                 yield lst
 
 
-def _neighbours(
+def neighbours(
     graph: QueryGraph,
     key: str,
     edge: EdgePlan,
@@ -110,16 +115,39 @@ def _neighbours(
                     yield r, r["_fromEntityKey"]
 
 
-def _negation_pred(neg: EdgePlan, graph: QueryGraph) -> Pred:
+def _member_test(node: NodePlan, graph: QueryGraph) -> Callable[[str], bool]:
+    """Is this key one of the node's candidates? Asked key by key (memoised), not by a scan."""
+    names = node.selector.names
+    pred = node_pred(node, graph, lazy=True)
+    entities = graph.entities
+    memo: dict[str, bool] = {}
+
+    def test(key: str) -> bool:
+        v = memo.get(key)
+        if v is None:
+            e = entities.get(key)
+            v = memo[key] = e is not None and graph.is_a(names, key) and pred(e)
+        return v
+
+    return test
+
+
+def _negation_pred(neg: EdgePlan, graph: QueryGraph, lazy: bool = False) -> Pred:
+    """`THAT !VERB target`: no such relationship to a target candidate. The targets are scanned
+    once, or with `lazy` tested one neighbour at a time."""
     assert neg.target is not None
     target = neg.target
     unfiltered = target.selector.any and not target.filters and not target.negations
-    keys = None if unfiltered else set(_candidates(target, graph))
+    test: Callable[[str], bool] | None = None
+    if not unfiltered and lazy:
+        test = _member_test(target, graph)
+    elif not unfiltered:
+        test = set(_candidates(target, graph)).__contains__
     ok = _edge_pred(neg, graph)
 
     def pred(item: Item) -> bool:
-        for _r, other in _neighbours(graph, item["_key"], neg, ok, True):
-            if keys is None or other in keys:
+        for _r, other in neighbours(graph, item["_key"], neg, ok, True):
+            if test is None or test(other):
                 return False
         return True
 
@@ -139,22 +167,49 @@ def _semi_join(
     if len(other) < len(keep):  # walk from the smaller side
         found: dict[str, Item] = {}
         for k in other:
-            for _r, n in _neighbours(graph, k, edge, ok, forward=keep_right):
+            for _r, n in neighbours(graph, k, edge, ok, forward=keep_right):
                 if n in keep and n not in found:
                     found[n] = keep[n]
         return {k: v for k, v in keep.items() if k in found}
     return {
         k: v
         for k, v in keep.items()
-        if any(n in other for _r, n in _neighbours(graph, k, edge, ok, forward=not keep_right))
+        if any(n in other for _r, n in neighbours(graph, k, edge, ok, forward=not keep_right))
     }
 
 
-def match(plan: Plan, graph: QueryGraph, max_paths: int, has_limit: bool) -> Matched:
-    """Candidates, semi-joins, and (when needed) the paths of one tenant."""
+def _restricted(
+    plan: Plan, graph: QueryGraph, starts: Iterable[str], oks: list[Callable[[Item], bool] | None]
+) -> list[dict[str, Item]]:
+    """The candidate sets reachable from `starts`: the forward pass by expansion."""
+    tests = [_member_test(n, graph) for n in plan.nodes]
+    ents = graph.entities
+    sets = [{k: ents[k] for k in starts if tests[0](k)}]
+    for i, edge in enumerate(plan.edges):
+        test, nxt = tests[i + 1], {}
+        for k in sets[i]:
+            for _r, n in neighbours(graph, k, edge, oks[i], True):
+                if n not in nxt and test(n):
+                    nxt[n] = ents[n]
+        sets.append(nxt)
+    return sets
+
+
+def match(
+    plan: Plan,
+    graph: QueryGraph,
+    max_paths: int,
+    has_limit: bool,
+    starts: Iterable[str] | None = None,
+) -> Matched:
+    """Candidates, semi-joins, and (when needed) the paths of one tenant; with `starts`, only
+    the paths that begin at those entities."""
     nodes, edges = plan.nodes, plan.edges
     first = nodes[0]
-    if (
+    oks = [_edge_pred(e, graph) for e in edges]
+    if starts is not None:
+        sets = _restricted(plan, graph, starts, oks)
+    elif (
         first.selector.any
         and not first.filters
         and not first.negations
@@ -169,10 +224,10 @@ def match(plan: Plan, graph: QueryGraph, max_paths: int, has_limit: bool) -> Mat
             pos.line,
             pos.column,
         )
-    sets = [_candidates(n, graph) for n in nodes]
-    oks = [_edge_pred(e, graph) for e in edges]
-    for i, e in enumerate(edges):  # forward
-        sets[i + 1] = _semi_join(graph, sets[i], sets[i + 1], e, oks[i], keep_right=True)
+    else:
+        sets = [_candidates(n, graph) for n in nodes]
+        for i, e in enumerate(edges):  # forward
+            sets[i + 1] = _semi_join(graph, sets[i], sets[i + 1], e, oks[i], keep_right=True)
     for i in range(len(edges) - 1, -1, -1):  # backward
         sets[i] = _semi_join(graph, sets[i], sets[i + 1], edges[i], oks[i], keep_right=False)
     out = Matched()
@@ -194,7 +249,7 @@ def match(plan: Plan, graph: QueryGraph, max_paths: int, has_limit: bool) -> Mat
                 return 2 if exists_only else 1
             return 1
         nxt = sets[i + 1]
-        for r, other in _neighbours(graph, key, edges[i], oks[i], True):
+        for r, other in neighbours(graph, key, edges[i], oks[i], True):
             item = nxt.get(other)
             if item is None or any(r is x for x in rels):  # a relationship once per path
                 continue

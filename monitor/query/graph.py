@@ -8,7 +8,7 @@ same generation costs one Redis GET.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,10 +140,12 @@ class QueryGraph:
         self.out: dict[str, dict[str, list[Item]]] = {}
         self.inn: dict[str, dict[str, list[Item]]] = {}
         self.changes: ChangeFacts | None = None
-        self.fingerprints: dict[str, str] | None = None  # _key -> stored fingerprint
-        self._eq: dict[tuple[tuple[str, ...], str], dict[Any, list[Item]]] = {}
+        # equality indexes: (names, prop) -> value -> entity keys (keys, not entities: an entity
+        # whose indexed value did not change keeps its place across generations)
+        self._eq: dict[tuple[tuple[str, ...], str], dict[Any, list[str]]] = {}
         self._lock = threading.Lock()
         self._touched: set[tuple[int, str]] | None = None  # copy-on-write bookkeeping
+        self._moved: set[str] = set()  # entities added or removed during `updated()`
 
     @classmethod
     def from_items(
@@ -163,6 +165,8 @@ class QueryGraph:
     def _add_entity(self, e: Item) -> None:
         e[TENANT_PROP] = self.tenant
         key = e["_key"]
+        if self._touched is not None:
+            self._moved.add(key)
         self.entities[key] = e
         by_type = self.by_type.get(e.get("_type", ""))
         if by_type is None:
@@ -177,6 +181,8 @@ class QueryGraph:
         e = self.entities.pop(key, None)
         if e is None:
             return
+        if self._touched is not None:
+            self._moved.add(key)
         self.by_type.get(e.get("_type", ""), {}).pop(key, None)
         classes = e.get("_class")
         for c in classes if isinstance(classes, list) else [classes]:
@@ -236,15 +242,27 @@ class QueryGraph:
             if isinstance(end, str) and end in side:
                 adj = self._adjacency(side, end)
                 adj[verb] = [x for x in adj.get(verb, ()) if x is not r]
+        for end in (r.get("_fromEntityKey"), r.get("_toEntityKey")):  # a mapped target's
+            e = self.entities.get(end) if isinstance(end, str) else None  # placeholder goes
+            if e is not None and e.get("_placeholder") and not self._linked(e["_key"]):
+                self._remove_entity(e["_key"])
+
+    def _linked(self, key: str) -> bool:
+        return any(any(adj.get(key, {}).values()) for adj in (self.out, self.inn))
 
     def updated(
         self,
         generation: int,
-        fingerprints: dict[str, str],
         items: dict[str, Item],
+        removed: Iterable[str],
+        quiet: Collection[str] = (),
+        ignored: Mapping[str, frozenset[str]] | None = None,
     ) -> QueryGraph:
         """The next generation: `items` (new and changed, by `_key`) replace or join this
-        graph's, keys missing from `fingerprints` leave. This graph is left untouched."""
+        graph's, `removed` keys leave. This graph is left untouched.
+
+        `quiet` items changed only in their type's `ignored` fields: the equality indexes of
+        other fields keep their entries without looking at them."""
         g = QueryGraph(self.tenant, generation)
         g.entities = dict(self.entities)
         g.relationships = dict(self.relationships)
@@ -252,21 +270,95 @@ class QueryGraph:
         g.by_class = {c: dict(v) for c, v in self.by_class.items()}
         g.out, g.inn = dict(self.out), dict(self.inn)
         g._touched = set()
-        old = self.fingerprints or {}
-        gone = [k for k in old if k not in fingerprints]
-        for k in (*gone, *items):
+        moved: dict[tuple[Any, ...], tuple[list[str], list[str]]] = {}  # by kind: loud, quiet
+        for k in removed:
             if k in g.relationships:
                 g._remove_relationship(k)
             else:
                 g._remove_entity(k)
         entities, rels = split_items(items.values())
-        for item in entities:
-            g._add_entity(item)
-        for item in rels:
-            g._add_relationship(item)
+        for r in rels:
+            g._remove_relationship(r["_key"])
+        for e in entities:
+            key = e["_key"]
+            old = g.entities.get(key)
+            kind = _kind(e)
+            if old is not None and _kind(old) == kind:
+                g._replace_entity(old, e)
+                moved.setdefault((kind, kind), ([], []))[key in quiet].append(key)
+            else:
+                g._remove_entity(key)
+                g._add_entity(e)
+        for r in rels:
+            g._add_relationship(r)
         g._touched = None
-        g.fingerprints = fingerprints
+        for k in g._moved:  # joined, left, or changed kind (placeholders included)
+            old, new = self.entities.get(k), g.entities.get(k)
+            moved.setdefault((_kind(old), _kind(new)), ([], []))[0].append(k)
+        g._moved = set()
+        with self._lock:  # a reader may be building an index of this graph meanwhile
+            built = list(self._eq.items())
+        g._eq = {
+            key: self._index_update(g, key, index, moved, ignored or {}) for key, index in built
+        }
         return g
+
+    def _replace_entity(self, old: Item, e: Item) -> None:
+        """A new version of an entity of the same type and classes."""
+        e[TENANT_PROP] = self.tenant
+        key = e["_key"]
+        self.entities[key] = e
+        self.by_type[e.get("_type", "")][key] = e
+        classes = e.get("_class")
+        for c in classes if isinstance(classes, list) else [classes]:
+            if isinstance(c, str):
+                self.by_class[c][key] = e
+
+    def _index_update(
+        self,
+        g: QueryGraph,
+        key: tuple[tuple[str, ...], str],
+        index: dict[Any, list[str]],
+        moved: dict[tuple[Any, ...], tuple[list[str], list[str]]],
+        ignored: Mapping[str, frozenset[str]],
+    ) -> dict[Any, list[str]]:
+        """This graph's equality index `key` brought to `g`: the lists of the values that
+        `moved` entities left or joined are copied; the others are shared."""
+        names, prop = key
+        top = prop.split(".", 1)[0]
+        drop: dict[Any, set[str]] = {}
+        add: dict[Any, list[str]] = {}
+        for (was, now), (loud, quiet) in moved.items():
+            in_before, in_after = _kind_is(was, names), _kind_is(now, names)
+            if not in_before and not in_after:
+                continue
+            keys = loud
+            if quiet and (now is None or top in ignored.get(now[0], (top,))):
+                keys = [*loud, *quiet]  # the indexed field is one a quiet change may touch
+            for k in keys:
+                old, new = self.entities.get(k), g.entities.get(k)
+                if in_before and in_after and old is not None and new is not None:
+                    a, b = get_prop(old, prop), get_prop(new, prop)
+                    if a.__class__ is b.__class__ and not isinstance(a, list) and a == b:
+                        continue  # the same scalar: the same place in the index
+                before = _index_values(prop, old) if in_before and old is not None else []
+                after = _index_values(prop, new) if in_after and new is not None else []
+                if before == after:
+                    continue  # same values: same place in the index
+                for value in before:
+                    drop.setdefault(value, set()).add(k)
+                for value in after:
+                    add.setdefault(value, []).append(k)
+        out = dict(index)
+        for value in drop.keys() | add.keys():
+            gone = drop.get(value, set())
+            lst = [x for x in out.get(value, ()) if x not in gone]
+            lst += add.get(value, ())
+            if lst:
+                out[value] = lst
+            else:
+                out.pop(value, None)
+        return out
 
     # -- access --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -285,6 +377,16 @@ class QueryGraph:
                 found.update(part)
         return list(found.values())
 
+    def is_a(self, names: tuple[str, ...], key: str) -> bool:
+        """Is `key` an entity of these classes or types (any entity when `names` is empty)?"""
+        if not names:
+            return key in self.entities
+        for n in names:
+            part = self.by_class.get(n) if n[:1].isupper() else self.by_type.get(n)
+            if part is not None and key in part:
+                return True
+        return False
+
     def lookup(self, names: tuple[str, ...], prop: str, values: Iterable[Any]) -> list[Item]:
         """Entities of `names` whose `prop` equals (or, for lists, contains) one of `values`."""
         key = (names, prop)
@@ -295,20 +397,17 @@ class QueryGraph:
                 if index is None:
                     index = {}
                     for e in self.base(names):
-                        v = get_prop(e, prop)
-                        for member in v if isinstance(v, list) else (v,):
-                            try:
-                                index.setdefault((type(member) is bool, member), []).append(e)
-                            except TypeError:  # unhashable (a nested object)
-                                continue
+                        for value in _index_values(prop, e):
+                            index.setdefault(value, []).append(e["_key"])
                     self._eq[key] = index
+        ents = self.entities
         out: list[Item] = []
-        seen: set[int] = set()
+        seen: set[str] = set()
         for value in values:
-            for e in index.get((type(value) is bool, value), ()):
-                if id(e) not in seen:
-                    seen.add(id(e))
-                    out.append(e)
+            for k in index.get((type(value) is bool, value), ()):
+                if k not in seen:
+                    seen.add(k)
+                    out.append(ents[k])
         return out
 
     def ensure_changes(self, client: redis.Redis, prefix: str) -> ChangeFacts:
@@ -323,14 +422,43 @@ class QueryGraph:
         return self.changes
 
 
+def _kind(e: Item | None) -> tuple[Any, ...] | None:
+    """(type, classes) of an entity, None for none: what `is_a` looks at."""
+    if e is None:
+        return None
+    classes = e.get("_class")
+    return (e.get("_type", ""), tuple(classes) if isinstance(classes, list) else (classes,))
+
+
+def _kind_is(kind: tuple[Any, ...] | None, names: tuple[str, ...]) -> bool:
+    """`is_a` for an entity of this kind."""
+    if kind is None:
+        return False
+    if not names:
+        return True
+    type_, classes = kind
+    return any(n in classes if n[:1].isupper() else n == type_ for n in names)
+
+
+def _index_values(prop: str, e: Item) -> list[tuple[bool, Any]]:
+    """The equality-index keys of an entity's property (each member of a list)."""
+    v = get_prop(e, prop)
+    out = []
+    for member in v if isinstance(v, list) else (v,):
+        try:
+            hash(member)
+        except TypeError:  # unhashable (a nested object)
+            continue
+        out.append((type(member) is bool, member))
+    return out
+
+
 _CACHE: dict[tuple[int, str, str], QueryGraph] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _read(
-    store: SnapshotStore, tenant: str
-) -> tuple[list[Item], list[Item], dict[str, str]] | None:
-    """Every stored item of the tenant (entities, relationships) and the fingerprints."""
+def _read(store: SnapshotStore, tenant: str) -> tuple[list[Item], list[Item]] | None:
+    """Every item of the tenant's committed index: (entities, relationships)."""
     index = store.load_index(tenant)
     if index is None:
         return None
@@ -348,7 +476,7 @@ def _read(
             (rels if is_relationship(item) else entities).append(item)
         if cursor == 0:
             break
-    return entities, rels, fps
+    return entities, rels
 
 
 def cached_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGraph | None:
@@ -369,7 +497,6 @@ def load_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGrap
         if store.generation(tenant) != gen and attempt < 2:  # a commit landed meanwhile
             continue
         qg = QueryGraph.from_items(tenant, gen, read[0], read[1])
-        qg.fingerprints = read[2]
         store_query_graph(client, prefix, qg)
         return qg
     return None

@@ -5,6 +5,7 @@ and for each node the cheapest way to find its candidates (an equality index or 
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,18 +62,19 @@ def _conjuncts(e: ast.Expr | None) -> list[ast.Expr]:
     return [e]
 
 
-def _props(e: ast.Expr) -> list[ast.Prop]:
+def expr_props(e: ast.Expr) -> list[ast.Prop]:
+    """The properties an expression reads."""
     if isinstance(e, ast.Compare):
         return [e.left] + ([e.right] if isinstance(e.right, ast.Prop) else [])
     if isinstance(e, ast.Changed):
         return [e.prop]
-    return [p for item in e.items for p in _props(item)]
+    return [p for item in e.items for p in expr_props(item)]
 
 
 def _uses_changes(e: ast.Expr) -> bool:
     if isinstance(e, ast.Changed):
         return True
-    return any(p.name in CHANGE_PROPS for p in _props(e))
+    return any(p.name in CHANGE_PROPS for p in expr_props(e))
 
 
 def _check_types(e: ast.Expr) -> None:
@@ -150,7 +152,7 @@ def plan_query(q: ast.Query) -> Plan:
 
     residual: list[ast.Expr] = []
     for c in _conjuncts(q.where):
-        props = _props(c)
+        props = expr_props(c)
         for p in props:
             check_alias(p)
         aliases = {p.alias for p in props}
@@ -294,12 +296,49 @@ def compile_expr(e: ast.Expr, graph: QueryGraph, getter: Callable[[ast.Prop], Ge
         return lambda x: compare_values(op, left(x), other(x))
     if isinstance(right, ast.Literal) and not right.is_undefined:
         value = right.value
-        if op == "=":
-            if isinstance(value, str):
+        if op in ("=", "!=") and isinstance(value, str):
+            if op == "=":
                 return lambda x: _eq_str(left(x), value)
+            return lambda x: not _eq_str(left(x), value)
+        if op == "=":
             return lambda x: _positive("=", left(x), value)
+        if op in _ORDER and isinstance(value, int | float) and not isinstance(value, bool):
+            return _number_pred(left, op, value)
         return lambda x: compare_values(op, left(x), value)
+    if (
+        isinstance(right, ast.ValueList)
+        and right.conj == "OR"
+        and op in ("=", "!=")
+        and all(isinstance(i.value, str) and not i.is_undefined for i in right.items)
+    ):
+        values = frozenset(i.value for i in right.items)
+        if op == "=":
+            return lambda x: _in_strs(left(x), values)
+        return lambda x: not _in_strs(left(x), values)
     return lambda x: compare_values(op, left(x), right)
+
+
+_ORDER = {">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le}
+
+
+def _number_pred(left: Getter, op: str, value: float) -> Pred:
+    """`prop < 5` and the like (dates are epoch-ms numbers): a number compares directly,
+    anything else (a list, a string, null) as `compare_values` says."""
+    cmp = _ORDER[op]
+
+    def pred(x: Any) -> bool:
+        v = left(x)
+        if v.__class__ is int or v.__class__ is float:
+            return bool(cmp(v, value))
+        return compare_values(op, v, value)
+
+    return pred
+
+
+def _in_strs(v: Any, values: frozenset[str]) -> bool:
+    if v.__class__ is str:
+        return v in values
+    return isinstance(v, list) and any(m.__class__ is str and m in values for m in v)
 
 
 def _eq_str(v: Any, s: str) -> bool:

@@ -14,14 +14,13 @@ after_exec` makes the process SIGKILL itself at that point.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
 import time as time_mod
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +31,7 @@ from monitor.config import DetectSettings, EventSettings
 from monitor.events import stream
 from monitor.events.changes import bodies_needed, build_events
 from monitor.events.envelope import Event, make_event, utc_now_iso
+from monitor.memory import gc_paused
 from monitor.model.graph import Graph, ScopeState
 from monitor.snapshot import aggregates, diff, merge
 from monitor.snapshot.guard import DropDecision
@@ -71,6 +71,14 @@ class CommitResult:
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     # the committed index (scope -> _type -> _key -> fingerprint), for post-commit readers
     index: dict[str, dict[str, dict[str, str]]] | None = field(default=None, repr=False)
+    # the change set against `previous_generation`: keys whose bodies were (re)written or
+    # removed; with the previous generation's query graph, post-commit readers update it
+    previous_generation: int = 0
+    written_keys: list[str] = field(default_factory=list, repr=False)
+    deleted_keys: list[str] = field(default_factory=list, repr=False)
+    # written keys that changed in their `ignored` fields only (e.g. a machine's lastSeenOn)
+    quiet_keys: frozenset[str] = field(default_factory=frozenset, repr=False)
+    ignored: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (for the CLI and logs)."""
@@ -94,18 +102,6 @@ def _crash_point(name: str) -> None:
     """Test fault hook: SIGKILL this process when MDE_MONITOR_CRASH_AT names this point."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic GC while millions of small objects are built (they hold no cycles)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _event_time(meta: Mapping[str, Any] | None, now: str | datetime | None) -> str:
@@ -184,7 +180,7 @@ def detect_and_commit(
         timings[name] = round(now_ - t0, 4)
         t0 = now_
 
-    with _gc_paused():
+    with gc_paused():
         if lock is not None:
             lock.extend()
         gen0 = store.generation(tenant)
@@ -280,6 +276,11 @@ def detect_and_commit(
             deleted=len(plan.delete),
             timings=timings,
             index=plan.index,
+            previous_generation=gen0 or 0,
+            written_keys=list(plan.write),
+            deleted_keys=plan.delete,
+            quiet_keys=frozenset(plan.write.keys() - cmp.changed - cmp.added),
+            ignored=ignored,
         )
 
 
