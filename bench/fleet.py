@@ -183,14 +183,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             history = {n: run_history(client, prefix, n) for n in names}
             stop(procs)
             procs = []
+            stored = redis_bytes(client, prefix)
     finally:
         stop(procs)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     peak = peak_minute_share(count_samples, tenant_of_id)
-    return report(
+    out = report(
         args, names, history, counts, tenant_of_id, samples, started, ended, generated_s, peak
     )
+    out["redis_bytes_per_tenant"] = round(stored / len(names))
+    return out
+
+
+def redis_bytes(client: redis.Redis, prefix: str) -> int:
+    """Bytes Redis reports (MEMORY USAGE) for every key of the deployment's prefix."""
+    total = 0
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=2000))
+    for i in range(0, len(keys), 1000):
+        pipe = client.pipeline(transaction=False)
+        for k in keys[i : i + 1000]:
+            pipe.memory_usage(k, samples=0)
+        total += sum(int(n or 0) for n in pipe.execute())
+    return total
 
 
 def peak_minute_share(
@@ -308,6 +323,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("tenants synced on schedule", f"{r['tenants_on_schedule']} / {r['tenants']}"),
         ("sync latency p50 / p95", f"{r['sync_seconds_p50']} s / {r['sync_seconds_p95']} s"),
         ("schedule lateness p95", f"{r['lateness_seconds_p95']} s"),
+        ("Redis memory per tenant (MEMORY USAGE)", f"{r['redis_bytes_per_tenant']:,} bytes"),
         (
             "budget used, run average (mean / max)",
             f"{r['budget_share_mean']:.1%} / {r['budget_share_max']:.1%} of the per-minute limit",
