@@ -549,6 +549,7 @@ def evaluate_after_commit(
             extra={
                 "tenant": tenant,
                 "rules": len(rules),
+                "incremental": sum(e.incremental for e in evs),
                 "seconds": round(time.perf_counter() - t0, 3),
                 "events": counts,
             },
