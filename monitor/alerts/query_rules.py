@@ -36,7 +36,6 @@ from monitor.query.executor import DEFAULT_MAX_PATHS, match
 from monitor.query.graph import (
     QueryGraph,
     cached_query_graph,
-    index_fingerprints,
     load_query_graph,
     split_items,
     store_query_graph,
@@ -462,12 +461,12 @@ def graph_after_commit(
             raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
         return qg, None
     cached = cached_query_graph(store.client, store.prefix, tenant)
-    changed = len(result.written_keys) + len(result.deleted_keys)
+    n_changed = len(result.written_keys) + len(result.deleted_keys)
     if (
         cached is not None
         and result.previous_generation
         and cached.generation == result.previous_generation
-        and changed <= (len(cached.entities) + len(cached.relationships)) // 4
+        and n_changed <= (len(cached.entities) + len(cached.relationships)) // 4
     ):
         items = _bodies(store, tenant, result.written_keys, fetched)
         qg = cached.updated(
@@ -482,9 +481,10 @@ def graph_after_commit(
                     facts.stamp(k, item)
             qg.changes = facts
         store_query_graph(store.client, store.prefix, qg)
-        keys = frozenset((*result.written_keys, *result.deleted_keys))
-        return qg, GraphDelta(cached, qg, keys, result.quiet_keys, result.ignored)
-    items = _bodies(store, tenant, list(index_fingerprints(index)), fetched)
+        changed = frozenset((*result.written_keys, *result.deleted_keys))
+        return qg, GraphDelta(cached, qg, changed, result.quiet_keys, result.ignored)
+    keys = [k for types in index.values() for by_key in types.values() for k in by_key]
+    items = _bodies(store, tenant, keys, fetched)
     entities, rels = split_items(items.values())
     qg = QueryGraph.from_items(tenant, result.generation, entities, rels)
     store_query_graph(store.client, store.prefix, qg)

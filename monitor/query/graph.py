@@ -158,9 +158,42 @@ class QueryGraph:
         g = cls(tenant, generation)
         for e in entities:
             g._add_entity(e)
-        for r in relationships:
-            g._add_relationship(r)
+        g._add_relationships(relationships)
         return g
+
+    def _add_relationships(self, rels: Iterable[Item]) -> None:
+        """`_add_relationship` for a fresh graph, with its common case inlined (a direct
+        relationship with string ends): building the index is mostly this loop."""
+        out, inn, store = self.out, self.inn, self.relationships
+        verbs: dict[str, str] = {}  # _class -> verb
+        for r in rels:
+            src, dst, c = r.get("_fromEntityKey"), r.get("_toEntityKey"), r.get("_class")
+            if (
+                "_mapping" in r
+                or src.__class__ is not str
+                or dst.__class__ is not str
+                or c.__class__ is not str
+            ):
+                self._add_relationship(r)
+                continue
+            verb = verbs.get(c)
+            if verb is None:
+                verb = verbs[c] = rel_class(r)
+            store[r["_key"]] = r
+            adj = out.get(src)
+            if adj is None:
+                out[src] = {verb: [r]}
+            elif (lst := adj.get(verb)) is None:
+                adj[verb] = [r]
+            else:
+                lst.append(r)
+            adj = inn.get(dst)
+            if adj is None:
+                inn[dst] = {verb: [r]}
+            elif (lst := adj.get(verb)) is None:
+                adj[verb] = [r]
+            else:
+                lst.append(r)
 
     def _add_entity(self, e: Item) -> None:
         e[TENANT_PROP] = self.tenant
