@@ -47,6 +47,14 @@ def listed_users(env: Env) -> dict[str, Any]:
     return {k: e for k, e in result.graph.entities.items() if e["_type"] == USER_TYPE}
 
 
+def users_read(env: Env) -> str | None:
+    """How the last sync read the users (its metadata)."""
+    meta = SnapshotStore(env.client, env.prefix).meta(env.name)
+    assert meta is not None
+    value: str | None = meta.get("users_read")
+    return value
+
+
 def enabled_users(env: Env, n: int) -> list[str]:
     return [u for u, doc in sorted(env.tenant.users.items()) if doc.get("accountEnabled")][:n]
 
@@ -61,6 +69,7 @@ def test_first_sync_reads_everyone_then_a_quiet_sync_is_one_request(
         assert env.graph_requests(USERS_DELTA) == 3  # 200 + 200 + 50, the last with the link
         assert env.graph_requests("graph:/users") == 0
         assert summary.counts[USER_TYPE] == 450
+        assert users_read(env) == "delta (full)"
         # the same users, field for field, as the full list gives them
         assert stored_users(env) == listed_users(env)
 
@@ -72,6 +81,7 @@ def test_first_sync_reads_everyone_then_a_quiet_sync_is_one_request(
         assert env.graph_requests(USERS_DELTA) == 1
         assert events == []
         assert env.client.ttl(state_key) > 0
+        assert users_read(env) == "delta (changes)"
 
 
 def test_changes_adds_and_deletions_give_the_usual_events(
@@ -119,6 +129,7 @@ def test_expired_token_resyncs_without_phantom_deletions(
         summary, events = env.sync()
         assert summary.status == "ok", summary.scopes_incomplete
         assert env.graph_requests(USERS_DELTA) == 1 + 3  # the 410, then the full read
+        assert users_read(env) == "delta (full)"
         user_events = sorted(e["type"] for e in events if e["type"].startswith("mde.user."))
         assert user_events == ["mde.user.disabled", "mde.user.updated"]  # nothing invented
         assert summary.counts[USER_TYPE] == 450
@@ -255,10 +266,18 @@ def test_managers_come_with_the_delta_and_switching_reads_is_quiet(
         }
         assert managed[USER_KEY.format(user)] == other
         assert managed[USER_KEY.format(lone)] is None
-        # and back to the list: the same users, nothing reported
+        # back to the list: the same users, nothing reported
         env.settings.tenants[0].users_delta = False
         summary, events = env.sync()
         assert env.graph_requests("graph:/users") == 2 and events == []
+        assert users_read(env) == "list"
+        # delta again, without managers: the stored state (read with `manager` selected) is not
+        # reused (the managers' relationships go: the drop guard holds them, no user event)
+        env.settings.tenants[0].users_delta = True
+        env.settings.tenants[0].identity.directory_employees.managers = False
+        summary, events = env.sync()
+        assert users_read(env) == "delta (full)" and env.graph_requests(USERS_DELTA) == 1
+        assert not [e for e in events if e["type"].startswith("mde.user.")]
 
 
 def test_check_probes_the_users_read_the_sync_does(
