@@ -115,7 +115,7 @@ def _query() -> DeltaQuery:
 class GroupsResult:
     status: ScopeStatus
     state: GroupsState | None = None  # to save after the commit (None: nothing to save)
-    resynced: bool = False  # a 410 forced a full read
+    resynced: bool = False  # a full read replaced the stored state (410, or an unusable link)
 
 
 def collect_groups(
