@@ -26,6 +26,7 @@ from monitor.collect.errors import ApiError, PageError
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.http import Json, page_value
 from monitor.config import origin
+from monitor.memory import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class DeltaStateStore(Generic[S]):
         if blob is None:
             return None
         try:
-            state = self._loads(blob)
+            with gc_paused():  # many small dicts, no cycles: GC passes would only slow this
+                state = self._loads(blob)
         except (ValueError, zlib.error, orjson.JSONDecodeError) as exc:
             log.warning(
                 f"{self._name} state unreadable; doing a full read", extra={"error": str(exc)}
