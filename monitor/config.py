@@ -288,6 +288,9 @@ class TenantConfig(_Model):
     tag_with_account_name: bool = False
     logon_user_budget: int = Field(default=500, ge=0)
     logon_user_concurrency: int = Field(default=8, ge=1, le=64)
+    # users by `/users/delta` (only the changes after the first sync) or, when false, the full
+    # list every sync (monitor.collect.users)
+    users_delta: bool = True
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
 
     @model_validator(mode="after")

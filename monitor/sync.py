@@ -181,8 +181,7 @@ def _run_sync(
             accept_drop=accept_drop,
         )
         _record_logon_refresh(client, settings, tenant.name, collected)
-        if collected.identity is not None:
-            collected.identity.after_commit()  # the groups delta link, only once committed
+        collected.after_commit()  # the users and groups delta states, only once committed
         query_events = evaluate_after_commit(client, settings, tenant.name, result, collected.graph)
     summary = _summary(collected, result)
     for typ, n in query_events.items():  # query alert rules' entered / left events

@@ -57,6 +57,7 @@ def identity_env(
     redis_prefix: str,
     *,
     identity: dict[str, Any] | None = None,
+    tenant_options: dict[str, Any] | None = None,
     **generate: Any,
 ) -> Iterator[Env]:
     args: dict[str, Any] = {
@@ -75,6 +76,7 @@ def identity_env(
         )
         if identity is not None:
             data["tenants"][0]["identity"] = identity
+        data["tenants"][0].update(tenant_options or {})
         settings = parse_settings(data, "test config")
         client = redis.Redis.from_url(redis_url)
         yield Env(sim, sim.tenant(tenant.tenant_id), settings, client, redis_prefix)

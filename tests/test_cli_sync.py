@@ -88,11 +88,11 @@ def test_human_summary_degraded_exit_code(recorded: tuple[Simulator, SimTenant, 
     assert run_cli(config, "sync", "-t", "sim").returncode == 0
     from monitor.simulator import Fault
 
-    sim.add_fault(Fault(endpoint="graph:/users", kind="status", status=503, times=None))
+    sim.add_fault(Fault(endpoint="graph:/users/delta", kind="status", status=503, times=None))
     done = run_cli(config, "sync", "-t", "sim")
     assert done.returncode == ExitCode.DEGRADED
     assert "degraded" in done.stdout and "kept previous data for users" in done.stdout
-    assert "graph:/users" in done.stdout
+    assert "graph:/users/delta" in done.stdout
 
 
 def test_busy_tenant_exit_code(

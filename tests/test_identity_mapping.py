@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from identity_helpers import Env, identity_env, of_type
 
 from monitor.collect.collector import collect_tenant
@@ -217,7 +218,7 @@ def test_users_incomplete_keeps_logon_users_and_employees(
 
     with identity_env(tmp_path, redis_url, redis_prefix) as env:
         first, _ = env.sync()
-        env.sim.add_fault(Fault("graph:/users", status=500, retry_after=None))
+        env.sim.add_fault(Fault("graph:/users/delta", status=500, retry_after=None))
         summary, events = env.sync()
         assert summary.status == "degraded"
         assert "employees" in summary.scopes_incomplete
@@ -235,14 +236,21 @@ def test_users_incomplete_keeps_logon_users_and_employees(
         assert graph.scopes["employees"].state is ScopeState.FAILED
 
 
-def test_directory_managers_through_expand(
-    tmp_path: Path, redis_url: str, redis_prefix: str
+@pytest.mark.parametrize("delta", [False, True], ids=["list", "delta"])
+def test_directory_managers_through_the_users_read(
+    tmp_path: Path, redis_url: str, redis_prefix: str, delta: bool
 ) -> None:
     identity = {"directory_employees": {"managers": True}}
-    with identity_env(tmp_path, redis_url, redis_prefix, identity=identity, users=150) as env:
+    options = {"users_delta": delta}
+    with identity_env(
+        tmp_path, redis_url, redis_prefix, identity=identity, tenant_options=options, users=150
+    ) as env:
         summary, _ = env.sync()
         assert summary.status == "ok", summary.scopes_incomplete
-        assert env.graph_requests("graph:/users") == 2  # $expand caps Graph's pages at 100
+        if delta:  # $select=...,manager: manager@delta, 200 users a page
+            assert env.graph_requests("graph:/users/delta") == 1
+        else:
+            assert env.graph_requests("graph:/users") == 2  # $expand caps Graph's pages at 100
         graph = collect(env)
         manages = rels(graph, "employee_manages_employee")
         d = env.tenant.directory

@@ -145,7 +145,7 @@ def test_mutations_give_exactly_the_expected_events(
     [
         ("defender:/api/machines", "status", 503, "machines"),
         ("defender:/api/machines", "status", 401, "machines"),
-        ("graph:/users", "status", 403, "users"),
+        ("graph:/users/delta", "status", 403, "users"),
         (
             "defender:/api/vulnerabilities/machinesVulnerabilities",
             "truncated",

@@ -10,6 +10,7 @@ from monitor.collect.collector import TenantSession, open_session
 from monitor.collect.defender_api import LOGON_USERS, MACHINES, VULNERABILITIES
 from monitor.collect.errors import AuthError, CollectError, FeatureDisabled, PermissionMissing
 from monitor.collect.graph_api import ORGANIZATION, USERS
+from monitor.collect.users import USERS_DELTA
 from monitor.config import Settings, TenantConfig
 
 
@@ -82,6 +83,20 @@ def _probes(s: TenantSession) -> list[Probe]:
     g, d = s.graph.api, s.defender.api
     first_machine: list[str] = []
 
+    def users() -> None:
+        """The users read the sync does: `/users/delta` ("latest": a link, no users) or the list."""
+        if s.tenant.users_delta:
+            g.get_json(
+                USERS_DELTA,
+                "/v1.0/users/delta",
+                {"$deltatoken": "latest"},
+                permission="Directory.Read.All",
+            )
+        else:
+            g.get_json(
+                USERS, "/v1.0/users", {"$select": "id", "$top": 1}, permission="Directory.Read.All"
+            )
+
     def machines() -> None:
         body = d.get_json(
             MACHINES,
@@ -105,13 +120,7 @@ def _probes(s: TenantSession) -> list[Probe]:
                 permission="Organization.Read.All",
             ),
         ),
-        _probe(
-            "Directory.Read.All",
-            "Microsoft Graph",
-            lambda: g.get_json(
-                USERS, "/v1.0/users", {"$select": "id", "$top": 1}, permission="Directory.Read.All"
-            ),
-        ),
+        _probe("Directory.Read.All", "Microsoft Graph", users),
         _probe("Machine.Read.All", "WindowsDefenderATP", machines),
     ]
     if first_machine:

@@ -28,7 +28,7 @@ from monitor.collect.logon_users import (
 )
 from monitor.collect.machines import collect_machines
 from monitor.collect.progress import Progress, no_progress
-from monitor.collect.users import collect_users
+from monitor.collect.users import UsersResult, UsersStateStore, collect_users
 from monitor.collect.vulnerabilities import collect_vulnerabilities
 from monitor.config import Settings, TenantConfig
 from monitor.model.builder import GraphBuilder
@@ -103,7 +103,16 @@ class CollectResult:
     machine_ids: list[str] | None = None  # None when the machine list is not complete
     ledger_machines: set[str] = field(default_factory=set)  # machines in the refresh ledger
     timings: dict[str, float] = field(default_factory=dict)
-    identity: IdentityResult | None = None  # after_commit() saves the groups delta state
+    identity: IdentityResult | None = None
+    users: UsersResult | None = None
+    users_store: UsersStateStore | None = None  # None: the users were read as a full list
+
+    def after_commit(self) -> None:
+        """Once the snapshot is committed: save the users and groups delta states."""
+        if self.users is not None and self.users.state is not None and self.users_store:
+            self.users_store.save(self.users.state)
+        if self.identity is not None:
+            self.identity.after_commit()
 
     def meta(self) -> dict[str, Any]:
         """Sync metadata for the snapshot store (no secrets)."""
@@ -123,7 +132,17 @@ class CollectResult:
             if self.logon
             else None,
             "identity": self.identity.summary() if self.identity else None,
+            "users_read": _users_read(self.users, self.users_store),
         }
+
+
+def _users_read(users: UsersResult | None, store: UsersStateStore | None) -> str | None:
+    """How the users were read: "list", "delta (full)" or "delta (changes)"."""
+    if users is None:
+        return None
+    if store is None:
+        return "list"
+    return "delta (full)" if users.full_read else "delta (changes)"
 
 
 def collect_tenant(
@@ -135,7 +154,7 @@ def collect_tenant(
     progress: Progress = no_progress,
     budget: Budget | None = None,
 ) -> CollectResult:
-    """Fetch account, users, machines, vulnerabilities and logon users into a Graph.
+    """Fetch account, users, machines, vulnerabilities, logon users and identity into a Graph.
 
     Never raises for API trouble: each resource's outcome is its scope status. Sign-in failure
     is returned as `auth_error` with no graph.
@@ -181,8 +200,19 @@ def collect_tenant(
         collect_account(s.graph, builder)
         timed("account", t)
         t = time.monotonic()
-        collect_users(
-            s.graph, builder, progress, managers=tenant.identity.directory_employees.managers
+        # by delta when the state can be kept (Redis); without it a delta read is a full read
+        # at 200 users a request, where the list takes 999
+        users_store = (
+            UsersStateStore(redis_client, settings.redis_prefix, tenant.name)
+            if tenant.users_delta and redis_client is not None
+            else None
+        )
+        users = collect_users(
+            s.graph,
+            builder,
+            progress,
+            managers=tenant.identity.directory_employees.managers,
+            store=users_store,
         )
         timed("users", t)
         # whether logon accounts can be mapped this sync (users whole, HR file readable): if not,
@@ -243,4 +273,6 @@ def collect_tenant(
             ledger_machines=set(ledger),
             timings=timings,
             identity=identity,
+            users=users,
+            users_store=users_store,
         )

@@ -11,33 +11,29 @@ that brought no changes writes only the new link, not the whole (large) state ag
 
 No phantom deletions: a page that fails leaves the scope FAILED (previous groups kept, the state
 and link untouched); a 410 (the delta token expired, `syncStateNotFound`) restarts with a full
-read, and only a full read that reached its delta link replaces the state.
+read, and only a full read that reached its delta link replaces the state (monitor.collect.delta).
 """
 
 from __future__ import annotations
 
-import logging
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
 
-from monitor.collect.errors import ApiError, CollectError, PageError
+from monitor.collect.delta import DeltaQuery, DeltaStateStore, read_delta
+from monitor.collect.errors import CollectError, PageError
 from monitor.collect.graph_api import GraphClient
-from monitor.collect.http import Json, page_value
+from monitor.collect.http import Json
 from monitor.collect.progress import Progress
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.groups import GRAPH_GROUP_FIELDS, add_groups
 from monitor.model.schema import SCOPE_GROUPS
 
-log = logging.getLogger(__name__)
-
 GROUPS_DELTA = "graph:/groups/delta"
 USER_TYPE = "#microsoft.graph.user"
-MAX_PAGES = 100_000  # a runaway link chain is an error, not an endless loop
 
 
 @dataclass
@@ -70,41 +66,11 @@ class GroupsState:
         return {gid: len(ms) for gid, ms in self.members.items()}
 
 
-class GroupsStateStore:
+class GroupsStateStore(DeltaStateStore[GroupsState]):
     """The groups delta state of one tenant in Redis (one compressed value)."""
 
     def __init__(self, client: redis.Redis | None, prefix: str, tenant: str) -> None:
-        self._client = client
-        self.key = f"{prefix}:groups_delta:{tenant}"
-        self.link_key = f"{prefix}:groups_delta_link:{tenant}"  # newer than the state's own
-
-    def load(self) -> GroupsState | None:
-        if self._client is None:
-            return None
-        blob, link = self._client.mget(self.key, self.link_key)  # type: ignore[misc]
-        if blob is None:
-            return None
-        try:
-            state = GroupsState.loads(blob)
-        except (ValueError, zlib.error, orjson.JSONDecodeError) as exc:
-            log.warning(
-                "groups delta state unreadable; doing a full read", extra={"error": str(exc)}
-            )
-            return None
-        if link:
-            state.delta_link = link.decode()
-        return state
-
-    def save(self, state: GroupsState) -> None:
-        """Call after the snapshot commit: the link, and the state when it changed."""
-        if self._client is None:
-            return
-        pipe = self._client.pipeline(transaction=True)
-        if state.changed:
-            pipe.set(self.key, state.dumps())
-        pipe.set(self.link_key, state.delta_link or "")
-        pipe.execute()
-        state.changed = False
+        super().__init__(client, prefix, tenant, "groups_delta", GroupsState.loads)
 
 
 def apply_delta_items(state: GroupsState, items: list[Json]) -> None:
@@ -139,39 +105,17 @@ def apply_delta_items(state: GroupsState, items: list[Json]) -> None:
                 members[mid] = str(m.get("@odata.type") or USER_TYPE)
 
 
-def _pages(graph: GraphClient, start: str | None) -> Iterator[Json]:
-    """Response bodies of one delta round, from `start` (a delta link) or from the beginning."""
-    url: str = start or "/v1.0/groups/delta"
-    params: dict[str, str | int] | None = (
-        None if start else {"$select": ",".join((*GRAPH_GROUP_FIELDS, "members"))}
+def _query() -> DeltaQuery:
+    return DeltaQuery(
+        GROUPS_DELTA, "/v1.0/groups/delta", {"$select": ",".join((*GRAPH_GROUP_FIELDS, "members"))}
     )
-    for _ in range(MAX_PAGES):
-        body = graph.api.get_json(GROUPS_DELTA, url, params, permission="Directory.Read.All")
-        yield body
-        if body.get("@odata.deltaLink"):
-            return
-        nxt = body.get("@odata.nextLink")
-        if not isinstance(nxt, str) or not nxt:
-            raise PageError(GROUPS_DELTA, "page has neither nextLink nor deltaLink", status=200)
-        url, params = nxt, None
-    raise PageError(GROUPS_DELTA, f"more than {MAX_PAGES} pages in one round", status=200)
-
-
-def _round(graph: GraphClient, state: GroupsState, progress: Progress) -> GroupsState:
-    for body in _pages(graph, state.delta_link):
-        apply_delta_items(state, page_value(GROUPS_DELTA, body))
-        progress("groups", len(state.groups), None)
-        link = body.get("@odata.deltaLink")
-        if isinstance(link, str) and link:
-            state.delta_link = link
-    return state
 
 
 @dataclass
 class GroupsResult:
     status: ScopeStatus
     state: GroupsState | None = None  # to save after the commit (None: nothing to save)
-    resynced: bool = False  # a 410 forced a full read
+    resynced: bool = False  # a full read replaced the stored state (410, or an unusable link)
 
 
 def collect_groups(
@@ -183,17 +127,16 @@ def collect_groups(
     account_tag: str | None = None,
 ) -> GroupsResult:
     """Bring the groups state up to date and put every group and membership into `target`."""
-    previous = store.load()
     resynced = False
     try:
-        try:
-            state = _round(graph, previous or GroupsState(), progress)
-        except ApiError as exc:
-            if exc.status != 410 or previous is None:
-                raise
-            log.info("groups delta token expired (410); full read", extra={"code": exc.code})
-            resynced = True
-            state = _round(graph, GroupsState(), progress)
+        state, resynced = read_delta(
+            graph,
+            _query(),
+            store.load(),
+            GroupsState,
+            apply_delta_items,
+            lambda st: progress("groups", len(st.groups), None),
+        )
     except CollectError as exc:
         status = ScopeStatus(ScopeState.FAILED, error=str(exc))
         target.scopes[SCOPE_GROUPS] = status

@@ -9,6 +9,7 @@
 
 Endpoint keys (counts, faults): login:/token, login:/openid-configuration,
 login:/common/discovery/instance, graph:/organization, graph:/users, graph:/users/{id},
+graph:/users/delta, graph:/groups/delta, graph:/directoryRoles, graph:/directoryRoles/{id}/members,
 defender:/api/machines, defender:/api/machines/{id}, defender:/api/machines/{id}/logonusers,
 defender:/api/machines/{id}/vulnerabilities, defender:/api/vulnerabilities,
 defender:/api/vulnerabilities/{id}, defender:/api/vulnerabilities/machinesVulnerabilities

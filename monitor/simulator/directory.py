@@ -96,6 +96,7 @@ class SimDirectory:
     roles: dict[str, Json] = field(default_factory=dict)
     role_members: dict[str, list[str]] = field(default_factory=dict)
     managers: dict[str, str] = field(default_factory=dict)  # user id -> manager's user id
+    former_managers: dict[str, str] = field(default_factory=dict)  # whose manager was removed
     seq: int = 0
     log: list[tuple[int, str, str, str | None]] = field(default_factory=list)  # seq, gid, op, uid
     token_floor: int = 0  # delta tokens issued before this seq are expired (410)
@@ -299,11 +300,13 @@ def populate_directory(
 # ---- HTTP ------------------------------------------------------------------------------
 
 
-def _token(doc: Json) -> str:
+def encode_token(doc: Json) -> str:
+    """An opaque skip or delta token carrying `doc`."""
     return b64url(b"DLTk" + orjson.dumps(doc))
 
 
-def _untoken(text: str) -> Json:
+def decode_token(text: str) -> Json:
+    """The doc of a token from encode_token; ValueError for anything else."""
     raw = b64url_decode(text)
     if not raw.startswith(b"DLTk"):
         raise ValueError("not a simulator token")
@@ -340,20 +343,16 @@ def _records_delta(d: SimDirectory, since: int, upto: int) -> list[tuple[str, st
 
 def groups_delta_page(
     d: SimDirectory, query: dict[str, str], base_url: str, path: str, props: list[str]
-) -> tuple[int, Json]:
-    """(status, body) of one `/groups/delta` request (see the module doc)."""
+) -> tuple[int, Json | None]:
+    """(status, body) of one `/groups/delta` request (see the module doc); (410, None) for an
+    expired token."""
     if "$skiptoken" in query:
-        cursor = _untoken(query["$skiptoken"])
+        cursor = decode_token(query["$skiptoken"])
     elif "$deltatoken" in query:
-        start = _untoken(query["$deltatoken"])
+        start = decode_token(query["$deltatoken"])
         since = int(start["s"])
         if since < d.token_floor:
-            return 410, {
-                "error": {
-                    "code": "syncStateNotFound",
-                    "message": "The sync state is not found or expired. Resync without a token.",
-                }
-            }
+            return 410, None
         cursor = {"mode": "delta", "since": since, "upto": d.seq, "i": 0, "m": 0, "p": start["p"]}
     else:
         cursor = {"mode": "full", "upto": d.seq, "after": "", "m": 0, "p": props}
@@ -429,10 +428,10 @@ def groups_delta_page(
         nxt.update({"i": i, "m": m})
     body: Json = {"@odata.context": f"{base_url}/v1.0/$metadata#groups(*)", "value": value}
     if done:
-        tok = _token({"s": int(cursor["upto"]), "p": cursor["p"]})
+        tok = encode_token({"s": int(cursor["upto"]), "p": cursor["p"]})
         body["@odata.deltaLink"] = f"{base_url}{path}?$deltatoken={quote(tok)}"
     else:
-        body["@odata.nextLink"] = f"{base_url}{path}?$skiptoken={quote(_token(nxt))}"
+        body["@odata.nextLink"] = f"{base_url}{path}?$skiptoken={quote(encode_token(nxt))}"
     return 200, body
 
 
@@ -456,13 +455,13 @@ def role_members_page(
     if rid not in d.roles:
         return None
     top = max(1, min(999, int(query.get("$top", "100"))))
-    offset = int(_untoken(query["$skiptoken"])["o"]) if "$skiptoken" in query else 0
+    offset = int(decode_token(query["$skiptoken"])["o"]) if "$skiptoken" in query else 0
     ids = d.role_members.get(rid, [])
     body: Json = {
         "@odata.context": f"{base_url}/v1.0/$metadata#directoryObjects",
         "value": [{"@odata.type": USER_ODATA, "id": u} for u in ids[offset : offset + top]],
     }
     if offset + top < len(ids):
-        tok = _token({"o": offset + top})
+        tok = encode_token({"o": offset + top})
         body["@odata.nextLink"] = f"{base_url}{path}?$select=id&$top={top}&$skiptoken={quote(tok)}"
     return body

@@ -1,4 +1,5 @@
-"""Microsoft Graph v1.0: /organization and /users (with $select, $top and $skiptoken paging)."""
+"""Microsoft Graph v1.0: /organization, /users (with $select, $top and $skiptoken paging),
+/users/delta, /groups/delta and /directoryRoles."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from urllib.parse import quote
 
 import orjson
 
-from monitor.simulator import directory
+from monitor.simulator import directory, users_delta
 from monitor.simulator.certs import b64url, b64url_decode
 from monitor.simulator.errors import graph_error
 from monitor.simulator.httpd import Request, Response, Route, json_response
@@ -144,6 +145,8 @@ class GraphApi:
                 return Route("graph:/organization", self.organization, role="Organization.Read.All")
             if resource == "users" and len(parts) == 2:
                 return Route("graph:/users", self.users, role="Directory.Read.All")
+            if resource == "users" and parts[2:] in (["delta"], ["microsoft.graph.delta"]):
+                return Route("graph:/users/delta", self.users_delta, role="Directory.Read.All")
             if resource == "groups" and parts[2:] in (["delta"], ["microsoft.graph.delta"]):
                 return Route("graph:/groups/delta", self.groups_delta, role="Directory.Read.All")
             if resource == "directoryroles" and len(parts) == 2:
@@ -221,7 +224,29 @@ class GraphApi:
                 )
             except (ValueError, KeyError, orjson.JSONDecodeError):
                 return _err(400, "Invalid delta or skip token.", "Request_BadRequest")
-        return json_response(status, body, CONTENT_TYPE)
+        return _delta_response(status, body)
+
+    def users_delta(self, req: Request, tenant: SimTenant) -> Response:
+        """`/users/delta` (see monitor.simulator.users_delta); `$top` is ignored, as Graph does."""
+        props = _select(req.query, {**_USER_CANON, "manager": "manager"}, "user")
+        if isinstance(props, Response):
+            return props
+        with tenant.lock:
+            d = tenant.directory
+            try:
+                status, body = users_delta.users_delta_page(
+                    tenant.users,
+                    d.managers,
+                    d.former_managers,
+                    req.query,
+                    req.base_url,
+                    req.path,
+                    props or list(_DEFAULT_USER_FIELDS),
+                    {"accountEnabled": True},
+                )
+            except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+                return _err(400, "Invalid delta or skip token.", "Request_BadRequest")
+        return _delta_response(status, body)
 
     def directory_roles(self, req: Request, tenant: SimTenant) -> Response:
         props = _select(
@@ -328,6 +353,16 @@ class GraphApi:
             doc["@odata.nextLink"] = f"{origin}{req.path}?{qs}"
         doc["value"] = items
         return json_response(200, doc, CONTENT_TYPE)
+
+
+def _delta_response(status: int, body: dict[str, Any] | None) -> Response:
+    if body is None:  # an expired or unknown delta token
+        return _err(
+            410,
+            "The sync state is not found or expired. Resync without a token.",
+            "syncStateNotFound",
+        )
+    return json_response(status, body, CONTENT_TYPE)
 
 
 def _expand_supported(req: Request) -> bool:

@@ -2,7 +2,8 @@
 
 All mutation goes through the methods below (they take the tenant lock and invalidate the caches
 the HTTP handlers use). If you change the public dicts directly, call `changed()` afterwards.
-Items are replaced, never edited in place, so a page being served never sees half an update.
+Items are replaced, never edited in place, so a page being served never sees half an update (and
+`/users/delta`, which logs every write to `users`, sees every change).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from monitor.simulator.certs import ClientCertificate, make_client_certificate
 from monitor.simulator.directory import DIRECTORY_OPS, DirectoryMixin, SimDirectory
+from monitor.simulator.users_delta import UserTable
 
 if TYPE_CHECKING:
     from _typeshed import SupportsLenAndGetItem
@@ -35,6 +37,8 @@ MUTATION_OPS = (
     "set_user",
     "add_user",
     "remove_user",
+    "set_manager",
+    "expire_user_delta_tokens",
     "add_logon_user",
     "remove_logon_user",
     "add_machine_vuln",
@@ -97,7 +101,7 @@ class SimTenant(DirectoryMixin):
     client_id: str
     client_secret: str = field(default_factory=lambda: secrets.token_urlsafe(30), repr=False)
     organization: Json = field(default_factory=dict)
-    users: dict[str, Json] = field(default_factory=dict)
+    users: UserTable = field(default_factory=UserTable)  # writes logged for /users/delta
     machines: dict[str, Json] = field(default_factory=dict)
     logon_users: dict[str, list[Json]] = field(default_factory=dict)
     machine_vulns: dict[str, list[str]] = field(default_factory=dict)
@@ -128,6 +132,8 @@ class SimTenant(DirectoryMixin):
     directory: SimDirectory = field(default_factory=SimDirectory)  # groups, roles, managers
 
     def __post_init__(self) -> None:
+        if not isinstance(self.users, UserTable):
+            self.users = UserTable(self.users)
         self.lock = threading.RLock()
         self.version = 0  # bumped by every change
         self.vuln_version = 0  # bumped by changes that affect the vulnerability views
@@ -382,6 +388,30 @@ class SimTenant(DirectoryMixin):
             self._user(user_id)
             del self.users[user_id]
             self.changed(vulns=False)
+
+    def set_manager(self, user_id: str, manager_id: str | None = None) -> None:
+        """Give a user a manager (another user's id), or take it away (None)."""
+        with self.lock:
+            self._user(user_id)
+            managers = self.directory.managers
+            if manager_id is not None:
+                self._user(manager_id)
+                if managers.get(user_id) == manager_id:
+                    return
+                managers[user_id] = manager_id
+            elif user_id in managers:
+                self.directory.former_managers[user_id] = managers.pop(user_id)
+            else:
+                return
+            self.users.log.record(user_id, frozenset({"manager"}))
+            self.changed(vulns=False)
+
+    def expire_user_delta_tokens(self) -> None:
+        """Every `/users/delta` token issued so far gets 410 syncStateNotFound from now on."""
+        with self.lock:
+            log = self.users.log
+            log.floor = log.seq + 1
+            log.seq += 1
 
     # ---- logon users ---------------------------------------------------------------------
 
