@@ -4,13 +4,17 @@ Microsoft allows 1,500 `/logonusers` calls per hour, so 10,000 machines cannot a
 one sync. Each sync refreshes up to `logon_user_budget` machines: never-fetched machines and those
 whose `lastSeen` moved first, then the least recently refreshed. Machines not refreshed keep their
 previous logon users (scope SKIPPED, not "removed").
+
+With `logon_users: hunting` (`collect_logon_users_hunting`), advanced hunting covers every machine
+in a few queries and the per-machine reads keep the account facts it lacks; machines its queries
+could not cover fall back to this rotation for the sync.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +25,12 @@ from monitor.collect.budget import BudgetExhausted
 from monitor.collect.defender_api import DefenderClient
 from monitor.collect.errors import CollectError, NotFound, PermissionMissing, Throttled
 from monitor.collect.http import Json
+from monitor.collect.hunting import DETAIL_FIELDS, hunt_logon_users, with_details
 from monitor.collect.progress import Progress
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import ScopeState, ScopeStatus
-from monitor.model.schema import logon_users_scope
+from monitor.model.schema import LOGON_USER, logon_users_scope
+from monitor.snapshot.store import SnapshotStore
 
 Ledger = dict[str, tuple[float, str | None]]  # machine id -> (refreshed at, lastSeen then)
 
@@ -265,6 +271,136 @@ def collect_logon_users(
     planned = set(plan)
     for mid in last_seen:
         if mid not in planned:  # rotation: not this sync's turn; keeps its previous logon users
+            builder.set_scope(logon_users_scope(mid), ScopeStatus(ScopeState.SKIPPED))
+            result.skipped += 1
+    return result
+
+
+def stored_account_details(
+    client: redis.Redis | None, prefix: str, tenant: str
+) -> Callable[[list[str]], dict[str, Json]]:
+    """A loader of the account facts the last snapshot holds (isDomainAdmin & co., read per
+    machine in an earlier sync), by logon-user id; accounts whose facts were never read are left
+    out."""
+
+    def load(ids: list[str]) -> dict[str, Json]:
+        if client is None or not ids:
+            return {}
+        keys = {lid: LOGON_USER.key(lid) for lid in ids}
+        bodies = SnapshotStore(client, prefix).load_bodies(tenant, keys.values())
+        out: dict[str, Json] = {}
+        for lid, key in keys.items():
+            body = bodies.get(key)
+            if body is not None and "isDomainAdmin" in body:
+                out[lid] = {k: body[k] for k in DETAIL_FIELDS if k in body}
+        return out
+
+    return load
+
+
+def _cover(unknown: set[str], items: dict[str, list[Json]]) -> list[str]:
+    """Machines whose /logonusers would tell the facts of every `unknown` account (greedy: for
+    each account in turn, its machine with the most unknown accounts)."""
+    machines_of: dict[str, list[str]] = {}
+    unknown_on: dict[str, int] = {}
+    for mid, machine_items in items.items():
+        for item in machine_items:
+            if item["id"] in unknown:
+                machines_of.setdefault(item["id"], []).append(mid)
+                unknown_on[mid] = unknown_on.get(mid, 0) + 1
+    picked: list[str] = []
+    covered: set[str] = set()
+    for lid in sorted(machines_of):
+        if lid in covered:
+            continue
+        best = min(machines_of[lid], key=lambda m: (-unknown_on[m], m))
+        picked.append(best)
+        covered.update(i["id"] for i in items[best] if i["id"] in unknown)
+    return picked
+
+
+def collect_logon_users_hunting(
+    defender: DefenderClient,
+    builder: GraphBuilder,
+    last_seen: dict[str, str | None],
+    onboarded: set[str],
+    ledger: Ledger,
+    *,
+    budget: int,
+    concurrency: int,
+    window: str,
+    max_rows: int,
+    rows_per_machine: float | None,
+    known_details: Callable[[list[str]], dict[str, Json]],
+    progress: Progress,
+) -> LogonUsersResult:
+    """Every onboarded machine's logon users through advanced hunting (monitor.collect.hunting).
+
+    Each machine a query covered gets a COMPLETE scope (no rows: no logon users). Within
+    `budget`, /logonusers is then read for machines carrying accounts whose facts (isDomainAdmin,
+    isOnlyNetworkUser, logOnMachinesCount) are not known yet, for the machines no query covered
+    (their logon users, as the rotation does), then in the rotation's order (fresher facts).
+    Account facts come from this sync's reads, else from the last snapshot; without either they
+    are left out. Machines neither covered nor read keep their previous logon users.
+    """
+    result = LogonUsersResult(mode="hunting")
+    report = result.hunting = HuntingReport()
+    targets = [m for m in last_seen if m in onboarded]
+    hunt = hunt_logon_users(
+        defender,
+        targets,
+        window,
+        max_rows=max_rows,
+        rows_per_machine=rows_per_machine,
+        progress=lambda done, total: progress("logon users (hunting)", done, total),
+    )
+    report.calls, report.splits, report.rows = hunt.calls, hunt.splits, hunt.rows
+    report.machines, report.uncovered = len(hunt.items), len(hunt.uncovered)
+    report.errors, report.rows_per_machine = hunt.errors, hunt.rows_per_machine
+    uncovered = set(hunt.uncovered)
+    if uncovered:
+        report.fallback = hunt.stopped or (hunt.errors[0] if hunt.errors else "no answer")
+        progress(
+            "logon users: not covered by hunting, rotation instead", len(uncovered), len(targets)
+        )
+
+    accounts = {item["id"] for items in hunt.items.values() for item in items}
+    details = known_details(sorted(accounts))
+    order = plan_refresh(last_seen, ledger, len(targets), onboarded)
+    plan = list(
+        dict.fromkeys(
+            [
+                *_cover(accounts - set(details), hunt.items),
+                *(m for m in order if m in uncovered),
+                *order,
+            ]
+        )
+    )[:budget]
+    read: dict[str, tuple[str, Json]] = {}  # account -> (machine, the report it read)
+    for fetched in _fetch_all(defender, plan, concurrency, result, progress):
+        mid, outcome, users, _error = fetched
+        for user in users or []:
+            lid = user.get("id")
+            if isinstance(lid, str) and (lid not in read or mid < read[lid][0]):
+                read[lid] = (mid, user)
+        if mid not in hunt.items:  # no query covered it: its logon users come from this read
+            _apply(builder, fetched, last_seen, result)
+        elif outcome == "ok":
+            result.refreshed[mid] = last_seen.get(mid)
+        elif outcome == "not_found":
+            result.not_found[mid] = last_seen.get(mid)
+    for lid, (_mid, user) in read.items():
+        details[lid] = {k: user[k] for k in DETAIL_FIELDS if k in user}
+    report.details_read = len(accounts & set(read))
+    report.details_pending = len(accounts - set(details))
+
+    for mid, items in hunt.items.items():
+        count = builder.add_logon_users(mid, [with_details(i, details.get(i["id"])) for i in items])
+        builder.set_scope(logon_users_scope(mid), ScopeStatus(ScopeState.COMPLETE, count=count))
+    planned = set(plan)
+    for mid in last_seen:
+        if mid not in hunt.items and mid not in planned:
+            # not onboarded, or no query covered it and the budget did not reach it
             builder.set_scope(logon_users_scope(mid), ScopeStatus(ScopeState.SKIPPED))
             result.skipped += 1
     return result
