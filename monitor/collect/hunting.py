@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,12 +87,15 @@ def _later(a: object, b: object) -> bool:
 
 
 def row_item(row: Mapping[str, Any]) -> tuple[str, Json] | None:
-    """(machine id, `/logonusers`-shaped item) of one summary row; None without an account name.
+    """(machine id, `/logonusers`-shaped item) of one summary row; None for an empty account name.
 
-    A row without a string DeviceId raises ValueError (the answer cannot be trusted)."""
+    A row without a string DeviceId or without the AccountName column raises ValueError: the
+    answer is not the one asked for, and reading it would empty machines of their logon users."""
     device = row.get("DeviceId")
     if not isinstance(device, str) or not device:
         raise ValueError("a row without DeviceId")
+    if "AccountName" not in row:
+        raise ValueError("a row without AccountName")
     name, domain = row.get("AccountName"), row.get("AccountDomain")
     if not isinstance(name, str) or not name.strip():
         return None
@@ -141,6 +145,7 @@ class HuntOutcome:
     rows: int = 0
     errors: list[str] = field(default_factory=list)  # failed queries, in order
     stopped: str | None = None  # why the remaining queries were not sent
+    seconds: float = 0.0  # wall time of the queries
 
     @property
     def rows_per_machine(self) -> float | None:
@@ -167,6 +172,7 @@ def hunt_logon_users(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> HuntOutcome:
     """Query every machine's logon users, range by range; see the module doc."""
+    t0 = time.monotonic()
     ids = sorted(set(machine_ids))
     out = HuntOutcome()
     estimate = max(rows_per_machine or DEFAULT_ROWS_PER_MACHINE, MIN_ROWS_PER_MACHINE)
@@ -215,6 +221,7 @@ def hunt_logon_users(
         if seen is not None:
             estimate = max(seen, MIN_ROWS_PER_MACHINE)
         progress(len(out.items), len(ids))
+    out.seconds = time.monotonic() - t0
     return out
 
 

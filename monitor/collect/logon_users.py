@@ -126,6 +126,7 @@ class HuntingReport:
     details_read: int = 0  # accounts whose facts came from a /logonusers read this sync
     details_pending: int = 0  # accounts without isDomainAdmin & co. (no read yet)
     rows_per_machine: float | None = None
+    seconds: float = 0.0  # wall time of the hunting queries
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +139,7 @@ class HuntingReport:
             "fallback": self.fallback,
             "details_read": self.details_read,
             "details_pending": self.details_pending,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -357,6 +359,7 @@ def collect_logon_users_hunting(
     report.calls, report.splits, report.rows = hunt.calls, hunt.splits, hunt.rows
     report.machines, report.uncovered = len(hunt.items), len(hunt.uncovered)
     report.errors, report.rows_per_machine = hunt.errors, hunt.rows_per_machine
+    report.seconds = hunt.seconds
     uncovered = set(hunt.uncovered)
     if uncovered:
         report.fallback = hunt.stopped or (hunt.errors[0] if hunt.errors else "no answer")
