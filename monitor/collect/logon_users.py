@@ -384,7 +384,8 @@ def collect_logon_users_hunting(
         mid, outcome, users, _error = fetched
         for user in users or []:
             lid = user.get("id")
-            if isinstance(lid, str) and (lid not in read or mid < read[lid][0]):
+            lid = lid.lower() if isinstance(lid, str) else None  # hunting's ids are lower-case
+            if lid is not None and (lid not in read or mid < read[lid][0]):
                 read[lid] = (mid, user)
         if mid not in hunt.items:  # no query covered it: its logon users come from this read
             _apply(builder, fetched, last_seen, result)
