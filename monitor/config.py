@@ -319,7 +319,7 @@ class TenantConfig(_Model):
     @classmethod
     def _window(cls, value: str) -> str:
         window_seconds(value)  # raises ValueError naming the problem
-        return value.strip()
+        return "".join(value.split())  # as KQL writes a timespan: 30d
 
     @model_validator(mode="after")
     def _credentials_and_cloud(self) -> TenantConfig:
