@@ -12,6 +12,7 @@ could not cover fall back to this rotation for the sync.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -300,24 +301,26 @@ def stored_account_details(
     return load
 
 
-def _cover(unknown: set[str], items: dict[str, list[Json]]) -> list[str]:
-    """Machines whose /logonusers would tell the facts of every `unknown` account (greedy: for
-    each account in turn, its machine with the most unknown accounts)."""
-    machines_of: dict[str, list[str]] = {}
-    unknown_on: dict[str, int] = {}
-    for mid, machine_items in items.items():
-        for item in machine_items:
-            if item["id"] in unknown:
-                machines_of.setdefault(item["id"], []).append(mid)
-                unknown_on[mid] = unknown_on.get(mid, 0) + 1
+def _cover(unknown: set[str], items: dict[str, list[Json]], limit: int) -> list[str]:
+    """At most `limit` machines whose /logonusers tell the facts of as many `unknown` accounts
+    as possible (greedy: each pick is the machine with the most accounts still unknown)."""
+    unknown_on = {
+        mid: {i["id"] for i in machine_items if i["id"] in unknown}
+        for mid, machine_items in items.items()
+    }
+    heap = [(-len(accounts), mid) for mid, accounts in unknown_on.items() if accounts]
+    heapq.heapify(heap)
+    left = set().union(*unknown_on.values()) if unknown_on else set()
     picked: list[str] = []
-    covered: set[str] = set()
-    for lid in sorted(machines_of):
-        if lid in covered:
+    while heap and left and len(picked) < limit:
+        neg, mid = heapq.heappop(heap)
+        gain = len(unknown_on[mid] & left)
+        if gain < -neg:  # others were learnt meanwhile: put it back with its true gain
+            if gain:
+                heapq.heappush(heap, (-gain, mid))
             continue
-        best = min(machines_of[lid], key=lambda m: (-unknown_on[m], m))
-        picked.append(best)
-        covered.update(i["id"] for i in items[best] if i["id"] in unknown)
+        picked.append(mid)
+        left -= unknown_on[mid]
     return picked
 
 
@@ -373,7 +376,7 @@ def collect_logon_users_hunting(
     plan = list(
         dict.fromkeys(
             [
-                *_cover(accounts - set(details), hunt.items),
+                *_cover(accounts - set(details), hunt.items, budget),
                 *(m for m in order if m in uncovered),
                 *order,
             ]
