@@ -268,6 +268,24 @@ class IdentitySettings(_Model):
     directory_roles: bool = True
 
 
+_WINDOW = re.compile(r"^\s*(\d+)\s*([dhm])\s*$")
+_WINDOW_UNIT = {"d": 86400, "h": 3600, "m": 60}
+MAX_HUNTING_WINDOW_SECONDS = 30 * 86400  # advanced hunting keeps 30 days of data
+
+
+def window_seconds(text: str) -> int:
+    """`30d`, `12h`, `90m` as seconds (1 minute to 30 days); ValueError otherwise."""
+    m = _WINDOW.match(text)
+    if not m:
+        raise ValueError(f"a window is a number and d, h or m (e.g. 30d, 12h), got {text!r}")
+    seconds = int(m.group(1)) * _WINDOW_UNIT[m.group(2)]
+    if not 60 <= seconds <= MAX_HUNTING_WINDOW_SECONDS:
+        raise ValueError(
+            f"the window must be between 1m and 30d (advanced hunting keeps 30 days), got {text!r}"
+        )
+    return seconds
+
+
 class TenantConfig(_Model):
     """One connected Entra ID tenant (an app registration)."""
 
@@ -291,7 +309,20 @@ class TenantConfig(_Model):
     # users by `/users/delta` (only the changes after the first sync) or, when false, the full
     # list every sync (monitor.collect.users)
     users_delta: bool = True
+    # rotation: /logonusers per machine within logon_user_budget; hunting: every machine's logon
+    # users through advanced hunting (AdvancedQuery.Read.All) over `logon_users_window`
+    logon_users: Literal["rotation", "hunting"] = "rotation"
+    logon_users_window: str = "30d"
+    # rows one hunting query may return (Microsoft's documented 100,000); a query that returns
+    # this many is taken as cut and its device range is split
+    hunting_max_rows: int = Field(default=100_000, ge=2, le=100_000)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+
+    @field_validator("logon_users_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        window_seconds(value)  # raises ValueError naming the problem
+        return "".join(value.split())  # as KQL writes a timespan: 30d
 
     @model_validator(mode="after")
     def _credentials_and_cloud(self) -> TenantConfig:

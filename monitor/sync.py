@@ -52,6 +52,7 @@ class SyncSummary:
     scopes_incomplete: dict[str, str | None] = field(default_factory=dict)  # scope -> error
     error: str | None = None
     baseline: bool = False
+    notes: list[str] = field(default_factory=list)  # e.g. a logon-user hunting fallback
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class SyncSummary:
             "events": self.events,
             "scopes_incomplete": self.scopes_incomplete,
             "error": self.error,
+            "notes": self.notes,
         }
 
 
@@ -222,4 +224,5 @@ def _summary(collected: CollectResult, result: CommitResult) -> SyncSummary:
         events=dict(sorted(events.items())),
         scopes_incomplete=incomplete,
         baseline=result.baseline,
+        notes=list(collected.notes),
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -134,6 +135,8 @@ def _print_summary(s: SyncSummary) -> None:
             f"  [yellow]kept previous data[/yellow] for {scope}: {err or 'not refreshed'}",
             highlight=False,
         )
+    for note in s.notes:
+        out.print(f"  [yellow]note[/yellow]: {escape(note)}", highlight=False)
 
 
 def _count_sync(client: Any, prefix: str, summary: dict[str, Any]) -> None:

@@ -32,6 +32,8 @@ ENDPOINT_LIMITS: dict[str, Limit] = {
     "defender:/api/machines/{id}/vulnerabilities": Limit(50, 1500),
     "defender:/api/vulnerabilities": Limit(50, 1500),
     "defender:/api/vulnerabilities/machinesVulnerabilities": Limit(30, 1000),
+    # advanced hunting: 45 calls/min and 1,500/hour; its CPU quota answers 429 (Retry-After)
+    "defender:/api/advancedqueries/run": Limit(45, 1500),
 }
 
 

@@ -10,6 +10,7 @@ from monitor.collect.collector import TenantSession, open_session
 from monitor.collect.defender_api import LOGON_USERS, MACHINES, VULNERABILITIES
 from monitor.collect.errors import AuthError, CollectError, FeatureDisabled, PermissionMissing
 from monitor.collect.graph_api import ORGANIZATION, USERS
+from monitor.collect.hunting import logon_query
 from monitor.collect.users import USERS_DELTA
 from monitor.config import Settings, TenantConfig
 
@@ -76,10 +77,10 @@ def check_tenant(settings: Settings, tenant: TenantConfig) -> list[Probe]:
                 sign_in.append(Probe(f"sign-in ({scope})", api_name, False, str(exc), "sign_in"))
         if len(failed_apis) == 2:
             return sign_in
-        return sign_in + [p for p in _probes(s) if p.api not in failed_apis]
+        return sign_in + [p for p in _probes(s, tenant) if p.api not in failed_apis]
 
 
-def _probes(s: TenantSession) -> list[Probe]:
+def _probes(s: TenantSession, tenant: TenantConfig) -> list[Probe]:
     g, d = s.graph.api, s.defender.api
     first_machine: list[str] = []
 
@@ -156,4 +157,14 @@ def _probes(s: TenantSession) -> list[Probe]:
             ),
         )
     )
+    if tenant.logon_users == "hunting":
+        # the collector's own query, for one machine over one hour: cheap, and the shape it sends
+        device = first_machine[0] if first_machine else "0" * 40
+        probes.append(
+            _probe(
+                "AdvancedQuery.Read.All",
+                "WindowsDefenderATP",
+                lambda: s.defender.run_query(logon_query(device, device, "1h")),
+            )
+        )
     return probes

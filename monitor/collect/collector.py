@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,14 +20,17 @@ from monitor.collect.defender_api import DefenderClient
 from monitor.collect.errors import AuthError
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.http import ApiClient, RequestStats, build_http_client
+from monitor.collect.hunting import RowsHint
 from monitor.collect.identity import IdentityResult, collect_identity, identity_inputs
 from monitor.collect.logon_users import (
     LogonUsersResult,
     RefreshLedger,
     collect_logon_users,
+    collect_logon_users_hunting,
     plan_refresh,
+    stored_account_details,
 )
-from monitor.collect.machines import collect_machines
+from monitor.collect.machines import MachinesResult, collect_machines
 from monitor.collect.progress import Progress, no_progress
 from monitor.collect.users import UsersResult, UsersStateStore, collect_users
 from monitor.collect.vulnerabilities import collect_vulnerabilities
@@ -34,6 +38,8 @@ from monitor.config import Settings, TenantConfig
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.schema import logon_users_scope
+
+log = logging.getLogger(__name__)
 
 
 def _now_iso() -> str:
@@ -106,6 +112,7 @@ class CollectResult:
     identity: IdentityResult | None = None
     users: UsersResult | None = None
     users_store: UsersStateStore | None = None  # None: the users were read as a full list
+    notes: list[str] = field(default_factory=list)  # what the operator should know (fallbacks)
 
     def after_commit(self) -> None:
         """Once the snapshot is committed: save the users and groups delta states."""
@@ -128,11 +135,14 @@ class CollectResult:
                 "failed": self.logon.failed,
                 "not_found": len(self.logon.not_found),
                 "throttled": self.logon.throttled,
+                "mode": self.logon.mode,
+                "hunting": self.logon.hunting.to_dict() if self.logon.hunting else None,
             }
             if self.logon
             else None,
             "identity": self.identity.summary() if self.identity else None,
             "users_read": _users_read(self.users, self.users_store),
+            "notes": self.notes,
         }
 
 
@@ -227,22 +237,30 @@ def collect_tenant(
         timed("vulnerabilities", t)
         logon: LogonUsersResult | None = None
         ledger: dict[str, tuple[float, str | None]] = {}
+        notes: list[str] = []
         if machines.complete:
             t = time.monotonic()
             ledger = RefreshLedger(redis_client, settings.redis_prefix, tenant.name).load()
-            plan = plan_refresh(
-                machines.last_seen, ledger, tenant.logon_user_budget, machines.onboarded
-            )
-            if inputs.problem is not None:
-                held, plan = plan, []
-            logon = collect_logon_users(
-                s.defender,
-                builder,
-                machines.last_seen,
-                plan,
-                tenant.logon_user_concurrency,
-                progress,
-            )
+            if tenant.logon_users == "hunting" and inputs.problem is None:
+                logon = _hunt_logon_users(
+                    settings, tenant, s, builder, machines, ledger, redis_client, progress
+                )
+                notes += _hunting_notes(tenant, logon)
+            else:
+                plan = plan_refresh(
+                    machines.last_seen, ledger, tenant.logon_user_budget, machines.onboarded
+                )
+                if inputs.problem is not None:
+                    held = plan if tenant.logon_users == "rotation" else sorted(machines.onboarded)
+                    plan = []
+                logon = collect_logon_users(
+                    s.defender,
+                    builder,
+                    machines.last_seen,
+                    plan,
+                    tenant.logon_user_concurrency,
+                    progress,
+                )
             for mid in held:  # not a plain rotation: say why their turn passed
                 builder.set_scope(
                     logon_users_scope(mid), ScopeStatus(ScopeState.SKIPPED, error=inputs.problem)
@@ -275,4 +293,62 @@ def collect_tenant(
             identity=identity,
             users=users,
             users_store=users_store,
+            notes=notes,
         )
+
+
+def _hunt_logon_users(
+    settings: Settings,
+    tenant: TenantConfig,
+    s: TenantSession,
+    builder: GraphBuilder,
+    machines: MachinesResult,
+    ledger: dict[str, tuple[float, str | None]],
+    redis_client: redis.Redis | None,
+    progress: Progress,
+) -> LogonUsersResult:
+    """`logon_users: hunting`: advanced hunting for every onboarded machine (see
+    `collect_logon_users_hunting`), remembering the rows per machine for the next sync's ranges."""
+    hint = RowsHint(redis_client, settings.redis_prefix, tenant.name)
+    logon = collect_logon_users_hunting(
+        s.defender,
+        builder,
+        machines.last_seen,
+        machines.onboarded,
+        ledger,
+        budget=tenant.logon_user_budget,
+        concurrency=tenant.logon_user_concurrency,
+        window=tenant.logon_users_window,
+        max_rows=tenant.hunting_max_rows,
+        rows_per_machine=hint.load(),
+        known_details=stored_account_details(redis_client, settings.redis_prefix, tenant.name),
+        progress=progress,
+    )
+    if logon.hunting is not None and logon.hunting.rows_per_machine is not None:
+        hint.save(logon.hunting.rows_per_machine)
+    return logon
+
+
+def _hunting_notes(tenant: TenantConfig, logon: LogonUsersResult) -> list[str]:
+    """The hunting fallback, said once in the log and in the sync's notes."""
+    report = logon.hunting
+    if report is None or report.fallback is None:
+        return []
+    uncovered = report.uncovered
+    read = len(logon.refreshed)  # per-machine reads, covered machines included
+    note = (
+        f"logon users: advanced hunting did not cover {uncovered:,} machine(s) ({report.fallback});"
+        f" the per-machine rotation stood in for this sync ({read:,} /logonusers read within"
+        f" logon_user_budget {tenant.logon_user_budget:,}), the others keep their previous logon"
+        " users"
+    )
+    log.warning(
+        "logon users: hunting fell back to the rotation",
+        extra={
+            "tenant": tenant.name,
+            "uncovered": uncovered,
+            "covered": report.machines,
+            "error": report.fallback,
+        },
+    )
+    return [note]

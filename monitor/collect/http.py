@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
+from httpx import USE_CLIENT_DEFAULT
 
 from monitor import __version__
 from monitor.collect.budget import Budget
@@ -101,6 +102,15 @@ class RequestStats:
             "budget_wait_seconds": round(self.budget_wait_wall_seconds, 3),  # wall clock
             "budget_wait_thread_seconds": round(self.budget_wait_seconds, 3),
         }
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    url: str
+    params: dict[str, str | int] | None
+    body: Json | None
+    timeout: float | None  # None: the client's configured timeout
 
 
 class _Retry(Exception):
@@ -198,6 +208,11 @@ class ApiClient:
     def __repr__(self) -> str:
         return f"ApiClient({self.name!r}, {self.base_url!r})"
 
+    @property
+    def timeout_seconds(self) -> float:
+        """The configured per-request timeout."""
+        return self._settings.timeout_seconds
+
     def get_json(
         self,
         endpoint: str,
@@ -218,6 +233,57 @@ class ApiClient:
         ResourceNotFound or no JSON body (then an empty list). With `wait_on_throttle` False a
         429 raises Throttled at once (per-machine loops stop their batch instead of waiting).
         """
+        return self._request_json(
+            "GET",
+            endpoint,
+            url,
+            params,
+            None,
+            permission=permission,
+            empty_on_not_found=empty_on_not_found,
+            wait_on_throttle=wait_on_throttle,
+            timeout=None,
+        )
+
+    def post_json(
+        self,
+        endpoint: str,
+        url: str,
+        body: Json,
+        *,
+        permission: str,
+        timeout: float | None = None,
+    ) -> Json:
+        """POST a JSON body to a read-only endpoint (a query) and return the JSON object.
+
+        Retried like `get_json` (the call changes nothing, so sending it again is safe);
+        `timeout` (seconds) replaces the configured per-request timeout for slow queries.
+        """
+        return self._request_json(
+            "POST",
+            endpoint,
+            url,
+            None,
+            body,
+            permission=permission,
+            empty_on_not_found=False,
+            wait_on_throttle=True,
+            timeout=timeout,
+        )
+
+    def _request_json(
+        self,
+        method: str,
+        endpoint: str,
+        url: str,
+        params: dict[str, str | int] | None,
+        body: Json | None,
+        *,
+        permission: str,
+        empty_on_not_found: bool,
+        wait_on_throttle: bool,
+        timeout: float | None,
+    ) -> Json:
         if not url.startswith("http"):
             url = f"{self.base_url}{url}"
         if origin(url) != self._origin:  # never send our token to another host
@@ -226,12 +292,11 @@ class ApiClient:
         deadline = time.monotonic() + s.max_retry_seconds
         attempt = 0
         refreshed_token = False
+        request = _Request(method, url, params, body, timeout)
         while True:
             attempt += 1
             try:
-                return self._attempt(
-                    endpoint, url, params, permission, empty_on_not_found, deadline
-                )
+                return self._attempt(endpoint, request, permission, empty_on_not_found, deadline)
             except _TokenRejected as rejected:
                 if refreshed_token:
                     raise rejected.error from None
@@ -265,8 +330,7 @@ class ApiClient:
     def _attempt(
         self,
         endpoint: str,
-        url: str,
-        params: dict[str, str | int] | None,
+        request: _Request,
         permission: str,
         empty_on_not_found: bool,
         deadline: float,
@@ -278,7 +342,14 @@ class ApiClient:
         token = self._tokens.token(self.scope)  # AuthError (naming the scope) propagates
         self.stats.count(self.stats.requests, endpoint)
         try:
-            resp = self._http.get(url, params=params, headers={"Authorization": f"Bearer {token}"})
+            resp = self._http.request(
+                request.method,
+                request.url,
+                params=request.params,
+                json=request.body,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=request.timeout if request.timeout is not None else USE_CLIENT_DEFAULT,
+            )
         except httpx.TimeoutException as exc:
             raise _Retry(ApiError(endpoint, f"timed out ({type(exc).__name__})")) from None
         except httpx.TransportError as exc:

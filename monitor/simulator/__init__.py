@@ -12,12 +12,14 @@ login:/common/discovery/instance, graph:/organization, graph:/users, graph:/user
 graph:/users/delta, graph:/groups/delta, graph:/directoryRoles, graph:/directoryRoles/{id}/members,
 defender:/api/machines, defender:/api/machines/{id}, defender:/api/machines/{id}/logonusers,
 defender:/api/machines/{id}/vulnerabilities, defender:/api/vulnerabilities,
-defender:/api/vulnerabilities/{id}, defender:/api/vulnerabilities/machinesVulnerabilities
-(and <api>:unknown for anything else). Fault kinds are described in `faults.py`, the admin
+defender:/api/vulnerabilities/{id}, defender:/api/vulnerabilities/machinesVulnerabilities,
+defender:/api/advancedqueries/run (and <api>:unknown for anything else). Fault kinds are described in `faults.py`, the admin
 HTTP API in `admin.py`.
 
 Roles are checked against both the token's `roles` claim and the tenant's current roles, so
 `tenant.set_roles(...)` takes effect at once. Tokens carry the roles of their API only.
+Tenants hold the seed's permissions; AdvancedQuery.Read.All (advanced hunting, see
+`hunting.py`) is granted only when asked for, as customers opt in to it.
 
 What real tenants do is played on demand: `tenant.set_behaviour(...)` (short Defender pages with
 or without a nextLink, links to another host, @odata.count, lists missing their tail, Microsoft's

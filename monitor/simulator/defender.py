@@ -10,7 +10,8 @@ import orjson
 
 from monitor.simulator.errors import defender_error
 from monitor.simulator.httpd import Request, Response, Route, json_response
-from monitor.simulator.tenant import ODATA_VULN_TYPE, SimTenant
+from monitor.simulator.hunting import QueryError, run_query
+from monitor.simulator.tenant import HUNTING_ROLE, ODATA_VULN_TYPE, SimTenant
 
 if TYPE_CHECKING:
     from monitor.simulator.simulator import Simulator
@@ -19,6 +20,7 @@ CONTENT_TYPE = "application/json; odata.metadata=minimal; odata.streaming=true; 
 MAX_MACHINES_TOP = 10_000
 MAX_VULNERABILITIES_TOP = 8_000
 MAX_MACHINE_VULNERABILITIES_TOP = 10_000
+HUNTING = "defender:/api/advancedqueries/run"
 
 _UNSUPPORTED = ("$filter", "$orderby", "$expand", "$select", "$search")
 
@@ -27,6 +29,7 @@ _REQUIRED = {
     "Machine.Read.All": "Machine.ReadWrite.All, Machine.Read.All",
     "User.Read.All": "User.Read.All",
     "Vulnerability.Read.All": "Vulnerability.Read.All",
+    HUNTING_ROLE: HUNTING_ROLE,
 }
 
 
@@ -131,6 +134,8 @@ class DefenderApi:
         if low[1:] == ["vulnerabilities", "machinesvulnerabilities"]:
             return Route("defender:/api/vulnerabilities/machinesVulnerabilities",
                          self.machines_vulnerabilities, role="Vulnerability.Read.All")  # fmt: skip
+        if low[1:] == ["advancedqueries", "run"]:
+            return Route(HUNTING, self.advanced_query, role=HUNTING_ROLE)
         if len(low) == 3 and low[1] == "vulnerabilities":
             return Route("defender:/api/vulnerabilities/{id}", self.vulnerability,
                          {"id": parts[2]}, role="Vulnerability.Read.All")  # fmt: skip
@@ -164,7 +169,13 @@ class DefenderApi:
         return _err(404, f"Resource {req.path} was not found.", "ResourceNotFound")
 
     def check_request(self, req: Request) -> Response | None:
-        """405 for anything but GET; 400 for query options the simulator does not implement."""
+        """405 for anything but GET (POST for advanced hunting); 400 for query options the
+        simulator does not implement."""
+        if [p.lower() for p in req.path.split("/") if p] == ["api", "advancedqueries", "run"]:
+            if req.method != "POST":
+                return _err(405, f"The requested resource does not support http method"
+                            f" '{req.method}'.", "MethodNotAllowed")  # fmt: skip
+            return None
         if req.method not in ("GET", "HEAD"):
             return _err(405, f"The requested resource does not support http method '{req.method}'.",
                         "MethodNotAllowed")  # fmt: skip
@@ -265,3 +276,19 @@ class DefenderApi:
             top,
             skip,
         )
+
+    def advanced_query(self, req: Request, tenant: SimTenant) -> Response:
+        """POST {"Query": "..."}: DeviceLogonEvents summarised (see monitor.simulator.hunting)."""
+        try:
+            body = req.json()
+        except ValueError as exc:
+            return _err(400, str(exc), "InvalidRequestBody")
+        text = body.get("Query", body.get("query")) if isinstance(body, dict) else None
+        try:
+            answer = run_query(tenant, text, self.sim.hunting_quota)
+        except QueryError as exc:
+            resp = _err(exc.status, str(exc), exc.code)
+            if exc.retry_after is not None:
+                resp.headers["Retry-After"] = str(exc.retry_after)
+            return resp
+        return Response(200, orjson.dumps(answer), {}, "application/json; charset=utf-8")

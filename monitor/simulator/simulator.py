@@ -18,11 +18,12 @@ import httpx
 import yaml
 
 from monitor.simulator.certs import ServerTLS, write_private
-from monitor.simulator.defender import DefenderApi
+from monitor.simulator.defender import HUNTING, DefenderApi
 from monitor.simulator.errors import aad_error
 from monitor.simulator.faults import DEFAULT_RATE_LIMITED, Fault, FaultBook, RateLimiter
 from monitor.simulator.graph import GraphApi
 from monitor.simulator.httpd import Request, Response, Route, SimHTTPServer, json_response
+from monitor.simulator.hunting import CpuQuota
 from monitor.simulator.login import LoginApi
 from monitor.simulator.tenant import SimTenant
 from monitor.simulator.tokens import TokenError, TokenIssuer, TokenProblem
@@ -69,6 +70,7 @@ class Simulator:
         rate_limit_minute_seconds: float = 60.0,
         rate_limit_hour_seconds: float = 3600.0,
         rate_limited_endpoints: Iterable[str] = DEFAULT_RATE_LIMITED,
+        hunting_limits: bool = True,
         ports: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> None:
         self._own_state_dir = state_dir is None
@@ -88,6 +90,16 @@ class Simulator:
             endpoints=rate_limited_endpoints,
         )
         self.rate_limiter.enabled = rate_limits
+        # advanced hunting's own documented limits: 45 calls/min, 1,500/hour, a CPU quota per hour
+        self.hunting_limiter = RateLimiter(
+            45,
+            1500,
+            minute_seconds=rate_limit_minute_seconds,
+            hour_seconds=rate_limit_hour_seconds,
+            endpoints=[HUNTING],
+        )
+        self.hunting_limiter.enabled = hunting_limits
+        self.hunting_quota = CpuQuota(rate_limit_hour_seconds)
         self._ports = ports
         self._tenants: dict[str, SimTenant] = {}
         self._lock = threading.Lock()
@@ -427,6 +439,8 @@ class Simulator:
             return refused
         if isinstance(api, DefenderApi):
             retry = self.rate_limiter.check(tenant.tenant_id, route.key)
+            if retry is None and route.key == HUNTING:
+                retry = self.hunting_limiter.check(tenant.tenant_id, route.key)
             if retry is not None:
                 return api.too_many_requests(retry)
         assert route.handler is not None

@@ -26,7 +26,12 @@ if TYPE_CHECKING:
     from _typeshed import SupportsLenAndGetItem
 
 GRAPH_ROLES = ("Organization.Read.All", "Directory.Read.All")
-DEFENDER_ROLES = ("Machine.Read.All", "User.Read.All", "Vulnerability.Read.All")
+# the seed's Defender permissions, granted to every simulated tenant by default ...
+SEED_DEFENDER_ROLES = ("Machine.Read.All", "User.Read.All", "Vulnerability.Read.All")
+SEED_ROLES = GRAPH_ROLES + SEED_DEFENDER_ROLES
+# ... and the opt-in one `logon_users: hunting` needs (set_roles / tenant.roles.add to grant it)
+HUNTING_ROLE = "AdvancedQuery.Read.All"
+DEFENDER_ROLES = (*SEED_DEFENDER_ROLES, HUNTING_ROLE)
 ALL_ROLES = GRAPH_ROLES + DEFENDER_ROLES
 
 # Operations the admin API may call by name (`{"op": ..., "args": {...}}`).
@@ -61,7 +66,13 @@ BEHAVIOUR_KNOBS = (
     "odata_count",
     "short_lists",
     "catalogue_extra",
+    # advanced hunting (monitor.simulator.hunting): table size and Microsoft's limits
+    "hunting_events_per_logon",
+    "hunting_max_rows",
+    "hunting_max_query_events",
+    "hunting_cpu_events_per_hour",
 )
+_HUNTING_KNOBS = BEHAVIOUR_KNOBS[-4:]
 
 ODATA_VULN_TYPE = "#microsoft.windowsDefenderATP.api.PublicVulnerabilityDto"
 
@@ -108,7 +119,7 @@ class SimTenant(DirectoryMixin):
     cves: dict[str, Json] = field(default_factory=dict)
     # Per CVE, the affected software: productName, productVendor, productVersion, fixingKbId.
     cve_products: dict[str, list[Json]] = field(default_factory=dict)
-    roles: set[str] = field(default_factory=lambda: set(ALL_ROLES))
+    roles: set[str] = field(default_factory=lambda: set(SEED_ROLES))
     # interactive sign-in (the console's OIDC flow): UPN -> group ids / app roles in the ID token
     sign_in_groups: dict[str, list[str]] = field(default_factory=dict)
     sign_in_roles: dict[str, list[str]] = field(default_factory=dict)
@@ -129,6 +140,13 @@ class SimTenant(DirectoryMixin):
     # Microsoft's catalogue: this many more CVEs, on no machine of the tenant, in
     # /api/vulnerabilities (generated on the fly, so 250,000 cost no memory)
     catalogue_extra: int = 0
+    # Advanced hunting's DeviceLogonEvents: logons behind each (machine, logon user), on average
+    hunting_events_per_logon: int = 20
+    # Microsoft's limits (one simulated event costs 1 us): rows per answer (the rest are cut),
+    # events one query may scan (its 200 s), events per tenant and hour (10 minutes of CPU)
+    hunting_max_rows: int = 100_000
+    hunting_max_query_events: int = 200_000_000
+    hunting_cpu_events_per_hour: int = 600_000_000
     directory: SimDirectory = field(default_factory=SimDirectory)  # groups, roles, managers
 
     def __post_init__(self) -> None:
@@ -510,6 +528,10 @@ class SimTenant(DirectoryMixin):
         extra = knobs.get("catalogue_extra", 0)
         if not isinstance(extra, int) or extra < 0:
             raise ValueError("catalogue_extra must be an integer >= 0")
+        for name in _HUNTING_KNOBS:
+            value = knobs.get(name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1")
         short = knobs.get("short_lists", {})
         if not isinstance(short, dict) or not all(
             isinstance(v, int) and v >= 0 for v in short.values()
