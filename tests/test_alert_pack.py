@@ -200,6 +200,23 @@ CASES = [
         ignore=[logon("added", "carol", False)],
     ),
     Case(
+        "logon-user-became-domain-admin",
+        [
+            entity_event(
+                "mde.logon_user.updated",
+                logon_user("da-eve", True),
+                {"isDomainAdmin": {"old": None, "new": True}},
+            )
+        ],
+        ignore=[
+            entity_event(
+                "mde.logon_user.updated",
+                logon_user("frank", False),
+                {"isDomainAdmin": {"old": None, "new": False}},
+            )
+        ],
+    ),
+    Case(
         "user-created",
         [user_event("created")],
         title="Directory user created: User u1 created in contoso",

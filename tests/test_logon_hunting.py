@@ -269,7 +269,19 @@ def test_missing_permission_falls_back_to_the_rotation_and_says_so(
             progress=lambda stage, done, total: stages.append(stage), logon_user_budget=3
         )
     assert second.status == "ok"
-    assert hunt.events(second) == Counter()  # no deletion, no invented update
+    # no deletion; the only events are the account facts the rotation's three reads learnt
+    # (unknown -> known, e.g. isDomainAdmin: null -> true, which an alert must see)
+    learnt = [
+        ev
+        for _, ev in read_range(hunt.client, hunt.prefix, "sim")
+        if ev["data"].get("generation") == second.generation
+        and not ev["type"].startswith("mde.query.")
+    ]
+    assert {ev["type"] for ev in learnt} <= {"mde.logon_user.updated"}
+    for ev in learnt:
+        changes = ev["data"]["changes"]
+        assert set(changes) <= {"isDomainAdmin", "isOnlyNetworkUser", "logOnMachinesCount"}
+        assert all(c["old"] is None and c["new"] is not None for c in changes.values())
     assert len(second.notes) == 1
     assert ROLE in second.notes[0] and "rotation" in second.notes[0]
     assert any("rotation" in s for s in stages)

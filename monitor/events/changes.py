@@ -97,16 +97,6 @@ def bodies_needed(plan: MergePlan, graph: Graph) -> set[str]:
     return need
 
 
-def _learnt_dropped(typ: str, changes: diff.Changes) -> diff.Changes:
-    """`changes` without the first known value of a type's `filled_later` properties."""
-    ent = schema.ENTITY_BY_TYPE.get(typ)
-    if ent is None or not ent.filled_later:
-        return changes
-    return {
-        k: c for k, c in changes.items() if not (k in ent.filled_later and c.get("old") is None)
-    }
-
-
 def _rel_changes(plan: MergePlan, graph: Graph) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for key in plan.created:
@@ -157,9 +147,8 @@ def build_events(
         short = entity_short(item["_type"])
         if short is None:
             continue
-        changes = _learnt_dropped(
-            item["_type"],
-            diff.field_changes(old, item, ignored.get(item["_type"], frozenset({diff.RAW_DATA}))),
+        changes = diff.field_changes(
+            old, item, ignored.get(item["_type"], frozenset({diff.RAW_DATA}))
         )
         if changes:
             events.extend(_entity_events(ctx, short, "updated", key, old, item, changes))

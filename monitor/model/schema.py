@@ -25,9 +25,6 @@ class EntityType:
     # Properties written even when unknown (null): the JupiterOne class requires them and allows
     # null. Every other property is left out when its value is unknown (None).
     keep_null: tuple[str, ...] = ()
-    # Properties that may be unknown (left out) at first and learnt in a later sync: their first
-    # known value is not an update event (a value changing after that is).
-    filled_later: tuple[str, ...] = ()
 
     def key(self, source_id: str) -> str:
         return self.key_format.format(id=source_id)
@@ -299,9 +296,6 @@ LOGON_USER = EntityType(
         "directoryUserState",
         "employeeStatus",
     ),
-    # Account facts only /logonusers reports: with `logon_users: hunting` a new account's are
-    # read for a few machines per sync, so an account may arrive before its facts do
-    filled_later=("isDomainAdmin", "isOnlyNetworkUser", "logOnMachinesCount"),
     properties=(
         "name",
         "displayName",
