@@ -23,6 +23,7 @@ Nothing is invented and nothing is deleted on incomplete evidence:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from monitor.config import DetectSettings
@@ -99,6 +100,30 @@ def scope_state(graph: Graph, cmp: Comparison, scope: str) -> ScopeStatus:
     return ScopeStatus(ScopeState.SKIPPED, 0, "not fetched (no status reported by the collector)")
 
 
+@dataclass
+class _Merge:
+    """The working state of one merge, shared by its steps."""
+
+    graph: Graph
+    cmp: Comparison
+    previous: Index
+    first_sync: bool
+    known: set[str]  # scopes known before this sync
+    states: dict[str, ScopeStatus]
+    index: Index  # becomes the new index (fetched items, then the kept ones)
+    write: dict[str, bytes]
+    previous_fp: dict[str, str]
+    candidates: dict[str, list[tuple[str, str]]] = field(
+        default_factory=dict
+    )  # _type -> [(key, scope)]
+    kept_items: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (scope, _type)
+    missing_logon: list[tuple[str, str]] = field(default_factory=list)  # decided by references
+    deletions: list[tuple[str, str, str]] = field(default_factory=list)  # (key, scope, _type)
+    dropped: set[str] = field(default_factory=set)  # removed silently (dangling relationships)
+    referenced: set[str] = field(default_factory=set)  # logon users some machine HAS after
+    entity_keys: set[str] = field(default_factory=set)  # entities after the merge (logon aside)
+
+
 def plan(
     graph: Graph,
     cmp: Comparison,
@@ -114,47 +139,95 @@ def plan(
     """
     previous: Index = cmp.previous or {}
     first_sync = cmp.previous is None
-    known = set() if first_sync else known_scopes
-    states = {
-        s: scope_state(graph, cmp, s) for s in set(previous) | set(cmp.fresh) | set(graph.scopes)
+    w = _Merge(
+        graph=graph,
+        cmp=cmp,
+        previous=previous,
+        first_sync=first_sync,
+        known=set() if first_sync else known_scopes,
+        states={
+            s: scope_state(graph, cmp, s)
+            for s in set(previous) | set(cmp.fresh) | set(graph.scopes)
+        },
+        index=cmp.fresh,
+        write=cmp.bodies,
+        previous_fp=cmp.previous_fp,
+    )
+    _sort_missing(w)
+    drops, new_guard = _guard_deletions(w, guard_counts, detect, accept_drop)
+    _drop_dangling(w)
+    _logon_users_by_reference(w)
+    fetched_counts = _add_kept(w)
+    gone = {k for k, _s, _t in w.deletions} | w.dropped
+    new_known, machine_gone = _known_scopes(w)
+    baseline_scopes = sorted(s for s, c in fetched_counts.items() if s not in w.known and c)
+    baseline_counts: Counter[str] = Counter()
+    for s in baseline_scopes:
+        baseline_counts.update(fetched_counts[s])
+    incomplete = {  # budget skips (SKIPPED without error) are normal
+        s: st
+        for s, st in sorted(w.states.items())
+        if st.state is not ScopeState.COMPLETE
+        and not machine_gone(s)
+        and not (st.state is ScopeState.SKIPPED and st.error is None)
     }
-    index = cmp.fresh
-    write = cmp.bodies
-    previous_fp = cmp.previous_fp
+    kept = Counter(t for _s, t in w.kept_items.values())
+    return MergePlan(
+        index=w.index,
+        write=w.write,
+        delete=sorted(gone),
+        created=_created(w, baseline_scopes, gone),
+        updated=sorted(k for k in cmp.changed if k not in gone),
+        deleted=sorted(
+            (k, t)
+            for k, s, t in w.deletions
+            if not first_sync and (t == LOGON_USER_TYPE or s in w.known)
+        ),
+        kept=dict(sorted(kept.items())),
+        incomplete=incomplete,
+        baseline=first_sync,
+        baseline_scopes=baseline_scopes,
+        baseline_counts=dict(sorted(baseline_counts.items())),
+        known_scopes=new_known,
+        drops=drops,
+        guard_counts=new_guard,
+        scope_states=w.states,
+    )
 
-    # 1. stored items not fetched: deletion candidates (complete scope) or kept
-    candidates: dict[str, list[tuple[str, str]]] = {}  # _type -> [(key, scope)]
-    kept_items: dict[str, tuple[str, str]] = {}  # key -> (scope, _type)
-    missing_logon: list[tuple[str, str]] = []  # logon-user entities: decided by references
-    for key, scope, typ in cmp.missing:
+
+def _sort_missing(w: _Merge) -> None:
+    """1. Stored items not fetched: deletion candidates (complete scope) or kept."""
+    for key, scope, typ in w.cmp.missing:
         if typ == LOGON_USER_TYPE:
-            missing_logon.append((key, scope))
-        elif states[scope].state is ScopeState.COMPLETE:
-            candidates.setdefault(typ, []).append((key, scope))
+            w.missing_logon.append((key, scope))
+        elif w.states[scope].state is ScopeState.COMPLETE:
+            w.candidates.setdefault(typ, []).append((key, scope))
         else:
-            kept_items[key] = (scope, typ)
+            w.kept_items[key] = (scope, typ)
 
-    # 2. deletion guard
-    prev_counts = _count_types(previous)
+
+def _guard_deletions(
+    w: _Merge, guard_counts: dict[str, int], detect: DetectSettings, accept_drop: bool
+) -> tuple[dict[str, guard.DropDecision], dict[str, int]]:
+    """2. The deletion guard: a held type's candidates are kept, with their relationships."""
     drops, new_guard = guard.evaluate(
-        previous=prev_counts,
-        current=_count_types(index),
-        deletions={t: len(v) for t, v in candidates.items()},
+        previous=_count_types(w.previous),
+        current=_count_types(w.index),
+        deletions={t: len(v) for t, v in w.candidates.items()},
         counts=guard_counts,
         detect=detect,
         accept_drop=accept_drop,
     )
     held_types = {t for t, d in drops.items() if d.held}
-    deletions: list[tuple[str, str, str]] = []  # (key, stored scope, _type)
     held_entities: set[str] = set()
     # entity types first: a relationship of a held entity is held with it (no phantom
     # `resolved` for a machine whose disappearance is itself in doubt)
-    for typ in sorted(candidates, key=lambda t: t in schema.RELATIONSHIP_BY_TYPE):
-        cands = candidates[typ]
+    for typ in sorted(w.candidates, key=lambda t: t in schema.RELATIONSHIP_BY_TYPE):
+        cands = w.candidates[typ]
         owner = guard.guarded_type(typ)
         if owner is not None and owner in held_types:
             for key, scope in cands:
-                kept_items[key] = (scope, typ)
+                w.kept_items[key] = (scope, typ)
                 if typ not in schema.RELATIONSHIP_BY_TYPE:
                     held_entities.add(key)
             continue
@@ -162,50 +235,58 @@ def plan(
             if held_entities and typ in schema.RELATIONSHIP_BY_TYPE:
                 src, dst = rel_endpoints(key, typ)
                 if src in held_entities or dst in held_entities:
-                    kept_items[key] = (scope, typ)
+                    w.kept_items[key] = (scope, typ)
                     continue
-            deletions.append((key, scope, typ))
+            w.deletions.append((key, scope, typ))
     if held_entities:
-        # the other ends of held relationships stay too (a CVE only on held machines)
-        held_targets = {
-            dst
-            for key, (_s, typ) in kept_items.items()
-            if typ in schema.RELATIONSHIP_BY_TYPE
-            for dst in (rel_endpoints(key, typ)[1],)
-            if dst is not None
-        }
-        still: list[tuple[str, str, str]] = []
-        for key, scope, typ in deletions:
-            if typ in schema.RELATIONSHIP_BY_TYPE:
-                keep = rel_endpoints(key, typ)[0] in held_targets  # e.g. the CVE's IS cve
-            else:
-                keep = key in held_targets
-            if keep:
-                kept_items[key] = (scope, typ)
-            else:
-                still.append((key, scope, typ))
-        deletions = still
+        _keep_held_targets(w)
+    return drops, new_guard
 
-    # 3. entities after the merge (logon users aside); relationships need both ends
-    fetched_entities = graph.entities
-    kept_entities = {k for k, (_s, t) in kept_items.items() if t not in schema.RELATIONSHIP_BY_TYPE}
+
+def _keep_held_targets(w: _Merge) -> None:
+    """The other ends of held relationships stay too (a CVE only on held machines)."""
+    held_targets = {
+        dst
+        for key, (_s, typ) in w.kept_items.items()
+        if typ in schema.RELATIONSHIP_BY_TYPE
+        for dst in (rel_endpoints(key, typ)[1],)
+        if dst is not None
+    }
+    still: list[tuple[str, str, str]] = []
+    for key, scope, typ in w.deletions:
+        if typ in schema.RELATIONSHIP_BY_TYPE:
+            keep = rel_endpoints(key, typ)[0] in held_targets  # e.g. the CVE's IS cve
+        else:
+            keep = key in held_targets
+        if keep:
+            w.kept_items[key] = (scope, typ)
+        else:
+            still.append((key, scope, typ))
+    w.deletions = still
+
+
+def _drop_dangling(w: _Merge) -> None:
+    """3. Entities after the merge (logon users aside); relationships need both ends."""
+    fetched_entities = w.graph.entities
+    kept_entities = {
+        k for k, (_s, t) in w.kept_items.items() if t not in schema.RELATIONSHIP_BY_TYPE
+    }
 
     def exists(key: str | None) -> bool:
         return key is None or key in fetched_entities or key in kept_entities
 
-    dropped: set[str] = set()  # removed silently (dangling relationships)
-    for key, (_scope, typ) in list(kept_items.items()):
+    for key, (_scope, typ) in list(w.kept_items.items()):
         if typ in schema.RELATIONSHIP_BY_TYPE:
             src, dst = rel_endpoints(key, typ)
             if (typ not in LOGON_SOURCED_TYPES and not exists(src)) or (
                 typ != LOGON_REL_TYPE and not exists(dst)
             ):
-                del kept_items[key]
-                dropped.add(key)
-    referenced: set[str] = set()  # logon users some machine HAS after the merge
-    rels = graph.relationships
-    entity_keys = fetched_entities.keys() | kept_entities
-    for types in index.values():
+                del w.kept_items[key]
+                w.dropped.add(key)
+    rels = w.graph.relationships
+    w.entity_keys = fetched_entities.keys() | kept_entities
+    entity_keys = w.entity_keys
+    for types in w.index.values():
         for typ, items in types.items():
             if typ not in _DIRECT_REL_TYPES:
                 continue
@@ -227,67 +308,75 @@ def plan(
                 ]
             for key in bad:  # a relationship to nothing: not stored
                 del items[key]
-                write.pop(key, None)
-                if key in previous_fp:
-                    dropped.add(key)
+                w.write.pop(key, None)
+                if key in w.previous_fp:
+                    w.dropped.add(key)
             if typ == LOGON_REL_TYPE:
-                referenced.update(rels[k].get("_toEntityKey") or "" for k in items if k in rels)
-    for key, (_scope, typ) in kept_items.items():
+                w.referenced.update(rels[k].get("_toEntityKey") or "" for k in items if k in rels)
+    for key, (_scope, typ) in w.kept_items.items():
         if typ == LOGON_REL_TYPE:
             dst = rel_endpoints(key, typ)[1]
             if dst is not None:
-                referenced.add(dst)
+                w.referenced.add(dst)
 
-    # 4. logon-user entities exist while some machine HAS them
-    for scope, types in index.items():
+
+def _logon_users_by_reference(w: _Merge) -> None:
+    """4. Logon-user entities exist while some machine HAS them (and so do their mappings)."""
+    for scope, types in w.index.items():
         logon_items = types.get(LOGON_USER_TYPE)
         if not logon_items:
             continue
-        for key in [k for k in logon_items if k not in referenced]:
+        for key in [k for k in logon_items if k not in w.referenced]:
             del logon_items[key]
-            write.pop(key, None)
-            if key in previous_fp:
-                deletions.append((key, scope, LOGON_USER_TYPE))
-    for key, scope in missing_logon:
-        if key in referenced:
-            kept_items[key] = (scope, LOGON_USER_TYPE)
+            w.write.pop(key, None)
+            if key in w.previous_fp:
+                w.deletions.append((key, scope, LOGON_USER_TYPE))
+    for key, scope in w.missing_logon:
+        if key in w.referenced:
+            w.kept_items[key] = (scope, LOGON_USER_TYPE)
         else:
-            deletions.append((key, scope, LOGON_USER_TYPE))
+            w.deletions.append((key, scope, LOGON_USER_TYPE))
+    logon_gone = {k for k, _s, t in w.deletions if t == LOGON_USER_TYPE}
+    if not logon_gone:
+        return
+    for key, (_scope, typ) in list(w.kept_items.items()):  # mappings of logon users no machine
+        if typ in LOGON_SOURCED_TYPES and rel_endpoints(key, typ)[0] in logon_gone:  # has
+            del w.kept_items[key]
+            w.dropped.add(key)
+    for types in w.index.values():
+        for typ in LOGON_SOURCED_TYPES & types.keys():
+            items = types[typ]
+            for key in [k for k in items if rel_endpoints(k, typ)[0] in logon_gone]:
+                del items[key]
+                w.write.pop(key, None)
+                if key in w.previous_fp:
+                    w.dropped.add(key)
 
-    logon_gone = {k for k, _s, t in deletions if t == LOGON_USER_TYPE}
-    if logon_gone:  # mapping relationships of logon users that no machine has any more
-        for key, (_scope, typ) in list(kept_items.items()):
-            if typ in LOGON_SOURCED_TYPES and rel_endpoints(key, typ)[0] in logon_gone:
-                del kept_items[key]
-                dropped.add(key)
-        for types in index.values():
-            for typ in LOGON_SOURCED_TYPES & types.keys():
-                items = types[typ]
-                for key in [k for k in items if rel_endpoints(k, typ)[0] in logon_gone]:
-                    del items[key]
-                    write.pop(key, None)
-                    if key in previous_fp:
-                        dropped.add(key)
 
-    # 5. the new index: fetched items plus kept ones
+def _add_kept(w: _Merge) -> dict[str, dict[str, int]]:
+    """5. The new index: fetched items plus kept ones. Returns the fetched counts per scope."""
     fetched_counts = {
-        s: {t: len(items) for t, items in types.items() if items} for s, types in index.items()
+        s: {t: len(items) for t, items in types.items() if items} for s, types in w.index.items()
     }
-    for key, (scope, typ) in kept_items.items():
-        index.setdefault(scope, {}).setdefault(typ, {})[key] = previous_fp[key]
-    gone = {k for k, _s, _t in deletions} | dropped
+    for key, (scope, typ) in w.kept_items.items():
+        w.index.setdefault(scope, {}).setdefault(typ, {})[key] = w.previous_fp[key]
+    return fetched_counts
 
-    # 6. scopes: baseline, known, degraded
+
+def _known_scopes(w: _Merge) -> tuple[set[str], Callable[[str], bool]]:
+    """6. Scopes known after this sync (a gone machine's logon-user scope is forgotten); empty
+    types and unknown empty scopes leave the index. Returns them and the gone-machine test."""
     machines_after = {
-        k.split(":", 1)[1] for types in index.values() for k in types.get(schema.MACHINE.type, ())
+        k.split(":", 1)[1] for types in w.index.values() for k in types.get(schema.MACHINE.type, ())
     }
 
     def machine_gone(scope: str) -> bool:
         mid = logon_scope_machine(scope)
         return mid is not None and mid not in machines_after
 
-    completed = {s for s, st in states.items() if st.state is ScopeState.COMPLETE}
-    new_known = {s for s in known | completed if not machine_gone(s)}
+    completed = {s for s, st in w.states.items() if st.state is ScopeState.COMPLETE}
+    new_known = {s for s in w.known | completed if not machine_gone(s)}
+    index = w.index
     for s in list(index):
         for t in [t for t, items in index[s].items() if not items]:
             del index[s][t]
@@ -295,64 +384,35 @@ def plan(
             del index[s]
     for s in new_known:
         index.setdefault(s, {})  # an empty scope stays known
-    baseline_scopes = sorted(s for s, c in fetched_counts.items() if s not in known and c)
-    baseline_scopes_set = set(baseline_scopes)
-    baseline_counts: Counter[str] = Counter()
-    for s in baseline_scopes:
-        baseline_counts.update(fetched_counts[s])
+    return new_known, machine_gone
 
-    incomplete = {  # budget skips (SKIPPED without error) are normal
-        s: st
-        for s, st in sorted(states.items())
-        if st.state is not ScopeState.COMPLETE
-        and not machine_gone(s)
-        and not (st.state is ScopeState.SKIPPED and st.error is None)
-    }
 
-    # 7. changes that become events
-    fresh_scope = {k for s in baseline_scopes for items in index[s].values() for k in items}
+def _created(w: _Merge, baseline_scopes: list[str], gone: set[str]) -> list[str]:
+    """7. Items new in the snapshot that become `created` events: not in baseline scopes; a
+    logon user only once a machine of a known scope HAS it."""
+    if w.first_sync:
+        return []
+    baseline = set(baseline_scopes)
+    fresh_scope = {k for s in baseline_scopes for items in w.index[s].values() for k in items}
+    rels = w.graph.relationships
+    logon_seen_in_known_scope: set[str] = set()
+    for scope, types in w.index.items():
+        if scope in baseline:
+            continue
+        for key in types.get(LOGON_REL_TYPE, ()):
+            rel = rels.get(key)
+            if rel is not None and rel.get("_fromEntityKey") in w.entity_keys:
+                logon_seen_in_known_scope.add(rel.get("_toEntityKey") or "")
     created: list[str] = []
-    if not first_sync:
-        logon_seen_in_known_scope: set[str] = set()
-        for scope, types in index.items():
-            if scope in baseline_scopes_set:
-                continue
-            for key in types.get(LOGON_REL_TYPE, ()):
-                rel = rels.get(key)
-                if rel is not None and rel.get("_fromEntityKey") in entity_keys:
-                    logon_seen_in_known_scope.add(rel.get("_toEntityKey") or "")
-        for key in cmp.added:
-            if key in gone:
-                continue
-            if _is_logon_user(graph, key):
-                if key in referenced and key in logon_seen_in_known_scope:
-                    created.append(key)
-            elif key not in fresh_scope:
+    for key in w.cmp.added:
+        if key in gone:
+            continue
+        if _is_logon_user(w.graph, key):
+            if key in w.referenced and key in logon_seen_in_known_scope:
                 created.append(key)
-    created.sort()
-    updated = sorted(k for k in cmp.changed if k not in gone)
-    deleted = sorted(
-        (k, t) for k, s, t in deletions if not first_sync and (t == LOGON_USER_TYPE or s in known)
-    )
-    kept = Counter(t for _s, t in kept_items.values())
-
-    return MergePlan(
-        index=index,
-        write=write,
-        delete=sorted(gone),
-        created=created,
-        updated=updated,
-        deleted=deleted,
-        kept=dict(sorted(kept.items())),
-        incomplete=incomplete,
-        baseline=first_sync,
-        baseline_scopes=baseline_scopes,
-        baseline_counts=dict(sorted(baseline_counts.items())),
-        known_scopes=new_known,
-        drops=drops,
-        guard_counts=new_guard,
-        scope_states=states,
-    )
+        elif key not in fresh_scope:
+            created.append(key)
+    return sorted(created)
 
 
 def _count_types(index: Index) -> dict[str, int]:
