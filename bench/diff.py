@@ -29,10 +29,10 @@ from deepdiff import DeepDiff
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monitor.config import DetectSettings, EventSettings
+from monitor.detect import diff as snapdiff
 from monitor.model import schema
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
 from monitor.redis_conn import delete_prefix
-from monitor.snapshot import diff as snapdiff
 from monitor.snapshot.commit import detect_and_commit
 from monitor.snapshot.store import SnapshotStore
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from monitor.config import DetectSettings
+from monitor.detect import diff
 from monitor.model import schema
 from monitor.model.graph import Graph
-from monitor.snapshot import diff
 
 
 def test_scalar_nested_and_list_membership() -> None:

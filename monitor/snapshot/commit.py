@@ -28,13 +28,16 @@ from typing import Any
 import orjson
 
 from monitor.config import DetectSettings, EventSettings
+from monitor.detect import diff
+from monitor.detect.changes import bodies_needed, build_events
+from monitor.detect.guard import DropDecision
+from monitor.detect.plan import LOGON_PREFIX, MergePlan
+from monitor.detect.plan import plan as merge_plan
 from monitor.events import stream
-from monitor.events.changes import bodies_needed, build_events
 from monitor.events.envelope import Event, make_event, utc_now_iso
 from monitor.memory import gc_paused
 from monitor.model.graph import Graph, ScopeState
-from monitor.snapshot import aggregates, diff, merge
-from monitor.snapshot.guard import DropDecision
+from monitor.snapshot import aggregates
 from monitor.snapshot.lock import LockLost, TenantLock
 from monitor.snapshot.store import HISTORY_LENGTH, SnapshotStore, StoreError, StreamingTransaction
 
@@ -118,7 +121,7 @@ def _scope_summary(states: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     scopes: dict[str, Any] = {}
     logon: Counter[str] = Counter()
     for s, st in sorted(states.items()):
-        if s.startswith(merge.LOGON_PREFIX):
+        if s.startswith(LOGON_PREFIX):
             logon[st.state.value] += 1
         else:
             scopes[s] = st.to_dict()
@@ -193,7 +196,7 @@ def detect_and_commit(
         ignored = diff.ignored_fields(detect)
         cmp = diff.compare(graph, previous, ignored)
         lap("fingerprint_compare")
-        plan = merge.plan(
+        plan = merge_plan(
             graph,
             cmp,
             known_scopes=known,
@@ -344,7 +347,7 @@ def _queue_events(
 def _write(
     store: SnapshotStore,
     tenant: str,
-    plan: merge.MergePlan,
+    plan: MergePlan,
     evs: list[Event],
     meta_doc: dict[str, Any],
     *,

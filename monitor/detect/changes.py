@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.detect import diff
+from monitor.detect.plan import MergePlan, rel_endpoints
 from monitor.events.envelope import EVENT_TYPES, Event, make_event
 from monitor.model import schema
 from monitor.model.graph import Graph, Item
-from monitor.snapshot import diff
-from monitor.snapshot.merge import MergePlan, rel_endpoints
 
 SILENT_ENTITY_TYPES: frozenset[str] = frozenset({schema.DEVICE.type})
 REL_EVENTS: dict[str, tuple[str, str, str]] = {  # _type -> (short, created, deleted)

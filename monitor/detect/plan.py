@@ -15,7 +15,7 @@ Nothing is invented and nothing is deleted on incomplete evidence:
   are dropped silently.
 - A scope never fetched completely before is a BASELINE scope: its items are stored without
   created/deleted events. The first sync of a tenant is a baseline for every scope.
-- The deletion guard (monitor.snapshot.guard) may hold the deletions of a type.
+- The deletion guard (monitor.detect.guard) may hold the deletions of a type.
 - The sync is degraded when a scope FAILED, was SKIPPED with an error, or a drop was held.
   Budget skips of logon users (SKIPPED, no error) are normal: kept, not degraded.
 """
@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from monitor.config import DetectSettings
+from monitor.detect import guard
+from monitor.detect.diff import Comparison
 from monitor.model import schema
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
-from monitor.snapshot import guard
-from monitor.snapshot.diff import Comparison
 from monitor.snapshot.store import Index
 
 LOGON_PREFIX = schema.SCOPE_LOGON_USERS + ":"
