@@ -21,9 +21,10 @@ import json
 import math
 import multiprocessing as mp
 import resource
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,35 @@ def seconds_under_limit(calls: int, limit: Limit | None) -> float:
     return times[-1]
 
 
-def _serve(args: dict[str, Any], state_dir: str, ready: MpEvent, stop: MpEvent) -> None:
+def _serve(
+    args: dict[str, Any], roles: tuple[str, ...], state_dir: str, ready: MpEvent, stop: MpEvent
+) -> None:
     from monitor.simulator import Simulator, generate_tenant
 
     tenant = generate_tenant(**args)
+    tenant.roles.update(roles)
     with Simulator(tenants=[tenant], state_dir=Path(state_dir)) as sim:
         sim.write_config(Path(state_dir) / "config.yaml")
         (Path(state_dir) / "admin_url").write_text(sim.admin_url)
         ready.set()
         stop.wait()
+
+
+@contextmanager
+def simulator_process(gen: dict[str, Any], roles: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A simulator serving `generate_tenant(**gen)` (granted `roles` too) in its own process, so
+    the bench measures the client alone; yields its state dir (config.yaml, admin_url)."""
+    with tempfile.TemporaryDirectory() as state_dir:
+        ready, stop = mp.Event(), mp.Event()
+        server = mp.Process(target=_serve, args=(gen, roles, state_dir, ready, stop), daemon=True)
+        server.start()
+        if not ready.wait(600):
+            raise RuntimeError("simulator did not start")
+        try:
+            yield Path(state_dir)
+        finally:
+            stop.set()
+            server.join(10)
 
 
 def _collect(data: dict[str, Any], results: Any) -> None:
@@ -128,30 +149,20 @@ def main() -> int:
         "seed": 1,
     }
 
-    with tempfile.TemporaryDirectory() as state_dir:
-        ready, stop = mp.Event(), mp.Event()
-        server = mp.Process(target=_serve, args=(gen, state_dir, ready, stop), daemon=True)
-        server.start()
-        if not ready.wait(600):
-            print("simulator did not start", file=sys.stderr)
-            return 1
-        try:
-            from monitor.simulator import SimulatorAdminClient
+    with simulator_process(gen) as state_dir:
+        from monitor.simulator import SimulatorAdminClient
 
-            admin = SimulatorAdminClient((Path(state_dir) / "admin_url").read_text())
-            data = yaml.safe_load((Path(state_dir) / "config.yaml").read_text())
-            data["tenants"][0]["logon_user_budget"] = ns.logon_budget
-            tenant_id = data["tenants"][0]["tenant_id"]
-            admin.reset_counts()
-            base = _run_collect(data)
-            sim_counts = {k: v for k, v in admin.counts().items() if not k.startswith("login:")}
-            with_catalogue: dict[str, Any] | None = None
-            if ns.catalogue:
-                admin.mutate(tenant_id, "set_behaviour", catalogue_extra=ns.catalogue)
-                with_catalogue = _run_collect(data)
-        finally:
-            stop.set()
-            server.join(10)
+        admin = SimulatorAdminClient((Path(state_dir) / "admin_url").read_text())
+        data = yaml.safe_load((Path(state_dir) / "config.yaml").read_text())
+        data["tenants"][0]["logon_user_budget"] = ns.logon_budget
+        tenant_id = data["tenants"][0]["tenant_id"]
+        admin.reset_counts()
+        base = _run_collect(data)
+        sim_counts = {k: v for k, v in admin.counts().items() if not k.startswith("login:")}
+        with_catalogue: dict[str, Any] | None = None
+        if ns.catalogue:
+            admin.mutate(tenant_id, "set_behaviour", catalogue_extra=ns.catalogue)
+            with_catalogue = _run_collect(data)
     wall = base["wall"]
     rss_before, rss_after = base["rss_before_kb"], base["rss_after_kb"]
     pairs = base["counts"].get("microsoft_defender_machine_identified_vulnerability", 0)

@@ -21,19 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
-import sys
-import tempfile
 import time
 import uuid
-from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any
 
 import redis
 import yaml
-from collect import seconds_under_limit
+from collect import seconds_under_limit, simulator_process
 
 from monitor.collect.budget import ENDPOINT_LIMITS, UnmeteredBudget
 from monitor.collect.collector import collect_tenant
@@ -47,18 +43,6 @@ from monitor.snapshot.lock import TenantLock
 from monitor.snapshot.store import SnapshotStore
 
 TARGET_CALLS = 10
-
-
-def _serve(args: dict[str, Any], state_dir: str, ready: MpEvent, stop: MpEvent) -> None:
-    from monitor.simulator import Simulator, generate_tenant
-
-    tenant = generate_tenant(**args)
-    tenant.roles.add("AdvancedQuery.Read.All")
-    with Simulator(tenants=[tenant], state_dir=Path(state_dir)) as sim:
-        sim.write_config(Path(state_dir) / "config.yaml")
-        (Path(state_dir) / "admin_url").write_text(sim.admin_url)
-        ready.set()
-        stop.wait()
 
 
 def _sync(settings: Settings, client: redis.Redis) -> dict[str, Any]:
@@ -129,13 +113,7 @@ def main() -> int:
     }
     client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     prefix = f"bench-hunting-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as state_dir:
-        ready, stop = mp.Event(), mp.Event()
-        server = mp.Process(target=_serve, args=(gen, state_dir, ready, stop), daemon=True)
-        server.start()
-        if not ready.wait(600):
-            print("simulator did not start", file=sys.stderr)
-            return 1
+    with simulator_process(gen, ("AdvancedQuery.Read.All",)) as state_dir:
         try:
             data = yaml.safe_load((Path(state_dir) / "config.yaml").read_text())
             data["redis_prefix"] = prefix
@@ -160,8 +138,6 @@ def main() -> int:
             invented += alone["change_events"]
             onboarded = hunting["hunting"]["machines"] + hunting["hunting"]["uncovered"]
         finally:
-            stop.set()
-            server.join(10)
             delete_prefix(client, prefix)
     full_syncs = math.ceil(onboarded / max(1, ns.logon_budget))
     ok = (
