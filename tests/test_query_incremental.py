@@ -183,3 +183,37 @@ def test_incremental_equals_whole_evaluation(
                 assert got == want, (sync, rule.query)
     assert incremental_runs > 5 * 20  # most rules ran incrementally on every later sync
     assert events > 50  # and the changes moved their answers
+
+
+def test_whole_build_after_a_degraded_sync_reads_the_carried_items(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """Without the previous generation in the process, the index is built from the fetched
+    items plus the carried-over ones read from Redis: it answers like a fresh load."""
+    from detect_helpers import build_graph, commit, standard_tenant
+
+    from monitor.model import schema
+    from monitor.model.graph import ScopeState, ScopeStatus
+
+    clear_cache()
+    store = SnapshotStore(redis_client, redis_prefix)
+    t = standard_tenant()
+    commit(store, build_graph(t))
+    clear_cache()  # as in another worker process
+    degraded = build_graph(
+        t,
+        omit_scopes={schema.SCOPE_VULNERABILITIES},
+        states={schema.SCOPE_VULNERABILITIES: ScopeStatus(ScopeState.FAILED, 0, "HTTP 500")},
+    )
+    result = commit(store, degraded)
+    built, delta = graph_after_commit(store, "contoso", result, degraded)
+    assert delta is None and result.carried_over  # a whole build, with carried-over items
+    clear_cache()
+    fresh = load_query_graph(redis_client, redis_prefix, "contoso")
+    assert fresh is not None
+    assert built.entities.keys() == fresh.entities.keys()
+    assert built.relationships.keys() == fresh.relationships.keys()
+    plan = compile_query("FIND HostAgent THAT IDENTIFIED Finding")
+    got = execute(plan, [built], max_rows=None)["data"]
+    want = execute(plan, [fresh], max_rows=None)["data"]
+    assert got and [e["_key"] for e in got] == [e["_key"] for e in want]

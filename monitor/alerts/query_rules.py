@@ -483,10 +483,16 @@ def graph_after_commit(
         store_query_graph(store.client, store.prefix, qg)
         changed = frozenset((*result.written_keys, *result.deleted_keys))
         return qg, GraphDelta(cached, qg, changed, result.quiet_keys, result.ignored)
-    keys = [k for types in index.values() for by_key in types.values() for k in by_key]
-    items = _bodies(store, tenant, keys, fetched)
-    entities, rels = split_items(items.values())
-    qg = QueryGraph.from_items(tenant, result.generation, entities, rels)
+    stored = {k for types in index.values() for by_key in types.values() for k in by_key}
+    ents, rels = fetched.entities, fetched.relationships
+    entities = [e for k, e in ents.items() if k in stored]
+    relationships = [r for k, r in rels.items() if k in stored]
+    carried = stored.difference(ents.keys()).difference(rels.keys())  # kept, not fetched
+    if carried:
+        more_ents, more_rels = split_items(store.load_bodies(tenant, list(carried)).values())
+        entities += more_ents
+        relationships += more_rels
+    qg = QueryGraph.from_items(tenant, result.generation, entities, relationships)
     store_query_graph(store.client, store.prefix, qg)
     return qg, None
 
