@@ -17,7 +17,7 @@ import logging
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 import redis
@@ -31,6 +31,21 @@ from monitor.memory import gc_paused
 log = logging.getLogger(__name__)
 
 MAX_PAGES = 100_000  # a runaway link chain is an error, not an endless loop
+USER_TYPE = "#microsoft.graph.user"  # @odata.type of a user (a group member, a manager)
+STATE_VERSION = 1
+
+
+def pack_state(doc: dict[str, Any]) -> bytes:
+    """A delta state's document as stored: versioned, JSON, zlib level 1."""
+    return zlib.compress(orjson.dumps({"v": STATE_VERSION, **doc}), 1)
+
+
+def unpack_state(blob: bytes, what: str) -> dict[str, Any]:
+    """The document `pack_state` stored; ValueError for another version (`what`: its name)."""
+    doc = orjson.loads(zlib.decompress(blob))
+    if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION:
+        raise ValueError(f"unknown {what} state version")
+    return doc
 
 
 class DeltaState(Protocol):

@@ -16,14 +16,19 @@ read, and only a full read that reached its delta link replaces the state (monit
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis
 
-from monitor.collect.delta import DeltaQuery, DeltaStateStore, read_delta
+from monitor.collect.delta import (
+    USER_TYPE,
+    DeltaQuery,
+    DeltaStateStore,
+    pack_state,
+    read_delta,
+    unpack_state,
+)
 from monitor.collect.errors import CollectError, PageError
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.http import Json
@@ -33,7 +38,6 @@ from monitor.model.groups import GRAPH_GROUP_FIELDS, add_groups
 from monitor.model.schema import SCOPE_GROUPS
 
 GROUPS_DELTA = "graph:/groups/delta"
-USER_TYPE = "#microsoft.graph.user"
 
 
 @dataclass
@@ -46,14 +50,11 @@ class GroupsState:
     changed: bool = True  # groups or members differ from what was saved (not saved itself)
 
     def dumps(self) -> bytes:
-        doc = {"v": 1, "link": self.delta_link, "groups": self.groups, "members": self.members}
-        return zlib.compress(orjson.dumps(doc), 1)
+        return pack_state({"link": self.delta_link, "groups": self.groups, "members": self.members})
 
     @classmethod
     def loads(cls, blob: bytes) -> GroupsState:
-        doc = orjson.loads(zlib.decompress(blob))
-        if not isinstance(doc, dict) or doc.get("v") != 1:
-            raise ValueError("unknown groups state version")
+        doc = unpack_state(blob, "groups")
         return cls(doc.get("link"), doc.get("groups") or {}, doc.get("members") or {}, False)
 
     def user_members(self) -> dict[str, list[str]]:

@@ -18,14 +18,19 @@ page or the scope is incomplete.
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis
 
-from monitor.collect.delta import DeltaQuery, DeltaStateStore, read_delta
+from monitor.collect.delta import (
+    USER_TYPE,
+    DeltaQuery,
+    DeltaStateStore,
+    pack_state,
+    read_delta,
+    unpack_state,
+)
 from monitor.collect.errors import CollectError
 from monitor.collect.graph_api import GraphClient
 from monitor.collect.http import Json
@@ -39,7 +44,6 @@ from monitor.model.users import GRAPH_USER_FIELDS
 log = logging.getLogger(__name__)
 
 USERS_DELTA = "graph:/users/delta"
-USER_TYPE = "#microsoft.graph.user"
 MANAGER = "manager"
 
 
@@ -54,14 +58,11 @@ class UsersState:
     unkeyed: list[Json] = field(default_factory=list)  # this round's items without an id
 
     def dumps(self) -> bytes:
-        doc = {"v": 1, "link": self.delta_link, "select": self.select, "users": self.users}
-        return zlib.compress(orjson.dumps(doc), 1)
+        return pack_state({"link": self.delta_link, "select": self.select, "users": self.users})
 
     @classmethod
     def loads(cls, blob: bytes) -> UsersState:
-        doc = orjson.loads(zlib.decompress(blob))
-        if not isinstance(doc, dict) or doc.get("v") != 1:
-            raise ValueError("unknown users state version")
+        doc = unpack_state(blob, "users")
         return cls(doc.get("link"), str(doc.get("select") or ""), doc.get("users") or {}, False)
 
     def user_list(self) -> list[Json]:
