@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,53 +31,36 @@ import yaml
 from collect import seconds_under_limit, simulator_process
 
 from monitor.collect.budget import ENDPOINT_LIMITS, UnmeteredBudget
-from monitor.collect.collector import collect_tenant
 from monitor.collect.defender_api import HUNTING, LOGON_USERS
-from monitor.collect.logon_users import RefreshLedger
 from monitor.config import Settings, parse_settings
 from monitor.model.graph import ScopeState
 from monitor.redis_conn import delete_prefix
-from monitor.snapshot.commit import detect_and_commit
-from monitor.snapshot.lock import TenantLock
 from monitor.snapshot.store import SnapshotStore
+from monitor.sync import run_sync
 
 TARGET_CALLS = 10
 
 
 def _sync(settings: Settings, client: redis.Redis) -> dict[str, Any]:
-    """Collect (unpaced) and commit like `run_sync`; what the logon-user stage did."""
-    tenant = settings.tenants[0]
-    t0 = time.perf_counter()
-    result = collect_tenant(settings, tenant, redis_client=client, budget=UnmeteredBudget())
-    wall = time.perf_counter() - t0
-    assert result.graph is not None and result.logon is not None
-    with TenantLock(client, settings.redis_prefix, tenant.name, ttl_seconds=1800) as lock:
-        committed = detect_and_commit(
-            SnapshotStore(client, settings.redis_prefix),
-            tenant=tenant.name,
-            graph=result.graph,
-            meta=result.meta(),
-            detect=settings.detect,
-            events=settings.events,
-            lock=lock,
-        )
-    RefreshLedger(client, settings.redis_prefix, tenant.name).record(
-        result.logon.refreshed, [], result.logon.not_found
-    )
-    scopes = [s for k, s in result.graph.scopes.items() if k.startswith("logon_users:")]
-    hunting = result.logon.hunting
+    """One real sync (`run_sync`, unpaced); what the logon-user stage did."""
+    tenant = settings.tenants[0].name
+    summary = run_sync(settings, tenant, redis_client=client, budget=UnmeteredBudget())
+    meta = SnapshotStore(client, settings.redis_prefix).meta(tenant)
+    assert summary.status == "ok" and meta is not None, summary.error
+    logon = meta["logon_users"]
+    requests = summary.requests["requests"]
     return {
-        "mode": result.logon.mode,
-        "hunting_calls": result.stats.requests.get(HUNTING, 0),
-        "logonusers_calls": result.stats.requests.get(LOGON_USERS, 0),
-        "machines_refreshed": sum(1 for s in scopes if s.state is ScopeState.COMPLETE),
-        "hunting": hunting.to_dict() if hunting else None,
-        "logon_users_seconds": round(result.timings.get("logon_users", 0.0), 2),
-        "collect_seconds": round(wall, 2),
-        "notes": result.notes,
+        "mode": logon["mode"],
+        "hunting_calls": requests.get(HUNTING, 0),
+        "logonusers_calls": requests.get(LOGON_USERS, 0),
+        "machines_refreshed": meta["logonUserScopes"].get(ScopeState.COMPLETE.value, 0),
+        "hunting": logon["hunting"],
+        "logon_users_seconds": round(meta["timings"].get("logon_users", 0.0), 2),
+        "collect_seconds": round(meta["duration_seconds"], 2),
+        "notes": summary.notes,
         # the tenant does not change between the syncs: any event but a baseline is invented
         "change_events": sum(
-            1 for ev in committed.events if not ev["type"].startswith("mde.sync.baseline")
+            n for typ, n in summary.events.items() if not typ.startswith("mde.sync.baseline")
         ),
     }
 

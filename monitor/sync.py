@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from monitor.alerts.query_rules import evaluate_after_commit
+from monitor.collect.budget import Budget
 from monitor.collect.collector import CollectResult, collect_tenant
 from monitor.collect.logon_users import RefreshLedger
 from monitor.collect.progress import Progress, no_progress
@@ -77,8 +78,12 @@ def run_sync(
     redis_client: redis.Redis | None = None,
     accept_drop: bool = False,
     progress: Progress = no_progress,
+    budget: Budget | None = None,
 ) -> SyncSummary:
     """Collect the tenant, diff against its snapshot and commit atomically.
+
+    `budget`: the API budget (default: the tenant's shared one in Redis; benches pass an
+    unmetered one and compute the pacing themselves).
 
     Raises TenantBusy when another sync of the tenant holds the lock. Any other crash (a bug,
     data that escaped the builder's per-item checks) is recorded as a failed sync - status
@@ -91,7 +96,13 @@ def run_sync(
     store = SnapshotStore(client, settings.redis_prefix)
     try:
         return _run_sync(
-            settings, tenant, client, store, accept_drop=accept_drop, progress=progress
+            settings,
+            tenant,
+            client,
+            store,
+            accept_drop=accept_drop,
+            progress=progress,
+            budget=budget,
         )
     except _NOT_RECORDABLE:
         raise
@@ -159,12 +170,15 @@ def _run_sync(
     *,
     accept_drop: bool,
     progress: Progress,
+    budget: Budget | None,
 ) -> SyncSummary:
     """`run_sync` without the crash handling."""
     with TenantLock(
         client, settings.redis_prefix, tenant.name, ttl_seconds=LOCK_TTL_SECONDS
     ) as lock:
-        collected = collect_tenant(settings, tenant, redis_client=client, progress=progress)
+        collected = collect_tenant(
+            settings, tenant, redis_client=client, progress=progress, budget=budget
+        )
         if collected.graph is None:
             error = str(collected.auth_error)
             log.warning("sync failed", extra={"tenant": tenant.name, "error": error})
