@@ -129,6 +129,14 @@ class Evaluation:
         }
 
 
+def _planned(text: str) -> Plan | QueryError:
+    """The rule's plan, or why it cannot run."""
+    try:
+        return _plan(text)
+    except QueryError as exc:
+        return exc
+
+
 def _plan(text: str) -> Plan:
     plan = _PLANS.get(text)
     if plan is None or plan.query.relative:  # date.now: re-plan each time
@@ -266,17 +274,21 @@ def evaluate(
     if delta is not None and delta.after is not graph:
         delta = None
     metas: Any = client.mget([meta_key(prefix, tenant, r.name) for r in rules])
-    watched = _watched(rules) if delta is not None else frozenset()
+    plans = [_planned(str(r.query)) for r in rules]
+    # every field an incremental rule reads: the changed entities are compared on these once
+    watched = frozenset(
+        f for p in plans if isinstance(p, Plan) and is_incremental(p) for f in plan_fields(p)
+    )
     evaluations: list[Evaluation] = []
     runs: list[_Run] = []
-    for rule, raw_meta in zip(rules, metas, strict=True):
+    for rule, raw_meta, plan in zip(rules, metas, plans, strict=True):
         ev = Evaluation(rule.name, tenant)
         evaluations.append(ev)
         meta = orjson.loads(raw_meta) if raw_meta else None
         ev.baseline = meta is None or meta.get("query") != rule.query
-        assert rule.query is not None
         try:
-            plan = _plan(rule.query)
+            if isinstance(plan, QueryError):
+                raise plan
             if plan.needs_changes:
                 graph.ensure_changes(client, prefix)
             starts = None
@@ -341,19 +353,6 @@ def evaluate(
                 graph.generation, run.rule.query, sets[run.rule.name]
             )
     return evaluations
-
-
-def _watched(rules: list[Rule]) -> frozenset[str]:
-    """Every field an incremental rule reads: the changed entities are compared on these once."""
-    names: set[str] = set()
-    for rule in rules:
-        try:
-            plan = _plan(str(rule.query))
-        except QueryError:
-            continue
-        if is_incremental(plan):
-            names |= plan_fields(plan)
-    return frozenset(names)
 
 
 def _compare(run: _Run, previous: dict[str, str]) -> dict[str, str]:
