@@ -264,6 +264,16 @@ def test_errors(redis_client: redis.Redis, settings: Settings) -> None:
     assert "not a date property" in err.value.message
     with pytest.raises(QueryError):
         q(redis_client, settings, "FIND HostAgent AS m RETURN z.name")
+    for text, column in (  # the source object rides with an entity, it is not a property
+        ("FIND HostAgent WITH _rawData.default.id = 'x'", 21),
+        ("FIND HostAgent AS m WHERE m._rawData = 'x'", 27),
+        ("FIND HostAgent AS m RETURN m._rawData", 28),
+        ("FIND HostAgent AS m RETURN m.id ORDER BY m._rawData", 42),
+    ):
+        with pytest.raises(QueryError) as err:
+            q(redis_client, settings, text)
+        assert "_rawData is not a queryable property" in err.value.message, text
+        assert err.value.column == column, text
 
 
 def test_star_refusal_and_traversal_cap(

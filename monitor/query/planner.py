@@ -8,7 +8,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from monitor.query import ast
@@ -121,7 +121,30 @@ def _check_types(e: ast.Expr) -> None:
             )
 
 
+RAW_DATA = "_rawData"
+
+
+def _refuse_raw(node: Any) -> None:
+    """`_rawData` is the source object kept beside the properties, not one of them: it is
+    returned with an entity when asked (`--raw`), never filtered, returned or sorted on."""
+    if isinstance(node, ast.Prop | ast.ReturnItem):
+        name = node.name if isinstance(node, ast.Prop) else node.prop
+        if name is not None and name.split(".", 1)[0] == RAW_DATA:
+            raise QueryError(
+                f"{RAW_DATA} is not a queryable property (ask for it with the entity: --raw)",
+                node.pos.line,
+                node.pos.column,
+            )
+    if isinstance(node, list | tuple):
+        for item in node:
+            _refuse_raw(item)
+    elif is_dataclass(node) and not isinstance(node, type):
+        for f in fields(node):
+            _refuse_raw(getattr(node, f.name))
+
+
 def plan_query(q: ast.Query) -> Plan:
+    _refuse_raw(q)
     nodes = [NodePlan(0, q.start.alias, q.start.selector, _conjuncts(q.start.where))]
     edges: list[EdgePlan] = []
     for step in q.steps:
