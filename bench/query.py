@@ -7,9 +7,11 @@
 Prints: the load time of the snapshot into the query index and its ratio to the JSON-parse floor
 (orjson.loads of the same items as one array); single-hop and two-hop (WHERE) query times once
 loaded (best of 3); for the next two syncs (every active machine's lastSeen moves, 2% change
-risk), the diff-and-commit time and what evaluating 20 query rules after it adds - incrementally
-when the previous generation's graph is in the process, whole when it is not; the query index's
-memory per item (tracemalloc, the item dicts excluded).
+risk), the diff-and-commit time and what evaluating 20 query rules after it adds: in the syncing
+process (incrementally when the previous generation's graph is in that process, whole when it is
+not) and in the query evaluator (a separate process that keeps the graph and applies each sync's
+stored change set, as `worker --queues query` does); the query index's memory per item
+(tracemalloc, the item dicts excluded) and the evaluator's peak RSS per item.
 Uses its own key prefix and removes its keys at the end.
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
+import resource
 import sys
 import time
 import tracemalloc
@@ -35,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from query_helpers import build, commit_graph  # type: ignore[import-not-found]
 
 from monitor import safe_yaml
-from monitor.alerts.query_rules import evaluate, forget_known_sets, graph_after_commit
+from monitor.alerts.query_graphs import after_commit as graph_after_commit
+from monitor.alerts.query_graphs import changes_key, latest, save_change_set
+from monitor.alerts.query_rules import evaluate, forget_known_sets
 from monitor.alerts.rules import Rule, compile_rule
 from monitor.model.graph import Graph
 from monitor.query import compile_query, execute
@@ -89,7 +95,7 @@ def best(fn: Any, n: int = 3) -> tuple[float, Any]:
     return min(times), out
 
 
-def twenty_rules() -> list[Rule]:
+def twenty_rules(name: str = "bench-rule") -> list[Rule]:
     """The four shipped query rules and 16 questions that return entities (alert-like)."""
     pack = Path(__file__).resolve().parents[1] / "alerts" / "queries.yaml"
     texts = [r["query"] for r in safe_yaml.load_file(pack)["rules"]]
@@ -106,11 +112,36 @@ def twenty_rules() -> list[Rule]:
     texts = texts[:20]
     rules = []
     for i, text in enumerate(texts):
-        raw = {"name": f"bench-rule-{i}", "query": text, "sinks": ["s"]}
+        raw = {"name": f"{name}-{i}", "query": text, "sinks": ["s"]}
         rule, errors = compile_rule(raw, "bench", i, ["s"])
         assert rule is not None, errors
         rules.append(rule)
     return rules
+
+
+def evaluator_process(conn: Any, url: str, prefix: str) -> None:
+    """The query evaluator in its own process: on "evaluate", the latest generation's graph
+    (advanced by the stored change sets when it can) and 20 rules of its own, timed."""
+    client = redis.Redis.from_url(url)
+    store = SnapshotStore(client, prefix)
+    rules = twenty_rules("bench-evaluator")
+    while (msg := conn.recv()) != "stop":
+        assert msg == "evaluate"
+        t = time.perf_counter()
+        qg, delta = latest(store, TENANT)
+        built = time.perf_counter() - t
+        evals = evaluate(client, prefix, TENANT, rules, qg, delta=delta)
+        conn.send(
+            {
+                "seconds": round(time.perf_counter() - t, 3),
+                "graph_s": round(built, 3),
+                "advanced": delta is not None,
+                "incremental_rules": sum(e.incremental for e in evals),
+                "events": sum(len(e.events) for e in evals),
+                "errors": [e.error for e in evals if e.error],
+            }
+        )
+    conn.send(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
 def run(scale: float, url: str) -> dict[str, Any]:
@@ -171,11 +202,19 @@ def run(scale: float, url: str) -> dict[str, Any]:
         del items, ents, rels
 
         # syncs 2 and 3, as a real tenant's next syncs: every active machine's lastSeen moves
-        # and 2% of the machines change risk; diff-and-commit vs 20 query rules after it. Sync 2 finds
-        # the previous generation in this process (incremental); sync 3 does not (as when
-        # another worker process ran the previous sync): whole build and evaluation.
+        # and 2% of the machines change risk; diff-and-commit vs 20 query rules after it.
+        # Evaluated in the syncing process: sync 2 finds the previous generation there
+        # (incremental), sync 3 does not (as when another worker ran the previous sync): whole.
+        # Evaluated by the query evaluator (another process that keeps the graph): the sync
+        # stores its change set, the evaluator applies it, whichever process synced.
         rules = twenty_rules()
         evaluate(client, prefix, TENANT, rules, qg)  # baselines
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        evaluator = ctx.Process(target=evaluator_process, args=(child, url, prefix), daemon=True)
+        evaluator.start()
+        parent.send("evaluate")  # loads generation 1 and records the baselines
+        out["evaluator_first"] = parent.recv()
         for sync, warm in ((2, True), (3, False)):
             seen = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
             for mid, m in sim.machines.items():  # active machines report in; others stay quiet
@@ -191,10 +230,15 @@ def run(scale: float, url: str) -> dict[str, Any]:
             gc.collect()
             result, commit_s = commit(store, graph2)
             t = time.perf_counter()
+            save_change_set(client, prefix, result, graph2)
+            save_s = time.perf_counter() - t
+            t = time.perf_counter()
             qg2, delta = graph_after_commit(store, TENANT, result, graph2)
             built_s = time.perf_counter() - t
             evals = evaluate(client, prefix, TENANT, rules, qg2, delta=delta)
             rules_s = time.perf_counter() - t
+            parent.send("evaluate")
+            ev = parent.recv()
             out[f"sync{sync}"] = {
                 "previous_generation_in_process": warm,
                 "diff_commit_s": round(commit_s, 3),
@@ -204,8 +248,17 @@ def run(scale: float, url: str) -> dict[str, Any]:
                 "incremental_rules": sum(e.incremental for e in evals),
                 "events": sum(len(e.events) for e in evals),
                 "errors": [e.error for e in evals if e.error],
+                "save_change_set_s": round(save_s, 4),
+                "change_set_bytes": len(
+                    client.get(changes_key(prefix, TENANT, result.generation)) or b""
+                ),
+                "evaluator": {**ev, "share": round(ev["seconds"] / commit_s, 3)},
             }
             del graph2, qg2, delta
+        parent.send("stop")
+        out["evaluator_rss_mb"] = parent.recv()
+        out["evaluator_rss_bytes_per_item"] = round(out["evaluator_rss_mb"] * 2**20 / out["items"])
+        evaluator.join(timeout=30)
     finally:
         delete_prefix(client, prefix)
     return out
@@ -242,12 +295,28 @@ def main() -> None:
             else "previous generation not in this process: whole"
         )
         print(
-            f"{sync[:4]} {sync[4:]} ({how}): diff-and-commit {r['diff_commit_s']:.2f} s;"
-            f" 20 query rules after it {r['query_rules_s']:.2f} s (index {r['index_update_s']:.2f}"
-            f" s, {r['incremental_rules']} rules incremental, {r['events']} events)"
-            f" = {r['share'] * 100:.1f}% (target <= 10%)"
+            f"{sync[:4]} {sync[4:]}: diff-and-commit {r['diff_commit_s']:.2f} s"
+            f" (+ {r['save_change_set_s'] * 1000:.0f} ms to store its change set,"
+            f" {r['change_set_bytes']:,} bytes)"
+        )
+        print(
+            f"  evaluated in the syncing process ({how}): {r['query_rules_s']:.2f} s"
+            f" (index {r['index_update_s']:.2f} s, {r['incremental_rules']} rules incremental,"
+            f" {r['events']} events) = {r['share'] * 100:.1f}%"
+        )
+        e = r["evaluator"]
+        print(
+            f"  evaluated by the query evaluator (graph kept, change set applied:"
+            f" {'yes' if e['advanced'] else 'NO'}): {e['seconds']:.2f} s"
+            f" (graph {e['graph_s']:.2f} s, {e['incremental_rules']} rules incremental,"
+            f" {e['events']} events) = {e['share'] * 100:.1f}% (target <= 10%)"
         )
     print(f"query index memory: {out['index_bytes_per_item']} bytes per item (items excluded)")
+    print(
+        f"query evaluator: first load {out['evaluator_first']['seconds']:.2f} s; peak RSS"
+        f" {out['evaluator_rss_mb']:,.0f} MB = {out['evaluator_rss_bytes_per_item']:,} bytes per"
+        " item (items included)"
+    )
 
 
 if __name__ == "__main__":

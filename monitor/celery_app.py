@@ -41,16 +41,20 @@ log = logging.getLogger(__name__)
 SYNC_QUEUE = "sync"
 DISPATCH_QUEUE = "dispatch"
 DELIVER_QUEUE = "deliver"
-QUEUES = (SYNC_QUEUE, DISPATCH_QUEUE, DELIVER_QUEUE)
+QUERY_QUEUE = "query"  # query alert rules: one long-lived process (monitor.alerts.query_evaluator)
+QUEUES = (SYNC_QUEUE, DISPATCH_QUEUE, DELIVER_QUEUE, QUERY_QUEUE)
+DEFAULT_WORKER_QUEUES = (SYNC_QUEUE, DISPATCH_QUEUE, DELIVER_QUEUE)
 
 SYNC_TASK = "monitor.tasks.sync_tenant"
 DISPATCH_TASK = "monitor.tasks.dispatch"
 DELIVER_TASK = "monitor.tasks.deliver"
+QUERY_TASK = "monitor.tasks.evaluate_queries"
 
 TASK_ROUTES = {
     SYNC_TASK: {"queue": SYNC_QUEUE},
     DISPATCH_TASK: {"queue": DISPATCH_QUEUE},
     DELIVER_TASK: {"queue": DELIVER_QUEUE},
+    QUERY_TASK: {"queue": QUERY_QUEUE},
 }
 
 
@@ -367,3 +371,35 @@ def _start_metrics_server(sender: Any = None, **_: Any) -> None:
         log.error("metrics: cannot listen", extra={"addr": addr, "port": port, "error": str(exc)})
         return
     log.info("metrics: listening", extra={"addr": addr, "port": port, "host": socket.gethostname()})
+
+
+_heartbeat: Any = None
+
+
+@signals.worker_ready.connect
+def _start_query_heartbeat(sender: Any = None, **_: Any) -> None:
+    """A worker consuming queue `query` says so (syncs then leave query rules to it)."""
+    global _heartbeat
+    celery_app = getattr(sender, "app", None) or app
+    if QUERY_QUEUE not in celery_app.amqp.queues.consume_from:
+        return
+    from monitor.alerts.query_evaluator import Heartbeat
+    from monitor.redis_conn import connect
+
+    pool = getattr(getattr(sender, "controller", None), "concurrency", None)
+    if isinstance(pool, int) and pool > 1:
+        log.warning(
+            "queue %s is best consumed by one pool process (--concurrency 1): each process"
+            " keeps its own tenants' query graphs",
+            QUERY_QUEUE,
+            extra={"concurrency": pool},
+        )
+    _heartbeat = Heartbeat(connect(celery_app.conf.mde_redis_url), celery_app.conf.mde_prefix)
+    _heartbeat.start()
+    log.info("query evaluator: consuming queue %s", QUERY_QUEUE, extra={"as": _heartbeat.me})
+
+
+@signals.worker_shutdown.connect
+def _stop_query_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -47,6 +47,14 @@ from monitor.status import run_history
 WEB_ARGV = [sys.executable, "-c", "from monitor.cli import main; main()", "web"]
 
 TENANT = "contoso"
+
+
+def _worker_flags(name: str) -> list[str]:
+    """A uniquely named worker without the cluster chatter a one-machine demo needs not."""
+    node = f"{name}-{uuid.uuid4().hex[:6]}@%h"
+    return ["-l", "INFO", "-n", node, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
 WEBHOOK_SINK = "webhook"
 RULE_FILES_SKIP = {"sinks.yaml", "sinks.yml"}
 
@@ -499,19 +507,22 @@ class _Demo:
                 [
                     *celery,
                     "worker",
+                    "-Q",
+                    "sync,dispatch,deliver",
                     "-c",
                     "2",
-                    "-l",
-                    "INFO",
-                    "-n",
-                    f"demo-{uuid.uuid4().hex[:6]}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
+                    *_worker_flags("demo"),
                 ],
                 env,
                 stdout_log,
                 self.work / "worker.log",
+            )
+            self.children.start(  # query alert rules, with every tenant's graph kept warm
+                "query-worker",
+                [*celery, "worker", "-Q", "query", "-c", "1", *_worker_flags("demo-query")],
+                env,
+                self.work / "query-worker.out",
+                self.work / "query-worker.log",
             )
             self.children.start(
                 "beat",

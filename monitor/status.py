@@ -136,6 +136,7 @@ class State:
     failed_deliveries: list[dict[str, Any]] = field(default_factory=list)
     budget_minute_ratio: dict[tuple[str, str], float] = field(default_factory=dict)
     dispatch_blocked: dict[str, Any] | None = None  # {reason, since, checked, errors}
+    query_evaluator: str | None = None  # the live query evaluator's host:pid (None: syncs do it)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -159,6 +160,7 @@ class State:
             },
             "dead_letters": self.dead_letters,
             "failed_deliveries": self.failed_deliveries,
+            "query_evaluator": self.query_evaluator,
             "dispatch": {
                 "blocked": self.dispatch_blocked is not None,
                 "message": DISPATCH_BLOCKED if self.dispatch_blocked else None,
@@ -280,6 +282,7 @@ def read_state(
     intervals: dict[str, str] | None = None,
 ) -> State:
     """Everything `status` and the metrics show, read from Redis."""
+    from monitor.alerts.query_evaluator import evaluator_name
     from monitor.schedule import schedule_key, sync_entry_key
     from monitor.snapshot.lock import lock_key, read_holder
     from monitor.snapshot.store import SnapshotStore
@@ -330,6 +333,7 @@ def read_state(
         failed_deliveries=failed,
         budget_minute_ratio=budget_minute_ratios(client, prefix, tenants),
         dispatch_blocked=_dispatch_blocked(client, prefix),
+        query_evaluator=evaluator_name(client, prefix),
     )
 
 

@@ -54,6 +54,8 @@ class SyncSummary:
     error: str | None = None
     baseline: bool = False
     notes: list[str] = field(default_factory=list)  # e.g. a logon-user hunting fallback
+    query_rules: int = 0  # query alert rules for the tenant
+    query_rules_deferred: bool = False  # left to the query evaluator (queue `query`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,8 @@ class SyncSummary:
             "scopes_incomplete": self.scopes_incomplete,
             "error": self.error,
             "notes": self.notes,
+            "query_rules": self.query_rules,
+            "query_rules_deferred": self.query_rules_deferred,
         }
 
 
@@ -79,8 +83,11 @@ def run_sync(
     accept_drop: bool = False,
     progress: Progress = no_progress,
     budget: Budget | None = None,
+    defer_query_rules: bool = False,
 ) -> SyncSummary:
-    """Collect the tenant, diff against its snapshot and commit atomically.
+    """Collect the tenant, diff against its snapshot and commit atomically; then evaluate the
+    tenant's query rules, or with `defer_query_rules` store the commit's change set for the
+    query evaluator (the caller enqueues it: see monitor.tasks).
 
     `budget`: the API budget (default: the tenant's shared one in Redis; benches pass an
     unmetered one and compute the pacing themselves).
@@ -103,6 +110,7 @@ def run_sync(
             accept_drop=accept_drop,
             progress=progress,
             budget=budget,
+            defer_query_rules=defer_query_rules,
         )
     except _NOT_RECORDABLE:
         raise
@@ -171,6 +179,7 @@ def _run_sync(
     accept_drop: bool,
     progress: Progress,
     budget: Budget | None,
+    defer_query_rules: bool,
 ) -> SyncSummary:
     """`run_sync` without the crash handling."""
     with TenantLock(
@@ -198,10 +207,13 @@ def _run_sync(
         )
         _record_logon_refresh(client, settings, tenant.name, collected)
         collected.after_commit()  # the users and groups delta states, only once committed
-        query_events = evaluate_after_commit(client, settings, tenant.name, result, collected.graph)
+        queries = evaluate_after_commit(
+            client, settings, tenant.name, result, collected.graph, defer=defer_query_rules
+        )
     summary = _summary(collected, result)
-    for typ, n in query_events.items():  # query alert rules' entered / left events
+    for typ, n in queries.counts.items():  # query alert rules' entered / left events
         summary.events[typ] = summary.events.get(typ, 0) + n
+    summary.query_rules, summary.query_rules_deferred = queries.rules, queries.deferred
     return summary
 
 

@@ -3,7 +3,11 @@
 - `sync_tenant(tenant)` (queue `sync`): collect -> diff -> commit under the tenant's Redis lock; a
   busy tenant is reported, not retried (another sync is doing the work), except when the message was
   redelivered after a worker died: then the dead worker's lock is waited out with a few spaced retries.
-  After a commit with events, `dispatch` is enqueued.
+  After a commit with events, `dispatch` is enqueued. When a query evaluator is alive, the
+  tenant's query rules are left to it: the sync stores its change set and enqueues
+  `evaluate_queries`; otherwise it evaluates them itself.
+- `evaluate_queries(tenant)` (queue `query`, one long-lived process): the tenant's query alert
+  rules over its latest snapshot, from the graph that process keeps (monitor.alerts.query_evaluator).
 - `dispatch()` (queue `dispatch`, also every 30 s from beat): rules -> groups -> queued deliveries,
   then one `deliver` per due delivery. Runs are serialized by a Redis lock; a run requested while
   another is in progress makes that one loop once more.
@@ -30,6 +34,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from monitor.celery_app import (
     DELIVER_TASK,
     DISPATCH_TASK,
+    QUERY_TASK,
     SYNC_TASK,
     RunOptions,
     app,
@@ -203,6 +208,7 @@ def sync_tenant(
                 redis_client=client,
                 accept_drop=accept_drop,
                 progress=_log_progress(),
+                defer_query_rules=_evaluator_alive(client, settings.redis_prefix),
             )
         except TenantBusy as exc:
             result = finish({"tenant": tenant, "status": "busy", "error": str(exc)})
@@ -230,12 +236,87 @@ def sync_tenant(
                 "duration_s": round(summary.duration_seconds, 3),
             },
         )
+        if summary.query_rules_deferred:
+            _enqueue_query_rules(settings, client, tenant)
         if summary.events:
             try:
                 dispatch.apply_async()
             except Exception as exc:  # the broker is away: the periodic dispatch catches up
                 log.warning("could not enqueue dispatch", extra={"error": type(exc).__name__})
         return result
+    finally:
+        log_context.reset(ctx)
+
+
+def _evaluator_alive(client: redis.Redis, prefix: str) -> bool:
+    from monitor.alerts.query_evaluator import evaluator_alive
+
+    try:
+        return evaluator_alive(client, prefix)
+    except redis.RedisError:
+        return False  # the sync will find out; evaluating inline needs nobody else
+
+
+def _enqueue_query_rules(settings: Settings, client: redis.Redis, tenant: str) -> None:
+    """Hand the tenant's query rules to the evaluator; evaluate them here if that fails."""
+    try:
+        evaluate_queries.apply_async((tenant,))
+        return
+    except Exception as exc:
+        log.warning("could not enqueue query rules", extra={"error": type(exc).__name__})
+    from monitor.alerts.query_rules import evaluate_latest
+
+    try:
+        evaluate_latest(client, settings, tenant)
+    except Exception:  # the next sync's evaluation catches up (sets are compared, not events)
+        log.exception("query rules could not be evaluated", extra={"tenant": tenant})
+
+
+QUERY_BUSY_RETRIES = 10
+
+
+@app.task(
+    bind=True,
+    name=QUERY_TASK,
+    soft_time_limit=soft_limit(_OPTIONS.sync_time_limit),
+    time_limit=_OPTIONS.sync_time_limit,
+    max_retries=QUERY_BUSY_RETRIES,
+)
+def evaluate_queries(self: Task, tenant: str) -> dict[str, Any]:
+    """The tenant's query alert rules over its latest committed snapshot (see query_evaluator)."""
+    from monitor.alerts.query_rules import EvaluationBusy, evaluate_latest
+
+    ctx = log_context.set({**log_context.get(), "tenant": tenant})
+    try:
+        settings = task_settings()
+        client = task_redis(settings)
+        try:
+            settings.tenant(tenant)
+        except ConfigError as exc:
+            return {"tenant": tenant, "status": "skipped", "error": str(exc)}
+        try:
+            evs = evaluate_latest(client, settings, tenant)
+        except EvaluationBusy as exc:
+            raise self.retry(countdown=5.0, exc=exc) from None
+        except Exception as exc:
+            if is_redis_error(exc):
+                _retry_on_redis_error(self, exc)
+            raise
+        events = sum(len(e.events) for e in evs)
+        if events:
+            try:
+                dispatch.apply_async()
+            except Exception as exc:  # the periodic dispatch catches up
+                log.warning("could not enqueue dispatch", extra={"error": type(exc).__name__})
+        return {
+            "tenant": tenant,
+            "status": "ok",
+            "rules": len(evs),
+            "evaluated": sum(not e.skipped for e in evs),
+            "incremental": sum(e.incremental for e in evs),
+            "errors": sum(e.error is not None for e in evs),
+            "events": events,
+        }
     finally:
         log_context.reset(ctx)
 

@@ -4,14 +4,19 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+from monitor import safe_yaml
+from monitor.alerts.rules import Rule, compile_rule
 from monitor.config import DetectSettings, EventSettings, IdentitySettings, TenantConfig
 from monitor.model import schema
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.identity import map_logon_users
+from monitor.questions import load_questions
 from monitor.simulator.generate import generate_tenant
 from monitor.simulator.tenant import SimTenant
 from monitor.snapshot.commit import CommitResult, detect_and_commit
@@ -106,3 +111,91 @@ def generated_tenant(store: SnapshotStore, seed: int = 11) -> Generated:
     out.graph = build(sim)
     commit_graph(store, out.graph, now - timedelta(hours=1))
     return out
+
+
+# beyond the shipped rules and questions: negations with filtered targets, three hops,
+# relationship filters, mapped targets, either-direction and alternative verbs
+EXTRA = [
+    "FIND HostAgent THAT !HAS microsoft_defender_logon_user WITH isDomainAdmin = true",
+    "FIND HostAgent WITH riskScore = 'High' THAT !IDENTIFIED Finding WITH severity = 'Critical'",
+    "FIND microsoft_defender_user THAT IS << microsoft_defender_logon_user THAT HAS << HostAgent"
+    " WITH riskScore = ('High' OR 'Medium')",
+    "FIND Finding WITH severity = 'Critical' THAT IDENTIFIED << HostAgent"
+    " THAT HAS microsoft_defender_logon_user WITH isDomainAdmin = true",
+    "FIND HostAgent AS m THAT IDENTIFIED AS r Finding AS v"
+    " WHERE v.severity = 'High' AND m.exposureLevel != 'Low'",
+    "FIND cve THAT IS << Finding WITH severity = ('Critical' OR 'High')",
+    "FIND HostAgent THAT RELATES TO Finding WITH exploitVerified = true",
+    "FIND HostAgent THAT (HAS|IDENTIFIED) (microsoft_defender_logon_user|Finding)",
+    "FIND microsoft_defender_user WITH accountEnabled = false"
+    " THAT IS << microsoft_defender_logon_user",
+]
+
+
+def rules_under_test() -> list[Rule]:
+    pack = Path(__file__).resolve().parents[1] / "alerts" / "queries.yaml"
+    texts = [r["query"] for r in safe_yaml.load_file(pack)["rules"]]
+    texts += [q.query for qu in load_questions() for q in qu.queries]
+    texts += EXTRA
+    rules = []
+    for i, text in enumerate(dict.fromkeys(texts)):
+        rule, errors = compile_rule({"name": f"r{i}", "query": text, "sinks": ["s"]}, "t", i, ["s"])
+        assert rule is not None, errors
+        rules.append(rule)
+    return rules
+
+
+def renamed(rules: list[Rule], prefix: str) -> list[Rule]:
+    out = []
+    for i, r in enumerate(rules):
+        raw = {"name": f"{prefix}-{r.name}", "query": r.query, "sinks": ["s"]}
+        rule, _errors = compile_rule(raw, "t", i, ["s"])
+        assert rule is not None
+        out.append(rule)
+    return out
+
+
+def mutate(sim: SimTenant, rng: random.Random) -> None:
+    """One sync's worth of changes of every kind (to a tenant of 100 machines or more)."""
+    sim.touch_all_machines()  # lastSeen moves on every machine, as in a real tenant
+    ids = sorted(sim.machines)
+    for mid in rng.sample(ids, 6):
+        sim.set_machine(
+            mid,
+            riskScore=rng.choice(["Low", "Medium", "High", "Critical"]),
+            healthStatus=rng.choice(["Active", "Inactive", "ImpairedCommunication"]),
+            exposureLevel=rng.choice(["Low", "Medium", "High"]),
+        )
+    for mid in rng.sample(ids, 2):
+        sim.remove_machine(mid)
+    for _ in range(2):
+        m = sim.add_machine()
+        for cve in rng.sample(sorted(sim.cves), 3):
+            sim.add_machine_vuln(m["id"], cve)
+        sim.add_logon_user(m["id"])
+    for cve in rng.sample(sorted(sim.cves), 3):
+        sim.set_cve(
+            cve,
+            severity=rng.choice(["Low", "Medium", "High", "Critical"]),
+            publicExploit=rng.random() < 0.5,
+            exploitVerified=rng.random() < 0.5,
+        )
+    ids = sorted(sim.machines)
+    for mid in rng.sample(ids, 4):
+        vulns = sim.machine_vulns.get(mid) or []
+        if vulns:
+            sim.remove_machine_vuln(mid, rng.choice(vulns))
+        sim.add_machine_vuln(mid, rng.choice(sorted(sim.cves)))
+    for mid in rng.sample(ids, 4):
+        users = sim.logon_users.get(mid) or []
+        if users and rng.random() < 0.5:
+            sim.remove_logon_user(mid, users[0]["id"])
+        else:
+            try:
+                lu = sim.add_logon_user(mid)
+            except ValueError:  # the generated account already logs on there
+                continue
+            if rng.random() < 0.5:
+                sim.logon_users[mid][-1] = {**lu, "isDomainAdmin": True}
+    for uid in rng.sample(sorted(sim.users), 3):
+        sim.set_user(uid, accountEnabled=rng.random() < 0.5)

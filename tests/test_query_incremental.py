@@ -11,111 +11,22 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import redis
-from query_helpers import TENANT, build, commit_graph
+from query_helpers import TENANT, build, commit_graph, mutate, renamed, rules_under_test
 
-from monitor import safe_yaml
+from monitor.alerts.query_graphs import after_commit as graph_after_commit
 from monitor.alerts.query_rules import (
     Evaluation,
     evaluate,
     forget_known_sets,
-    graph_after_commit,
     state_key,
 )
-from monitor.alerts.rules import Rule, compile_rule
 from monitor.query import compile_query, execute
 from monitor.query.graph import clear_cache, load_query_graph, store_query_graph
 from monitor.query.incremental import is_incremental
-from monitor.questions import load_questions
 from monitor.simulator.generate import generate_tenant
-from monitor.simulator.tenant import SimTenant
 from monitor.snapshot.store import SnapshotStore
-
-# beyond the shipped rules and questions: negations with filtered targets, three hops,
-# relationship filters, mapped targets, either-direction and alternative verbs
-EXTRA = [
-    "FIND HostAgent THAT !HAS microsoft_defender_logon_user WITH isDomainAdmin = true",
-    "FIND HostAgent WITH riskScore = 'High' THAT !IDENTIFIED Finding WITH severity = 'Critical'",
-    "FIND microsoft_defender_user THAT IS << microsoft_defender_logon_user THAT HAS << HostAgent"
-    " WITH riskScore = ('High' OR 'Medium')",
-    "FIND Finding WITH severity = 'Critical' THAT IDENTIFIED << HostAgent"
-    " THAT HAS microsoft_defender_logon_user WITH isDomainAdmin = true",
-    "FIND HostAgent AS m THAT IDENTIFIED AS r Finding AS v"
-    " WHERE v.severity = 'High' AND m.exposureLevel != 'Low'",
-    "FIND cve THAT IS << Finding WITH severity = ('Critical' OR 'High')",
-    "FIND HostAgent THAT RELATES TO Finding WITH exploitVerified = true",
-    "FIND HostAgent THAT (HAS|IDENTIFIED) (microsoft_defender_logon_user|Finding)",
-    "FIND microsoft_defender_user WITH accountEnabled = false"
-    " THAT IS << microsoft_defender_logon_user",
-]
-
-
-def _rules() -> list[Rule]:
-    pack = Path(__file__).resolve().parents[1] / "alerts" / "queries.yaml"
-    texts = [r["query"] for r in safe_yaml.load_file(pack)["rules"]]
-    texts += [q.query for qu in load_questions() for q in qu.queries]
-    texts += EXTRA
-    rules = []
-    for i, text in enumerate(dict.fromkeys(texts)):
-        rule, errors = compile_rule({"name": f"r{i}", "query": text, "sinks": ["s"]}, "t", i, ["s"])
-        assert rule is not None, errors
-        rules.append(rule)
-    return rules
-
-
-def _renamed(rules: list[Rule], prefix: str) -> list[Rule]:
-    out = []
-    for i, r in enumerate(rules):
-        raw = {"name": f"{prefix}-{r.name}", "query": r.query, "sinks": ["s"]}
-        rule, _errors = compile_rule(raw, "t", i, ["s"])
-        assert rule is not None
-        out.append(rule)
-    return out
-
-
-def _mutate(sim: SimTenant, rng: random.Random) -> None:
-    """One sync's worth of changes of every kind."""
-    sim.touch_all_machines()  # lastSeen moves on every machine, as in a real tenant
-    ids = sorted(sim.machines)
-    for mid in rng.sample(ids, 6):
-        sim.set_machine(
-            mid,
-            riskScore=rng.choice(["Low", "Medium", "High", "Critical"]),
-            healthStatus=rng.choice(["Active", "Inactive", "ImpairedCommunication"]),
-            exposureLevel=rng.choice(["Low", "Medium", "High"]),
-        )
-    for mid in rng.sample(ids, 2):
-        sim.remove_machine(mid)
-    for _ in range(2):
-        m = sim.add_machine()
-        for cve in rng.sample(sorted(sim.cves), 3):
-            sim.add_machine_vuln(m["id"], cve)
-        sim.add_logon_user(m["id"])
-    for cve in rng.sample(sorted(sim.cves), 3):
-        sim.set_cve(
-            cve,
-            severity=rng.choice(["Low", "Medium", "High", "Critical"]),
-            publicExploit=rng.random() < 0.5,
-            exploitVerified=rng.random() < 0.5,
-        )
-    ids = sorted(sim.machines)
-    for mid in rng.sample(ids, 4):
-        vulns = sim.machine_vulns.get(mid) or []
-        if vulns:
-            sim.remove_machine_vuln(mid, rng.choice(vulns))
-        sim.add_machine_vuln(mid, rng.choice(sorted(sim.cves)))
-    for mid in rng.sample(ids, 4):
-        users = sim.logon_users.get(mid) or []
-        if users and rng.random() < 0.5:
-            sim.remove_logon_user(mid, users[0]["id"])
-        else:
-            lu = sim.add_logon_user(mid)
-            if rng.random() < 0.5:
-                sim.logon_users[mid][-1] = {**lu, "isDomainAdmin": True}
-    for uid in rng.sample(sorted(sim.users), 3):
-        sim.set_user(uid, accountEnabled=rng.random() < 0.5)
 
 
 def _summary(ev: Evaluation) -> tuple[object, ...]:
@@ -145,12 +56,12 @@ def test_incremental_equals_whole_evaluation(
         base_time=now - timedelta(hours=3),
     )
     store = SnapshotStore(redis_client, redis_prefix)
-    base = _rules()
-    inc, whole = _renamed(base, "inc"), _renamed(base, "whole")
+    base = rules_under_test()
+    inc, whole = renamed(base, "inc"), renamed(base, "whole")
     incremental_runs = events = 0
     for sync in range(6):
         if sync:
-            _mutate(sim, rng)
+            mutate(sim, rng)
         graph = build(sim)
         result = commit_graph(store, graph, now - timedelta(hours=2) + timedelta(minutes=sync))
         qg, delta = graph_after_commit(store, TENANT, result, graph)

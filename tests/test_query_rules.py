@@ -42,7 +42,7 @@ rules:
 
 def sync(store: SnapshotStore, settings: Settings, graph: object) -> dict[str, int]:
     result = commit(store, graph)  # type: ignore[arg-type]
-    return evaluate_after_commit(store.client, settings, TENANT, result, graph)  # type: ignore[arg-type]
+    return evaluate_after_commit(store.client, settings, TENANT, result, graph).counts  # type: ignore[arg-type]
 
 
 def test_enter_fires_leave_resolves_degraded_keeps(
@@ -198,7 +198,7 @@ def test_incremental_index_equals_a_fresh_load(
     """The copy-on-write update after a commit answers exactly like a graph read from Redis."""
     from detect_helpers import mutated_tenant
 
-    from monitor.alerts.query_rules import graph_after_commit
+    from monitor.alerts.query_graphs import after_commit as graph_after_commit
     from monitor.query import compile_query, execute
     from monitor.query.graph import load_query_graph, store_query_graph
 

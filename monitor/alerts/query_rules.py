@@ -20,26 +20,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
+from redis.exceptions import LockError
 
+from monitor.alerts import query_graphs
+from monitor.alerts.query_graphs import save_change_set
 from monitor.events import stream
 from monitor.events.envelope import Event, make_event, utc_now_iso
 from monitor.memory import gc_paused
 from monitor.model.graph import Graph, Item
 from monitor.query import QueryError, compile_query, execute
 from monitor.query.executor import DEFAULT_MAX_PATHS, match
-from monitor.query.graph import (
-    QueryGraph,
-    cached_query_graph,
-    load_query_graph,
-    split_items,
-    store_query_graph,
-)
+from monitor.query.graph import QueryGraph
 from monitor.query.incremental import GraphDelta, affected_starts, is_incremental, plan_fields
 from monitor.query.planner import Plan
 from monitor.query.result import public
@@ -115,6 +113,7 @@ class Evaluation:
     error: str | None = None
     events: list[Event] = field(default_factory=list)
     incremental: bool = False  # only the members the commit could reach were matched again
+    skipped: bool = False  # already evaluated at this generation (or a newer one): not again
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +125,7 @@ class Evaluation:
             "baseline": self.baseline,
             "kept": self.kept,
             "error": self.error,
+            "skipped": self.skipped,
         }
 
 
@@ -229,6 +229,13 @@ def _known_set(
     return known.members
 
 
+def _evaluated_at(meta: Mapping[str, Any] | None) -> int:
+    try:
+        return int((meta or {}).get("generation") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _continues(meta: Mapping[str, Any] | None, rule: Rule, delta: GraphDelta | None) -> bool:
     """Is the stored set this rule's complete answer on the delta's previous generation?"""
     return (
@@ -286,6 +293,10 @@ def evaluate(
         evaluations.append(ev)
         meta = orjson.loads(raw_meta) if raw_meta else None
         ev.baseline = meta is None or meta.get("query") != rule.query
+        if write and not ev.baseline and _evaluated_at(meta) >= graph.generation:
+            ev.skipped = True  # by another process meanwhile: its events are out already
+            ev.current = int(meta.get("size") or 0) if meta else 0
+            continue
         try:
             if isinstance(plan, QueryError):
                 raise plan
@@ -408,6 +419,7 @@ def _write_state(
         "size": ev.current,
         "time": time_,
         "kept": ev.kept,
+        "incremental": ev.incremental,
     }
     pipe.set(meta_key(prefix, tenant, rule.name), orjson.dumps(doc_meta))
 
@@ -442,74 +454,82 @@ def _event(
     )
 
 
-@gc_paused()
-def graph_after_commit(
-    store: SnapshotStore, tenant: str, result: CommitResult, fetched: Graph | None
-) -> tuple[QueryGraph, GraphDelta | None]:
-    """The committed snapshot as a QueryGraph, without re-reading what is in memory, and how it
-    differs from the previous generation's (None when that is not known).
+@dataclass
+class AfterCommit:
+    """What a sync's post-commit step did about the tenant's query rules."""
 
-    With the previous generation's graph cached in this process, only the items the commit
-    wrote or deleted are swapped in (copy-on-write); otherwise the graph is built from the
-    fetched items plus the carried-over ones read from Redis.
-    """
-    index = result.index
-    if index is None or fetched is None:
-        qg = load_query_graph(store.client, store.prefix, tenant)
-        if qg is None:
-            raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
-        return qg, None
-    cached = cached_query_graph(store.client, store.prefix, tenant)
-    n_changed = len(result.written_keys) + len(result.deleted_keys)
-    if (
-        cached is not None
-        and result.previous_generation
-        and cached.generation == result.previous_generation
-        and n_changed <= (len(cached.entities) + len(cached.relationships)) // 4
-    ):
-        items = _bodies(store, tenant, result.written_keys, fetched)
-        qg = cached.updated(
-            result.generation, items, result.deleted_keys, result.quiet_keys, result.ignored
-        )
-        if cached.changes is not None:  # fold this sync's events into the known facts
-            facts = cached.changes
-            for ev in result.events:
-                facts.add(ev)
-            for k, item in items.items():
-                if k in qg.entities:
-                    facts.stamp(k, item)
-            qg.changes = facts
-        store_query_graph(store.client, store.prefix, qg)
-        changed = frozenset((*result.written_keys, *result.deleted_keys))
-        return qg, GraphDelta(cached, qg, changed, result.quiet_keys, result.ignored)
-    stored = {k for types in index.values() for by_key in types.values() for k in by_key}
-    ents, rels = fetched.entities, fetched.relationships
-    entities = [e for k, e in ents.items() if k in stored]
-    relationships = [r for k, r in rels.items() if k in stored]
-    carried = stored.difference(ents.keys()).difference(rels.keys())  # kept, not fetched
-    if carried:
-        more_ents, more_rels = split_items(store.load_bodies(tenant, list(carried)).values())
-        entities += more_ents
-        relationships += more_rels
-    qg = QueryGraph.from_items(tenant, result.generation, entities, relationships)
-    store_query_graph(store.client, store.prefix, qg)
-    return qg, None
+    rules: int = 0  # query rules for the tenant
+    counts: dict[str, int] = field(default_factory=dict)  # events by type
+    deferred: bool = False  # left to the query evaluator (the change set is stored)
 
 
-def _bodies(store: SnapshotStore, tenant: str, keys: list[str], fetched: Graph) -> dict[str, Item]:
-    """Items by key: the fetched ones, the rest (carried over) read from the store."""
-    ents, rels = fetched.entities, fetched.relationships
-    out: dict[str, Item] = {}
-    missing: list[str] = []
-    for k in keys:
-        item = ents.get(k) or rels.get(k)
-        if item is None:
-            missing.append(k)
-        else:
-            out[k] = item
-    if missing:
-        out.update(store.load_bodies(tenant, missing))
-    return out
+class EvaluationBusy(Exception):
+    """Another process held the tenant's query-rule lock for too long."""
+
+
+LOCK_TTL_S = 600.0  # a dead evaluator's lock frees itself after this
+LOCK_WAIT_S = 120.0
+
+
+def lock_key(prefix: str, tenant: str) -> str:
+    return f"{prefix}:qrules:{tenant}:lock"
+
+
+@contextmanager
+def tenant_lock(
+    client: redis.Redis, prefix: str, tenant: str, wait: float = LOCK_WAIT_S
+) -> Iterator[None]:
+    """One evaluation of a tenant's query rules at a time (sync process or query evaluator):
+    with `evaluate` skipping rules already evaluated at the generation, none is done twice."""
+    lock = client.lock(lock_key(prefix, tenant), timeout=LOCK_TTL_S, blocking_timeout=wait)
+    if not lock.acquire():
+        raise EvaluationBusy(f"tenant {tenant!r}: query rules busy for over {wait:g}s")
+    try:
+        yield
+    finally:
+        with suppress(LockError):  # expired meanwhile: the next evaluation repeats the work
+            lock.release()
+
+
+def _tenant_rules(settings: Settings, tenant: str) -> list[Rule]:
+    from monitor.alerts.rules import load_rules
+
+    if not settings.alerts_dir.is_dir():
+        return []
+    return rules_for(load_rules(settings.alerts_dir).rules, tenant)
+
+
+def committed_status(store: SnapshotStore, tenant: str, generation: int) -> str:
+    """ "ok" or "degraded": how the commit of `generation` went ("degraded" when not known)."""
+    meta = store.meta(tenant) or {}
+    if meta.get("status") == "failed":  # a failed sync after it: its commit's own status
+        meta = meta.get("lastCommitted") or {}
+    if meta.get("generation") == generation and meta.get("status") == "ok":
+        return "ok"
+    return "degraded"
+
+
+def _log_evaluated(tenant: str, evs: list[Evaluation], seconds: float, where: str) -> None:
+    log.info(
+        "query rules evaluated",
+        extra={
+            "tenant": tenant,
+            "where": where,
+            "rules": len(evs),
+            "incremental": sum(e.incremental for e in evs),
+            "skipped": sum(e.skipped for e in evs),
+            "seconds": round(seconds, 3),
+            "events": _counts(evs),
+        },
+    )
+
+
+def _counts(evs: list[Evaluation]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ev in evs:
+        for e in ev.events:
+            counts[e["type"]] = counts.get(e["type"], 0) + 1
+    return counts
 
 
 def evaluate_after_commit(
@@ -518,22 +538,61 @@ def evaluate_after_commit(
     tenant: str,
     result: CommitResult,
     fetched: Graph | None = None,
-) -> dict[str, int]:
-    """The post-commit hook of a sync: event counts by type ({} when nothing to do).
+    *,
+    defer: bool = False,
+) -> AfterCommit:
+    """The post-commit step of a sync: evaluate the tenant's query rules now, or with `defer`
+    store the commit's change set for the query evaluator (the caller enqueues it).
 
     Never raises: a broken rule or query is logged and the sync goes on.
     """
     try:
-        from monitor.alerts.rules import load_rules
-
-        if result.status == "failed" or not settings.alerts_dir.is_dir():
-            return {}
-        rules = rules_for(load_rules(settings.alerts_dir).rules, tenant)
+        if result.status == "failed":
+            return AfterCommit()
+        rules = _tenant_rules(settings, tenant)
         if not rules:
-            return {}
+            return AfterCommit()
+        if defer:
+            save_change_set(client, settings.redis_prefix, result, fetched)
+            return AfterCommit(len(rules), deferred=True)
         t0 = time.perf_counter()
         store = SnapshotStore(client, settings.redis_prefix)
-        graph, delta = graph_after_commit(store, tenant, result, fetched)
+        with tenant_lock(client, settings.redis_prefix, tenant):
+            graph, delta = query_graphs.after_commit(store, tenant, result, fetched)
+            evs = evaluate(
+                client,
+                settings.redis_prefix,
+                tenant,
+                rules,
+                graph,
+                delta=delta,
+                degraded=result.status == "degraded",
+                stream_maxlen=settings.events.stream_maxlen,
+                retention_days=settings.events.retention_days,
+            )
+        _log_evaluated(tenant, evs, time.perf_counter() - t0, "sync")
+        return AfterCommit(len(rules), _counts(evs))
+    except Exception:
+        log.exception("query rules could not be evaluated", extra={"tenant": tenant})
+        return AfterCommit()
+
+
+def evaluate_latest(
+    client: redis.Redis, settings: Settings, tenant: str, wait: float = LOCK_WAIT_S
+) -> list[Evaluation]:
+    """The query evaluator's step: the tenant's query rules over its latest committed snapshot
+    (rules already evaluated at that generation are skipped).
+
+    Raises EvaluationBusy and Redis errors (the task retries); a broken rule is logged."""
+    rules = _tenant_rules(settings, tenant)
+    if not rules:
+        return []
+    t0 = time.perf_counter()
+    store = SnapshotStore(client, settings.redis_prefix)
+    with tenant_lock(client, settings.redis_prefix, tenant, wait):
+        if store.generation(tenant) == 0:
+            return []
+        graph, delta = query_graphs.latest(store, tenant)
         evs = evaluate(
             client,
             settings.redis_prefix,
@@ -541,25 +600,9 @@ def evaluate_after_commit(
             rules,
             graph,
             delta=delta,
-            degraded=result.status == "degraded",
+            degraded=committed_status(store, tenant, graph.generation) != "ok",
             stream_maxlen=settings.events.stream_maxlen,
             retention_days=settings.events.retention_days,
         )
-        counts: dict[str, int] = {}
-        for ev in evs:
-            for e in ev.events:
-                counts[e["type"]] = counts.get(e["type"], 0) + 1
-        log.info(
-            "query rules evaluated",
-            extra={
-                "tenant": tenant,
-                "rules": len(rules),
-                "incremental": sum(e.incremental for e in evs),
-                "seconds": round(time.perf_counter() - t0, 3),
-                "events": counts,
-            },
-        )
-        return counts
-    except Exception:
-        log.exception("query rules could not be evaluated", extra={"tenant": tenant})
-        return {}
+    _log_evaluated(tenant, evs, time.perf_counter() - t0, "evaluator")
+    return evs

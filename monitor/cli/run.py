@@ -71,10 +71,17 @@ def _celery_main(argv: list[str]) -> None:
 def worker(
     ctx: typer.Context,
     queues: str | None = typer.Option(
-        None, "--queues", "-Q", help="Comma list of queues (default: sync,dispatch,deliver)."
+        None,
+        "--queues",
+        "-Q",
+        help="Comma list of queues (default: sync,dispatch,deliver). Queue `query` (query alert"
+        " rules) wants a worker of its own: `--queues query`, which runs one pool process.",
     ),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", "-c", help="Pool processes (default: number of CPUs)."
+        None,
+        "--concurrency",
+        "-c",
+        help="Pool processes (default: number of CPUs; 1 for `--queues query`).",
     ),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="DEBUG, INFO, WARNING, ERROR."),
     pool: str | None = typer.Option(None, "--pool", "-P", help="prefork (default), threads, solo."),
@@ -97,9 +104,13 @@ def worker(
         os.environ["MDE_MONITOR_METRICS_PORT"] = str(metrics_port)
     if metrics_addr:
         os.environ["MDE_MONITOR_METRICS_ADDR"] = metrics_addr
+    from monitor.celery_app import DEFAULT_WORKER_QUEUES, QUERY_QUEUE
+
     argv = ["worker", "--loglevel", loglevel]
-    if queues:
-        argv += ["-Q", queues]
+    names = [q.strip() for q in (queues or ",".join(DEFAULT_WORKER_QUEUES)).split(",") if q.strip()]
+    argv += ["-Q", ",".join(names)]
+    if names == [QUERY_QUEUE] and not concurrency:
+        concurrency = 1  # the query evaluator keeps tenants' graphs in one process
     if concurrency:
         argv += ["-c", str(concurrency)]
     if pool:
@@ -246,6 +257,13 @@ def status(as_json: bool = json_option("Print the status as JSON.")) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+        out.print(
+            f"query rules: evaluated by the query evaluator {st.query_evaluator}"
+            if st.query_evaluator
+            else "query rules: evaluated by each sync (no query evaluator: worker --queues query)",
+            markup=False,
+            highlight=False,
+        )
         groups = ", ".join(f"{g.name}: {g.pending} pending, {g.lag or 0} unread" for g in st.groups)
         out.print(f"events: {st.stream_length:,} in stream" + (f" ({groups})" if groups else ""))
         if st.dead_letters is not None:

@@ -7,7 +7,9 @@ same generation costs one Redis GET.
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -397,6 +399,10 @@ class QueryGraph:
     def __len__(self) -> int:
         return len(self.entities)
 
+    def size(self) -> int:
+        """Entities and relationships."""
+        return len(self.entities) + len(self.relationships)
+
     def base(self, names: tuple[str, ...]) -> list[Item]:
         """Entities of these classes (TitleCase) or types; every entity when `names` is empty."""
         if not names:
@@ -486,7 +492,9 @@ def _index_values(prop: str, e: Item) -> list[tuple[bool, Any]]:
     return out
 
 
-_CACHE: dict[tuple[int, str, str], QueryGraph] = {}
+# the graphs kept, least recently stored or read first; bounded by their items in all
+CACHE_ITEMS = int(os.environ.get("MDE_MONITOR_QUERY_CACHE_ITEMS", "2000000"))
+_CACHE: OrderedDict[tuple[int, str, str], QueryGraph] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
@@ -513,7 +521,12 @@ def _read(store: SnapshotStore, tenant: str) -> tuple[list[Item], list[Item]] | 
 
 
 def cached_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGraph | None:
-    return _CACHE.get((id(client.connection_pool), prefix, tenant))
+    key = (id(client.connection_pool), prefix, tenant)
+    with _CACHE_LOCK:
+        graph = _CACHE.get(key)
+        if graph is not None:
+            _CACHE.move_to_end(key)
+        return graph
 
 
 def load_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGraph | None:
@@ -537,8 +550,14 @@ def load_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGrap
 
 def store_query_graph(client: redis.Redis, prefix: str, graph: QueryGraph) -> None:
     """Cache a graph built elsewhere (e.g. right after a commit) for later queries."""
+    key = (id(client.connection_pool), prefix, graph.tenant)
     with _CACHE_LOCK:
-        _CACHE[(id(client.connection_pool), prefix, graph.tenant)] = graph
+        _CACHE[key] = graph
+        _CACHE.move_to_end(key)
+        total = sum(g.size() for g in _CACHE.values())
+        while total > CACHE_ITEMS and len(_CACHE) > 1:  # the newest one stays, whatever its size
+            _old_key, old = _CACHE.popitem(last=False)
+            total -= old.size()
 
 
 def clear_cache() -> None:

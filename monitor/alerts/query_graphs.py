@@ -1,0 +1,351 @@
+"""The query graph a query-rule evaluation runs on, and the change sets that keep it current.
+
+Two ways to the committed snapshot's graph:
+- `after_commit`: in the process that just committed (the fetched items are in memory); it
+  updates this process's graph of the previous generation, when it has it.
+- `latest`: in the query evaluator (queue `query`, one long-lived process that keeps every
+  tenant's graph warm, wherever the syncs ran). The graph it holds is advanced to the committed
+  generation with the change sets the syncs stored (`save_change_set`), one or several in a row;
+  without them (expired, too big to store, a restart) it is read whole from Redis.
+
+Either way the caller also gets a `GraphDelta` (how the graph differs from the generation
+before) when the update was incremental, so rules can re-match only what changed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis
+
+from monitor.memory import gc_paused
+from monitor.model.graph import Graph, Item
+from monitor.query import QueryError
+from monitor.query.graph import (
+    QueryGraph,
+    cached_query_graph,
+    load_query_graph,
+    split_items,
+    store_query_graph,
+)
+from monitor.query.incremental import GraphDelta
+from monitor.query.planner import RAW_DATA
+from monitor.snapshot.store import SnapshotStore
+
+if TYPE_CHECKING:
+    from monitor.snapshot.commit import CommitResult
+
+CHANGES_TTL_S = 2 * 86_400  # an evaluator away for longer rebuilds from the snapshot
+MAX_CHAIN = 16  # change sets applied in a row before a whole rebuild is cheaper
+CHANGE_SET_VERSION = 2
+# a commit that rewrote more than this share of the snapshot is cheaper to rebuild than to apply
+MAX_CHANGED_SHARE = 4
+Patch = tuple[
+    dict[str, Any], list[str]
+]  # new values of volatile fields, volatile fields now absent
+
+
+def changes_key(prefix: str, tenant: str, generation: int) -> str:
+    """The change set that took the tenant's snapshot to `generation` (compressed JSON)."""
+    return f"{prefix}:qrules:{tenant}:changes:{generation}"
+
+
+@dataclass
+class ChangeSet:
+    """What one commit (or several in a row, combined) changed, by item key."""
+
+    previous: int  # the generation the set applies to
+    generation: int  # the generation it leads to
+    written: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)
+    quiet: set[str] = field(default_factory=set)  # written, changed in `ignored` fields only
+    ignored: dict[str, frozenset[str]] = field(default_factory=dict)  # _type -> fields
+    # the events the query graph's change facts fold in (`_beginOn`, CHANGED ... SINCE)
+    facts: list[dict[str, Any]] = field(default_factory=list)
+    # quiet keys' new `ignored` field values ({field: value}, [fields now absent]): applied to
+    # the kept item instead of reading its whole body back
+    patches: dict[str, Patch] = field(default_factory=dict)
+
+    def then(self, nxt: ChangeSet) -> ChangeSet:
+        """This set followed by `nxt` (which must start where this one ends), as one set."""
+        if nxt.previous != self.generation:
+            raise ValueError(f"change set {nxt.generation} does not follow {self.generation}")
+        written = (self.written - nxt.deleted) | nxt.written
+        # quiet only if every write in the chain was quiet
+        quiet = (self.quiet - nxt.deleted - (nxt.written - nxt.quiet)) | (
+            nxt.quiet - (self.written - self.quiet)
+        )
+        quiet &= written
+        patches: dict[str, Patch] = {}
+        for k in quiet:
+            first, then = self.patches.get(k), nxt.patches.get(k)
+            if k in self.quiet and k in nxt.quiet and first is not None and then is not None:
+                values = {**first[0], **then[0]}
+                for name in then[1]:
+                    values.pop(name, None)
+                patches[k] = (values, sorted(set(first[1]) - then[0].keys() | set(then[1])))
+            elif k in nxt.quiet and k not in self.written and then is not None:
+                patches[k] = then
+            elif k in self.quiet and k not in nxt.written and first is not None:
+                patches[k] = first
+        return ChangeSet(
+            previous=self.previous,
+            generation=nxt.generation,
+            written=written,
+            deleted=(self.deleted - nxt.written) | nxt.deleted,
+            quiet=quiet,
+            ignored=nxt.ignored,
+            facts=self.facts + nxt.facts,
+            patches=patches,
+        )
+
+    def items(self, store: SnapshotStore, tenant: str, graph: QueryGraph) -> dict[str, Item]:
+        """The written items at the set's generation: quiet ones patched from `graph`'s, the
+        others read from the store."""
+        out: dict[str, Item] = {}
+        read: list[str] = []
+        for k in self.written:
+            patch = self.patches.get(k)
+            kept = graph.entities.get(k) or graph.relationships.get(k)
+            if patch is None or kept is None:
+                read.append(k)
+                continue
+            item = dict(kept)
+            item.update(patch[0])
+            for name in patch[1]:
+                item.pop(name, None)
+            out[k] = item
+        out.update(store.load_bodies(tenant, read))
+        return out
+
+
+def _fact(ev: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The part of an event the change facts read (type, time, subject, changed fields)."""
+    typ = str(ev.get("type", ""))
+    if typ != "mde.sync.baseline" and not typ.endswith((".created", ".updated")):
+        return None
+    data = ev.get("data")
+    changes = data.get("changes") if isinstance(data, dict) else None
+    names = sorted(changes) if isinstance(changes, dict) else []
+    return {
+        "type": typ,
+        "time": ev.get("time"),
+        "subject": ev.get("subject"),
+        "data": {"changes": dict.fromkeys(names, True)},
+    }
+
+
+def _patches(result: CommitResult, fetched: Graph) -> dict[str, Patch]:
+    """The quiet keys' new values of their type's `ignored` fields, from the fetched items.
+
+    `_rawData` (the whole source object, as big as the item) is not carried: a patched item
+    drops it. Queries cannot read it (the planner refuses it) and rule events leave it out."""
+    out: dict[str, Patch] = {}
+    for k in result.quiet_keys:
+        item = fetched.entities.get(k) or fetched.relationships.get(k)
+        names = result.ignored.get(str(item.get("_type"))) if item is not None else None
+        if item is None or names is None:
+            continue  # read whole
+        values = {n: item[n] for n in names if n in item and n != RAW_DATA}
+        out[k] = (values, sorted(n for n in names if n not in values))
+    return out
+
+
+def save_change_set(
+    client: redis.Redis, prefix: str, result: CommitResult, fetched: Graph | None = None
+) -> bool:
+    """Store the commit's change set for the query evaluator; False when there is none worth
+    storing (a baseline, a failed sync, or a commit that rewrote much of the snapshot).
+
+    With the `fetched` graph, quiet items are stored as patches of their volatile fields."""
+    if result.status == "failed" or result.baseline or not result.previous_generation:
+        return False
+    total = sum(result.counts.values())
+    if (len(result.written_keys) + len(result.deleted_keys)) * MAX_CHANGED_SHARE > total:
+        return False
+    patches = _patches(result, fetched) if fetched is not None else {}
+    doc = {  # each key once: loud writes, quiet writes (with their patch, or null), deletions
+        "v": CHANGE_SET_VERSION,
+        "previous": result.previous_generation,
+        "generation": result.generation,
+        "loud": sorted(set(result.written_keys) - result.quiet_keys),
+        "quiet": {k: patches.get(k) for k in sorted(result.quiet_keys)},
+        "deleted": sorted(result.deleted_keys),
+        "ignored": {t: sorted(f) for t, f in result.ignored.items()},
+        "facts": [f for f in map(_fact, result.events) if f is not None],
+    }
+    blob = zlib.compress(orjson.dumps(doc), 1)
+    client.set(changes_key(prefix, result.tenant, result.generation), blob, ex=CHANGES_TTL_S)
+    return True
+
+
+def load_change_set(
+    client: redis.Redis, prefix: str, tenant: str, generation: int
+) -> ChangeSet | None:
+    """The stored change set that led to `generation`, or None (none stored, or unreadable)."""
+    raw: Any = client.get(changes_key(prefix, tenant, generation))
+    if not raw:
+        return None
+    try:
+        doc = orjson.loads(zlib.decompress(raw))
+        if doc.get("v") != CHANGE_SET_VERSION or doc.get("generation") != generation:
+            return None
+        quiet: dict[str, Any] = doc["quiet"]
+        return ChangeSet(
+            previous=int(doc["previous"]),
+            generation=generation,
+            written={*doc["loud"], *quiet},
+            deleted=set(doc["deleted"]),
+            quiet=set(quiet),
+            ignored={t: frozenset(f) for t, f in doc["ignored"].items()},
+            facts=list(doc["facts"]),
+            patches={k: (p[0], p[1]) for k, p in quiet.items() if p is not None},
+        )
+    except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def change_chain(
+    client: redis.Redis, prefix: str, tenant: str, since: int, until: int
+) -> ChangeSet | None:
+    """The stored change sets from generation `since` to `until`, combined; None when one is
+    missing or the chain is longer than MAX_CHAIN."""
+    if until <= since:
+        return None
+    found: list[ChangeSet] = []
+    gen = until
+    while gen != since:
+        if len(found) >= MAX_CHAIN:
+            return None
+        cs = load_change_set(client, prefix, tenant, gen)
+        if cs is None or cs.previous >= gen or cs.previous < since:
+            return None
+        found.append(cs)
+        gen = cs.previous
+    combined = found.pop()
+    while found:
+        combined = combined.then(found.pop())
+    return combined
+
+
+def _bodies(
+    store: SnapshotStore, tenant: str, keys: Iterable[str], fetched: Graph
+) -> dict[str, Item]:
+    """Items by key: the fetched ones, the rest (carried over) read from the store."""
+    ents, rels = fetched.entities, fetched.relationships
+    out: dict[str, Item] = {}
+    missing: list[str] = []
+    for k in keys:
+        item = ents.get(k) or rels.get(k)
+        if item is None:
+            missing.append(k)
+        else:
+            out[k] = item
+    if missing:
+        out.update(store.load_bodies(tenant, missing))
+    return out
+
+
+def _advance(
+    store: SnapshotStore, cached: QueryGraph, cs: ChangeSet, items: dict[str, Item]
+) -> tuple[QueryGraph, GraphDelta]:
+    """`cached` moved to the change set's generation (copy-on-write), with its change facts."""
+    ignored: Mapping[str, frozenset[str]] = cs.ignored
+    quiet = frozenset(cs.quiet)
+    qg = cached.updated(cs.generation, items, cs.deleted, quiet, ignored)
+    if cached.changes is not None:  # fold the new events into the known facts
+        facts = cached.changes
+        for ev in cs.facts:
+            facts.add(ev)
+        for k, item in items.items():
+            if k in qg.entities:
+                facts.stamp(k, item)
+        qg.changes = facts
+    store_query_graph(store.client, store.prefix, qg)
+    return qg, GraphDelta(cached, qg, frozenset(cs.written | cs.deleted), quiet, ignored)
+
+
+def _small(cs: ChangeSet, graph: QueryGraph) -> bool:
+    n = len(cs.written) + len(cs.deleted)
+    return n * MAX_CHANGED_SHARE <= len(graph.entities) + len(graph.relationships)
+
+
+@gc_paused()
+def after_commit(
+    store: SnapshotStore, tenant: str, result: CommitResult, fetched: Graph | None
+) -> tuple[QueryGraph, GraphDelta | None]:
+    """The committed snapshot as a QueryGraph, without re-reading what is in memory, and how it
+    differs from the previous generation's (None when that is not known).
+
+    With the previous generation's graph cached in this process, only the items the commit
+    wrote or deleted are swapped in (copy-on-write); otherwise the graph is built from the
+    fetched items plus the carried-over ones read from Redis.
+    """
+    index = result.index
+    if index is None or fetched is None:
+        qg = load_query_graph(store.client, store.prefix, tenant)
+        if qg is None:
+            raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
+        return qg, None
+    cached = cached_query_graph(store.client, store.prefix, tenant)
+    cs = ChangeSet(
+        previous=result.previous_generation,
+        generation=result.generation,
+        written=set(result.written_keys),
+        deleted=set(result.deleted_keys),
+        quiet=set(result.quiet_keys),
+        ignored=dict(result.ignored),
+        facts=[f for f in map(_fact, result.events) if f is not None],
+    )
+    if (
+        cached is not None
+        and result.previous_generation
+        and cached.generation == result.previous_generation
+        and _small(cs, cached)
+    ):
+        return _advance(store, cached, cs, _bodies(store, tenant, result.written_keys, fetched))
+    stored = {k for types in index.values() for by_key in types.values() for k in by_key}
+    ents, rels = fetched.entities, fetched.relationships
+    entities = [e for k, e in ents.items() if k in stored]
+    relationships = [r for k, r in rels.items() if k in stored]
+    carried = stored.difference(ents.keys()).difference(rels.keys())  # kept, not fetched
+    if carried:
+        more_ents, more_rels = split_items(store.load_bodies(tenant, list(carried)).values())
+        entities += more_ents
+        relationships += more_rels
+    qg = QueryGraph.from_items(tenant, result.generation, entities, relationships)
+    store_query_graph(store.client, store.prefix, qg)
+    return qg, None
+
+
+@gc_paused()
+def latest(store: SnapshotStore, tenant: str) -> tuple[QueryGraph, GraphDelta | None]:
+    """The tenant's committed snapshot as a QueryGraph: this process's graph advanced by the
+    stored change sets when it holds an earlier generation and they are all there, else read
+    whole. The delta is None unless the graph was advanced."""
+    for _attempt in range(3):
+        gen = store.generation(tenant)
+        if not gen:
+            break
+        cached = cached_query_graph(store.client, store.prefix, tenant)
+        if cached is not None and cached.generation == gen:
+            return cached, None
+        cs = None
+        if cached is not None and cached.generation < gen:
+            cs = change_chain(store.client, store.prefix, tenant, cached.generation, gen)
+        if cached is None or cs is None or not _small(cs, cached):
+            break
+        items = cs.items(store, tenant, cached)
+        if store.generation(tenant) != gen:  # a commit landed while the bodies were read
+            continue
+        if len(items) != len(cs.written):
+            break  # not the snapshot the change set describes: read it whole
+        return _advance(store, cached, cs, items)
+    qg = load_query_graph(store.client, store.prefix, tenant)
+    if qg is None:
+        raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
+    return qg, None
