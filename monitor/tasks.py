@@ -295,7 +295,7 @@ def evaluate_queries(self: Task, tenant: str) -> dict[str, Any]:
         except ConfigError as exc:
             return {"tenant": tenant, "status": "skipped", "error": str(exc)}
         try:
-            evs = evaluate_latest(client, settings, tenant)
+            evs = evaluate_latest(client, settings, tenant, long_lived=True)
         except EvaluationBusy as exc:
             raise self.retry(countdown=5.0, exc=exc) from None
         except Exception as exc:

@@ -155,6 +155,7 @@ def test_change_chain_stops_at_gaps_and_length(
             "generation": gen,
             "loud": sorted(cs.written),
             "quiet": {},
+            "stale": [],
             "deleted": [],
             "ignored": {},
             "facts": [],
@@ -305,4 +306,52 @@ def test_kept_graphs_are_bounded_by_their_items(
     assert cached_query_graph(redis_client, "p", "big") is not None
     assert cached_query_graph(redis_client, "p", "a") is None
     assert cached_query_graph(redis_client, "p", "c") is None
+    clear_cache()
+
+
+def test_volatile_changes_of_types_no_rule_reads_are_left_out(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """Rules on machines only: the devices' lastSeen moves are not carried; a rule that reads
+    devices later gets the graph read whole, not stale values."""
+    from monitor.alerts.query_rules import rules_types
+    from monitor.alerts.rules import compile_rule
+
+    clear_cache()
+    now = datetime.now(UTC)
+    sim = generate_tenant(machines=60, users=20, vulns_per_machine=2, cves=10, seed=6)
+    store = SnapshotStore(redis_client, redis_prefix)
+
+    def rule(name: str, query: str) -> Any:
+        compiled, errors = compile_rule(
+            {"name": name, "query": query, "sinks": ["s"]}, "t", 0, ["s"]
+        )
+        assert compiled is not None, errors
+        return compiled
+
+    machines = [rule("seen", "FIND HostAgent WITH lastSeenOn > date(2000-01-01)")]
+    devices = [rule("devices", "FIND user_endpoint WITH lastSeenOn > date(2000-01-01)")]
+    types = rules_types(machines)
+    assert types == {"microsoft_defender_machine"} and rules_types(devices) == {"user_endpoint"}
+    commit_graph(store, build(sim), now - timedelta(minutes=10))
+    latest(store, TENANT, types)  # the graph this process keeps
+    sim.touch_all_machines()  # every machine and device: a quiet (volatile-only) change
+    graph = build(sim)
+    result = commit_graph(store, graph, now)
+    assert result.quiet_keys
+    assert save_change_set(redis_client, redis_prefix, result, graph, types)
+    advanced, delta = latest(store, TENANT, types)
+    assert delta is not None and advanced.stale_types == {"user_endpoint"}
+    for key, e in advanced.by_type["microsoft_defender_machine"].items():  # carried
+        assert e["lastSeenOn"] == graph.entities[key]["lastSeenOn"]
+    stale = [  # left as they were: no rule of this process reads them
+        k
+        for k, e in advanced.by_type["user_endpoint"].items()
+        if e["lastSeenOn"] != graph.entities[k]["lastSeenOn"]
+    ]
+    assert stale
+    fresh, delta = latest(store, TENANT, rules_types(devices))  # read whole, then current
+    assert delta is None and not fresh.stale_types
+    for key, e in fresh.by_type["user_endpoint"].items():
+        assert e["lastSeenOn"] == graph.entities[key]["lastSeenOn"]
     clear_cache()

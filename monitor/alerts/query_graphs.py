@@ -26,14 +26,15 @@ from monitor.memory import gc_paused
 from monitor.model.graph import Graph, Item
 from monitor.query import QueryError
 from monitor.query.graph import (
+    RAW_DATA,
     QueryGraph,
     cached_query_graph,
+    drop_query_graph,
     load_query_graph,
     split_items,
     store_query_graph,
 )
 from monitor.query.incremental import GraphDelta
-from monitor.query.planner import RAW_DATA
 from monitor.snapshot.store import SnapshotStore
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 CHANGES_TTL_S = 2 * 86_400  # an evaluator away for longer rebuilds from the snapshot
 MAX_CHAIN = 16  # change sets applied in a row before a whole rebuild is cheaper
-CHANGE_SET_VERSION = 2
+CHANGE_SET_VERSION = 3
 # a commit that rewrote more than this share of the snapshot is cheaper to rebuild than to apply
 MAX_CHANGED_SHARE = 4
 Patch = tuple[
@@ -69,6 +70,8 @@ class ChangeSet:
     # quiet keys' new `ignored` field values ({field: value}, [fields now absent]): applied to
     # the kept item instead of reading its whole body back
     patches: dict[str, Patch] = field(default_factory=dict)
+    # types whose volatile-only changes the set leaves out (no rule reads those types)
+    stale: set[str] = field(default_factory=set)
 
     def then(self, nxt: ChangeSet) -> ChangeSet:
         """This set followed by `nxt` (which must start where this one ends), as one set."""
@@ -101,25 +104,29 @@ class ChangeSet:
             ignored=nxt.ignored,
             facts=self.facts + nxt.facts,
             patches=patches,
+            stale=self.stale | nxt.stale,
         )
 
     def items(self, store: SnapshotStore, tenant: str, graph: QueryGraph) -> dict[str, Item]:
         """The written items at the set's generation: quiet ones patched from `graph`'s, the
         others read from the store."""
         out: dict[str, Item] = {}
-        read: list[str] = []
-        for k in self.written:
-            patch = self.patches.get(k)
-            kept = graph.entities.get(k) or graph.relationships.get(k)
-            if patch is None or kept is None:
+        ents, rels = graph.entities, graph.relationships
+        read = [k for k in self.written if k not in self.patches]
+        for k, (values, absent) in self.patches.items():
+            kept = ents.get(k) or rels.get(k)
+            if kept is None:
                 read.append(k)
                 continue
-            item = dict(kept)
-            item.update(patch[0])
-            for name in patch[1]:
+            item = {**kept, **values}
+            for name in absent:
                 item.pop(name, None)
             out[k] = item
-        out.update(store.load_bodies(tenant, read))
+        bodies = store.load_bodies(tenant, read)
+        if not graph.raw:
+            for body in bodies.values():
+                body.pop(RAW_DATA, None)
+        out.update(bodies)
         return out
 
 
@@ -139,42 +146,68 @@ def _fact(ev: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _patches(result: CommitResult, fetched: Graph) -> dict[str, Patch]:
-    """The quiet keys' new values of their type's `ignored` fields, from the fetched items.
+def _quiet(
+    result: CommitResult, fetched: Graph | None, types: frozenset[str] | None
+) -> tuple[dict[str, Patch | None], set[str]]:
+    """The quiet writes to carry - key -> the new values of its type's `ignored` fields (None:
+    read its body back) - and the types whose quiet writes are left out (not in `types`, the
+    entity types the rules read; None: all are read).
 
     `_rawData` (the whole source object, as big as the item) is not carried: a patched item
     drops it. Queries cannot read it (the planner refuses it) and rule events leave it out."""
-    out: dict[str, Patch] = {}
+    if fetched is None:
+        return dict.fromkeys(result.quiet_keys), set()
+    fields = {  # _type -> (fields with a value to carry, all of them)
+        t: (tuple(sorted(names - {RAW_DATA})), tuple(sorted(names)))
+        for t, names in result.ignored.items()
+    }
+    ents, rels = fetched.entities, fetched.relationships
+    out: dict[str, Patch | None] = {}
+    stale: set[str] = set()
     for k in result.quiet_keys:
-        item = fetched.entities.get(k) or fetched.relationships.get(k)
-        names = result.ignored.get(str(item.get("_type"))) if item is not None else None
-        if item is None or names is None:
-            continue  # read whole
-        values = {n: item[n] for n in names if n in item and n != RAW_DATA}
-        out[k] = (values, sorted(n for n in names if n not in values))
-    return out
+        item = ents.get(k) or rels.get(k)
+        if item is None:
+            out[k] = None
+            continue
+        typ = item.get("_type", "")
+        if types is not None and typ not in types:
+            stale.add(typ)
+            continue
+        spec = fields.get(typ)
+        if spec is None:
+            out[k] = None
+            continue
+        values = {n: item[n] for n in spec[0] if n in item}
+        out[k] = (values, [n for n in spec[1] if n not in values])
+    return out, stale
 
 
 def save_change_set(
-    client: redis.Redis, prefix: str, result: CommitResult, fetched: Graph | None = None
+    client: redis.Redis,
+    prefix: str,
+    result: CommitResult,
+    fetched: Graph | None = None,
+    types: frozenset[str] | None = None,
 ) -> bool:
     """Store the commit's change set for the query evaluator; False when there is none worth
     storing (a baseline, a failed sync, or a commit that rewrote much of the snapshot).
 
-    With the `fetched` graph, quiet items are stored as patches of their volatile fields."""
+    With the `fetched` graph, quiet items are stored as patches of their volatile fields, and
+    those of types outside `types` (the entity types the tenant's rules read) are left out."""
     if result.status == "failed" or result.baseline or not result.previous_generation:
         return False
     total = sum(result.counts.values())
     if (len(result.written_keys) + len(result.deleted_keys)) * MAX_CHANGED_SHARE > total:
         return False
-    patches = _patches(result, fetched) if fetched is not None else {}
+    quiet, stale = _quiet(result, fetched, types)
     doc = {  # each key once: loud writes, quiet writes (with their patch, or null), deletions
         "v": CHANGE_SET_VERSION,
         "previous": result.previous_generation,
         "generation": result.generation,
-        "loud": sorted(set(result.written_keys) - result.quiet_keys),
-        "quiet": {k: patches.get(k) for k in sorted(result.quiet_keys)},
-        "deleted": sorted(result.deleted_keys),
+        "loud": list(set(result.written_keys) - result.quiet_keys),
+        "quiet": quiet,
+        "stale": sorted(stale),
+        "deleted": result.deleted_keys,
         "ignored": {t: sorted(f) for t, f in result.ignored.items()},
         "facts": [f for f in map(_fact, result.events) if f is not None],
     }
@@ -204,6 +237,7 @@ def load_change_set(
             ignored={t: frozenset(f) for t, f in doc["ignored"].items()},
             facts=list(doc["facts"]),
             patches={k: (p[0], p[1]) for k, p in quiet.items() if p is not None},
+            stale=set(doc["stale"]),
         )
     except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
@@ -256,7 +290,7 @@ def _advance(
     """`cached` moved to the change set's generation (copy-on-write), with its change facts."""
     ignored: Mapping[str, frozenset[str]] = cs.ignored
     quiet = frozenset(cs.quiet)
-    qg = cached.updated(cs.generation, items, cs.deleted, quiet, ignored)
+    qg = cached.updated(cs.generation, items, cs.deleted, quiet, ignored, cs.stale)
     if cached.changes is not None:  # fold the new events into the known facts
         facts = cached.changes
         for ev in cs.facts:
@@ -269,6 +303,12 @@ def _advance(
     return qg, GraphDelta(cached, qg, frozenset(cs.written | cs.deleted), quiet, ignored)
 
 
+def fresh_for(graph: QueryGraph, types: frozenset[str] | None) -> bool:
+    """Can rules reading `types` (None: any) use `graph`, whose `stale_types` may hold old
+    volatile values?"""
+    return not graph.stale_types or (types is not None and not types & graph.stale_types)
+
+
 def _small(cs: ChangeSet, graph: QueryGraph) -> bool:
     n = len(cs.written) + len(cs.deleted)
     return n * MAX_CHANGED_SHARE <= len(graph.entities) + len(graph.relationships)
@@ -276,14 +316,19 @@ def _small(cs: ChangeSet, graph: QueryGraph) -> bool:
 
 @gc_paused()
 def after_commit(
-    store: SnapshotStore, tenant: str, result: CommitResult, fetched: Graph | None
+    store: SnapshotStore,
+    tenant: str,
+    result: CommitResult,
+    fetched: Graph | None,
+    types: frozenset[str] | None = None,
 ) -> tuple[QueryGraph, GraphDelta | None]:
     """The committed snapshot as a QueryGraph, without re-reading what is in memory, and how it
     differs from the previous generation's (None when that is not known).
 
     With the previous generation's graph cached in this process, only the items the commit
-    wrote or deleted are swapped in (copy-on-write); otherwise the graph is built from the
-    fetched items plus the carried-over ones read from Redis.
+    wrote or deleted are swapped in (copy-on-write); otherwise (or when that graph is stale in
+    `types`, the entity types the rules read) the graph is built from the fetched items plus
+    the carried-over ones read from Redis.
     """
     index = result.index
     if index is None or fetched is None:
@@ -292,6 +337,8 @@ def after_commit(
             raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
         return qg, None
     cached = cached_query_graph(store.client, store.prefix, tenant)
+    if cached is not None and not fresh_for(cached, types):
+        cached = None
     cs = ChangeSet(
         previous=result.previous_generation,
         generation=result.generation,
@@ -323,29 +370,36 @@ def after_commit(
 
 
 @gc_paused()
-def latest(store: SnapshotStore, tenant: str) -> tuple[QueryGraph, GraphDelta | None]:
-    """The tenant's committed snapshot as a QueryGraph: this process's graph advanced by the
-    stored change sets when it holds an earlier generation and they are all there, else read
-    whole. The delta is None unless the graph was advanced."""
+def latest(
+    store: SnapshotStore, tenant: str, types: frozenset[str] | None = None
+) -> tuple[QueryGraph, GraphDelta | None]:
+    """The tenant's committed snapshot as a QueryGraph, good for rules reading `types` (the
+    entity types; None: any): this process's graph advanced by the stored change sets when it
+    holds an earlier generation and they are all there, else read whole. The delta is None
+    unless the graph was advanced."""
+    client, prefix = store.client, store.prefix
     for _attempt in range(3):
         gen = store.generation(tenant)
         if not gen:
             break
-        cached = cached_query_graph(store.client, store.prefix, tenant)
-        if cached is not None and cached.generation == gen:
-            return cached, None
-        cs = None
-        if cached is not None and cached.generation < gen:
-            cs = change_chain(store.client, store.prefix, tenant, cached.generation, gen)
-        if cached is None or cs is None or not _small(cs, cached):
+        cached = cached_query_graph(client, prefix, tenant)
+        if cached is None or not fresh_for(cached, types) or cached.generation > gen:
             break
+        if cached.generation == gen:
+            return cached, None
+        cs = change_chain(client, prefix, tenant, cached.generation, gen)
+        if cs is None or not _small(cs, cached):
+            break
+        if (types is None and cs.stale) or (types is not None and types & cs.stale):
+            break  # a set stored for other rules (they changed since): not enough
         items = cs.items(store, tenant, cached)
         if store.generation(tenant) != gen:  # a commit landed while the bodies were read
             continue
         if len(items) != len(cs.written):
             break  # not the snapshot the change set describes: read it whole
         return _advance(store, cached, cs, items)
-    qg = load_query_graph(store.client, store.prefix, tenant)
+    drop_query_graph(client, prefix, tenant)
+    qg = load_query_graph(client, prefix, tenant, keep_raw=False)
     if qg is None:
         raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
     return qg, None

@@ -33,13 +33,13 @@ from monitor.alerts import query_graphs
 from monitor.alerts.query_graphs import save_change_set
 from monitor.events import stream
 from monitor.events.envelope import Event, make_event, utc_now_iso
-from monitor.memory import gc_paused
+from monitor.memory import LongLived, gc_paused
 from monitor.model.graph import Graph, Item
 from monitor.query import QueryError, compile_query, execute
 from monitor.query.executor import DEFAULT_MAX_PATHS, match
 from monitor.query.graph import QueryGraph
 from monitor.query.incremental import GraphDelta, affected_starts, is_incremental, plan_fields
-from monitor.query.planner import Plan
+from monitor.query.planner import Plan, plan_types
 from monitor.query.result import public
 from monitor.snapshot.store import SnapshotStore
 
@@ -54,6 +54,7 @@ QUERY_ENTERED = "mde.query.entered"
 QUERY_LEFT = "mde.query.left"
 MAX_LISTED = 200  # display names kept per member in the state hash are cut to this length
 _PLANS: dict[str, Plan] = {}
+_HEAP = LongLived()  # the query evaluator's: see evaluate_latest
 
 
 def check_query(text: str) -> str | None:
@@ -491,6 +492,21 @@ def tenant_lock(
             lock.release()
 
 
+def rules_types(rules: Iterable[Rule]) -> frozenset[str] | None:
+    """The entity types whose properties the rules can read (None: any); a rule whose query
+    does not plan reads nothing."""
+    out: set[str] = set()
+    for rule in rules:
+        plan = _planned(str(rule.query))
+        if isinstance(plan, QueryError):
+            continue
+        types = plan_types(plan)
+        if types is None:
+            return None
+        out |= types
+    return frozenset(out)
+
+
 def _tenant_rules(settings: Settings, tenant: str) -> list[Rule]:
     from monitor.alerts.rules import load_rules
 
@@ -552,13 +568,14 @@ def evaluate_after_commit(
         rules = _tenant_rules(settings, tenant)
         if not rules:
             return AfterCommit()
+        types = rules_types(rules)
         if defer:
-            save_change_set(client, settings.redis_prefix, result, fetched)
+            save_change_set(client, settings.redis_prefix, result, fetched, types)
             return AfterCommit(len(rules), deferred=True)
         t0 = time.perf_counter()
         store = SnapshotStore(client, settings.redis_prefix)
         with tenant_lock(client, settings.redis_prefix, tenant):
-            graph, delta = query_graphs.after_commit(store, tenant, result, fetched)
+            graph, delta = query_graphs.after_commit(store, tenant, result, fetched, types)
             evs = evaluate(
                 client,
                 settings.redis_prefix,
@@ -578,31 +595,64 @@ def evaluate_after_commit(
 
 
 def evaluate_latest(
-    client: redis.Redis, settings: Settings, tenant: str, wait: float = LOCK_WAIT_S
+    client: redis.Redis,
+    settings: Settings,
+    tenant: str,
+    wait: float = LOCK_WAIT_S,
+    *,
+    long_lived: bool = False,
 ) -> list[Evaluation]:
-    """The query evaluator's step: the tenant's query rules over its latest committed snapshot
-    (rules already evaluated at that generation are skipped).
+    """The query evaluator's step (`long_lived`: in the evaluator itself; also a sync's fallback
+    when the evaluator cannot be reached): the tenant's query rules over its latest committed
+    snapshot (rules already evaluated at that generation are skipped).
 
     Raises EvaluationBusy and Redis errors (the task retries); a broken rule is logged."""
     rules = _tenant_rules(settings, tenant)
     if not rules:
         return []
     t0 = time.perf_counter()
-    store = SnapshotStore(client, settings.redis_prefix)
-    with tenant_lock(client, settings.redis_prefix, tenant, wait):
+    evs = evaluate_on_latest(
+        client,
+        settings.redis_prefix,
+        tenant,
+        rules,
+        wait=wait,
+        stream_maxlen=settings.events.stream_maxlen,
+        retention_days=settings.events.retention_days,
+        long_lived=long_lived,
+    )
+    _log_evaluated(tenant, evs, time.perf_counter() - t0, "evaluator" if long_lived else "sync")
+    return evs
+
+
+def evaluate_on_latest(
+    client: redis.Redis,
+    prefix: str,
+    tenant: str,
+    rules: list[Rule],
+    *,
+    wait: float = LOCK_WAIT_S,
+    stream_maxlen: int = 100_000,
+    retention_days: float = 30.0,
+    long_lived: bool = False,
+) -> list[Evaluation]:
+    """`rules` over the tenant's latest committed snapshot, from the graph this process keeps
+    (`long_lived`: the process is the query evaluator, its graphs kept out of the cyclic GC)."""
+    store = SnapshotStore(client, prefix)
+    with tenant_lock(client, prefix, tenant, wait):
         if store.generation(tenant) == 0:
             return []
-        graph, delta = query_graphs.latest(store, tenant)
-        evs = evaluate(
+        graph, delta = query_graphs.latest(store, tenant, rules_types(rules))
+        if long_lived:
+            _HEAP.settle()
+        return evaluate(
             client,
-            settings.redis_prefix,
+            prefix,
             tenant,
             rules,
             graph,
             delta=delta,
             degraded=committed_status(store, tenant, graph.generation) != "ok",
-            stream_maxlen=settings.events.stream_maxlen,
-            retention_days=settings.events.retention_days,
+            stream_maxlen=stream_maxlen,
+            retention_days=retention_days,
         )
-    _log_evaluated(tenant, evs, time.perf_counter() - t0, "evaluator")
-    return evs

@@ -23,6 +23,7 @@ from monitor.snapshot.store import Index, SnapshotStore
 
 _MISSING = object()
 TENANT_PROP = "_tenant"
+RAW_DATA = "_rawData"
 CHANGE_PROPS = ("_beginOn", "_createdOn")
 _TIME_TYPES = (".created", ".updated")
 
@@ -142,6 +143,10 @@ class QueryGraph:
         self.out: dict[str, dict[str, list[Item]]] = {}
         self.inn: dict[str, dict[str, list[Item]]] = {}
         self.changes: ChangeFacts | None = None
+        # types whose volatile-only changes were not applied (no rule of the process that keeps
+        # this graph reads them): a reader of these types needs the graph read whole
+        self.stale_types: frozenset[str] = frozenset()
+        self.raw = True  # items carry `_rawData` (False: left out, for query rules only)
         # equality indexes: (names, prop) -> value -> entity keys (keys, not entities: an entity
         # whose indexed value did not change keeps its place across generations)
         self._eq: dict[tuple[tuple[str, ...], str], dict[Any, list[str]]] = {}
@@ -292,9 +297,11 @@ class QueryGraph:
         removed: Iterable[str],
         quiet: Collection[str] = (),
         ignored: Mapping[str, frozenset[str]] | None = None,
+        stale: Collection[str] = (),
     ) -> QueryGraph:
         """The next generation: `items` (new and changed, by `_key`) replace or join this
-        graph's, `removed` keys leave. This graph is left untouched.
+        graph's, `removed` keys leave. This graph is left untouched. `stale`: types whose
+        volatile-only changes were left out (see `stale_types`).
 
         `quiet` items changed only in their type's `ignored` fields: the equality indexes of
         other fields keep their entries without looking at them."""
@@ -305,6 +312,8 @@ class QueryGraph:
         g.by_class = {c: dict(v) for c, v in self.by_class.items()}
         g.out, g.inn = dict(self.out), dict(self.inn)
         g._touched = set()
+        g.stale_types = self.stale_types.union(stale)
+        g.raw = self.raw
         moved: dict[tuple[Any, ...], tuple[list[str], list[str]]] = {}  # by kind: loud, quiet
         for k in removed:
             if k in g.relationships:
@@ -498,8 +507,11 @@ _CACHE: OrderedDict[tuple[int, str, str], QueryGraph] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def _read(store: SnapshotStore, tenant: str) -> tuple[list[Item], list[Item]] | None:
-    """Every item of the tenant's committed index: (entities, relationships)."""
+def _read(
+    store: SnapshotStore, tenant: str, keep_raw: bool = True
+) -> tuple[list[Item], list[Item]] | None:
+    """Every item of the tenant's committed index: (entities, relationships); without
+    `_rawData` unless `keep_raw`."""
     index = store.load_index(tenant)
     if index is None:
         return None
@@ -514,6 +526,8 @@ def _read(store: SnapshotStore, tenant: str) -> tuple[list[Item], list[Item]] | 
             if raw_key.decode() not in fps:
                 continue
             item = store.decode_body(raw)
+            if not keep_raw:
+                item.pop(RAW_DATA, None)
             (rels if is_relationship(item) else entities).append(item)
         if cursor == 0:
             break
@@ -529,20 +543,26 @@ def cached_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGr
         return graph
 
 
-def load_query_graph(client: redis.Redis, prefix: str, tenant: str) -> QueryGraph | None:
-    """The tenant's latest committed snapshot as a QueryGraph (cached per generation)."""
+def load_query_graph(
+    client: redis.Redis, prefix: str, tenant: str, keep_raw: bool = True
+) -> QueryGraph | None:
+    """The tenant's latest committed snapshot as a QueryGraph (cached per generation).
+
+    Without `keep_raw` the items leave `_rawData` out (query rules never read it): a fraction
+    of the memory for machines and users."""
     store = SnapshotStore(client, prefix)
     for attempt in range(3):
         gen = store.generation(tenant)
         cached = cached_query_graph(client, prefix, tenant)
-        if cached is not None and cached.generation == gen:
+        if cached is not None and cached.generation == gen and (cached.raw or not keep_raw):
             return cached
-        read = _read(store, tenant)
+        read = _read(store, tenant, keep_raw)
         if read is None:
             return None
         if store.generation(tenant) != gen and attempt < 2:  # a commit landed meanwhile
             continue
         qg = QueryGraph.from_items(tenant, gen, read[0], read[1])
+        qg.raw = keep_raw
         store_query_graph(client, prefix, qg)
         return qg
     return None
@@ -558,6 +578,12 @@ def store_query_graph(client: redis.Redis, prefix: str, graph: QueryGraph) -> No
         while total > CACHE_ITEMS and len(_CACHE) > 1:  # the newest one stays, whatever its size
             _old_key, old = _CACHE.popitem(last=False)
             total -= old.size()
+
+
+def drop_query_graph(client: redis.Redis, prefix: str, tenant: str) -> None:
+    """Forget this process's graph of the tenant (the next load reads it whole)."""
+    with _CACHE_LOCK:
+        _CACHE.pop((id(client.connection_pool), prefix, tenant), None)
 
 
 def clear_cache() -> None:

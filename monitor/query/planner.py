@@ -13,7 +13,7 @@ from typing import Any
 
 from monitor.query import ast
 from monitor.query.errors import QueryError
-from monitor.query.graph import CHANGE_PROPS, QueryGraph, get_prop
+from monitor.query.graph import CHANGE_PROPS, RAW_DATA, QueryGraph, get_prop
 
 Pred = Callable[[Any], bool]
 Getter = Callable[[Any], Any]
@@ -121,9 +121,6 @@ def _check_types(e: ast.Expr) -> None:
             )
 
 
-RAW_DATA = "_rawData"
-
-
 def _refuse_raw(node: Any) -> None:
     """`_rawData` is the source object kept beside the properties, not one of them: it is
     returned with an entity when asked (`--raw`), never filtered, returned or sorted on."""
@@ -141,6 +138,47 @@ def _refuse_raw(node: Any) -> None:
     elif is_dataclass(node) and not isinstance(node, type):
         for f in fields(node):
             _refuse_raw(getattr(node, f.name))
+
+
+def _selector_types(selector: ast.Selector) -> frozenset[str] | None:
+    """The entity `_type`s a selector can match (None: any; a class is looked up in the model,
+    an unknown class could be anything)."""
+    from monitor.model.schema import ENTITY_TYPES
+
+    if selector.any:
+        return None
+    out: set[str] = set()
+    for name in selector.names:
+        if not name[:1].isupper():
+            out.add(name)
+            continue
+        found = {t.type for t in ENTITY_TYPES if name in t.classes}
+        if not found:
+            return None
+        out |= found
+    return frozenset(out)
+
+
+def plan_types(plan: Plan) -> frozenset[str] | None:
+    """The entity `_type`s whose properties the plan can read (None: any type, relationships
+    included). Relationships' own properties are only read through their filters and aliases:
+    a plan with either may read any type."""
+    if any(e.filters or e.alias for e in plan.edges):
+        return None
+    nodes = list(plan.nodes)
+    out: set[str] = set()
+    while nodes:
+        node = nodes.pop()
+        types = _selector_types(node.selector)
+        if types is None:
+            return None
+        out |= types
+        for neg in node.negations:
+            if neg.filters or neg.alias:
+                return None
+            if neg.target is not None:
+                nodes.append(neg.target)
+    return frozenset(out)
 
 
 def plan_query(q: ast.Query) -> Plan:
