@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import multiprocessing
-import resource
 import sys
 import time
 import tracemalloc
@@ -141,7 +140,16 @@ def evaluator_process(conn: Any, url: str, prefix: str) -> None:
                 "errors": [e.error for e in evals if e.error],
             }
         )
-    conn.send(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    conn.send(round(peak_rss_mb(), 1))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (getrusage's ru_maxrss would count the parent's memory
+    at the fork that preceded spawn's exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run(scale: float, url: str) -> dict[str, Any]:

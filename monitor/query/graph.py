@@ -502,7 +502,7 @@ def _index_values(prop: str, e: Item) -> list[tuple[bool, Any]]:
 
 
 # the graphs kept, least recently stored or read first; bounded by their items in all
-CACHE_ITEMS = int(os.environ.get("MDE_MONITOR_QUERY_CACHE_ITEMS", "2000000"))
+CACHE_ITEMS = int(os.environ.get("MDE_MONITOR_QUERY_CACHE_ITEMS", "1000000"))
 _CACHE: OrderedDict[tuple[int, str, str], QueryGraph] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
