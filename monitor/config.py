@@ -286,6 +286,17 @@ def window_seconds(text: str) -> int:
     return seconds
 
 
+def interval_seconds(text: str) -> int:
+    """`1m`, `30s`, `2h` as seconds (10 seconds to 1 day); ValueError otherwise."""
+    m = re.fullmatch(r"(\d+)([smhd])", text)
+    if not m:
+        raise ValueError(f"an interval is a number and s, m, h or d (e.g. 1m, 30s), got {text!r}")
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if not 10 <= seconds <= 86400:
+        raise ValueError(f"the interval must be between 10s and 1d, got {text!r}")
+    return seconds
+
+
 class TenantConfig(_Model):
     """One connected Entra ID tenant (an app registration)."""
 
@@ -317,6 +328,27 @@ class TenantConfig(_Model):
     # this many is taken as cut and its device range is split
     hunting_max_rows: int = Field(default=100_000, ge=2, le=100_000)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    # the identity lane: users (by delta), groups, roles and employees on their own short
+    # schedule, between the tenant's full syncs ("off": only with them; needs users_delta)
+    identity_interval: str = "1m"
+
+    @field_validator("identity_interval")
+    @classmethod
+    def _identity_interval(cls, value: str) -> str:
+        value = "".join(value.split()).lower()
+        if value != "off":
+            interval_seconds(value)  # raises ValueError naming the problem
+        return value
+
+    def identity_seconds(self) -> int | None:
+        """Seconds between identity-lane syncs; None when off, without users_delta (each run
+        would read every user) or when the tenant is not scheduled."""
+        if self.identity_interval == "off" or not self.users_delta:
+            return None
+        if self.polling_interval.seconds is None:
+            return None
+        seconds = interval_seconds(self.identity_interval)
+        return seconds if seconds < self.polling_interval.seconds else None
 
     @field_validator("logon_users_window")
     @classmethod

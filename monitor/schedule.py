@@ -1,4 +1,5 @@
-"""The tenant schedule: one redbeat entry per enabled tenant, reconciled with the config file.
+"""The tenant schedule: one redbeat entry per enabled tenant (`sync:<tenant>`), and one for its
+identity lane (`sync:<tenant>:identity`) when that is on, reconciled with the config file.
 
 Beat runs `MonitorScheduler` (redbeat's scheduler: schedule and lock in Redis, so of several beat
 processes exactly one is active). On its ticks the active beat checks the config file's mtime and,
@@ -22,6 +23,7 @@ from redbeat.schedulers import RedBeatScheduler, RedBeatSchedulerEntry, get_redi
 from redis.exceptions import LockNotOwnedError
 
 from monitor.config import ConfigError, Settings, config_path, load_settings
+from monitor.model.schema import LANE_FULL, LANE_IDENTITY
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +50,44 @@ def sync_entry_key(prefix: str, tenant: str) -> str:
     return redbeat_key_prefix(prefix) + sync_entry_name(tenant)
 
 
+def identity_entry_name(tenant: str) -> str:
+    """The tenant's identity lane (tenant names have no colon)."""
+    return f"{SYNC_ENTRY_PREFIX}{tenant}:{LANE_IDENTITY}"
+
+
 @dataclass(frozen=True)
 class SyncSchedule:
-    """A tenant's sync every `seconds`."""
+    """A tenant's sync (of `lane`) every `seconds`."""
 
     tenant: str
     seconds: float
+    lane: str = LANE_FULL
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.lane == LANE_FULL:
+            return {"origin": "schedule"}
+        return {"origin": "schedule", "lane": self.lane}
 
 
 def desired_schedule(
-    settings: Settings, override_seconds: float | None = None
+    settings: Settings,
+    override_seconds: float | None = None,
+    identity_override: float | None = None,
 ) -> dict[str, SyncSchedule]:
-    """Entry name -> schedule for every tenant not DISABLED (`override_seconds`: demo/tests)."""
+    """Entry name -> schedule for every tenant not DISABLED, and its identity lane when that
+    is shorter (`override_seconds`, `identity_override`: demo, tests, benches)."""
     out: dict[str, SyncSchedule] = {}
     for t in settings.tenants:
         seconds = t.polling_interval.seconds
         if seconds is None:
             continue
-        out[sync_entry_name(t.name)] = SyncSchedule(t.name, override_seconds or float(seconds))
+        full = override_seconds or float(seconds)
+        out[sync_entry_name(t.name)] = SyncSchedule(t.name, full)
+        fast = t.identity_seconds()
+        if fast is not None:
+            fast_s = identity_override or float(fast)
+            if fast_s < full:
+                out[identity_entry_name(t.name)] = SyncSchedule(t.name, fast_s, LANE_IDENTITY)
     return out
 
 
@@ -106,7 +128,7 @@ def reconcile(
     from redbeat.schedulers import ensure_conf
 
     ensure_conf(app)
-    desired = desired_schedule(settings, override_seconds)
+    desired = desired_schedule(settings, override_seconds, identity_every_override())
     existing = _existing_sync_entries(app)
     result = ReconcileResult()
     for name, spec in desired.items():
@@ -115,28 +137,31 @@ def reconcile(
             old is not None
             and _seconds_of(old) == spec.seconds
             and list(old.args or []) == [spec.tenant]
+            and dict(old.kwargs or {}) == spec.kwargs()
             and old.task == SYNC_TASK
         ):
-            result.unchanged.append(spec.tenant)
+            result.unchanged.append(name.removeprefix(SYNC_ENTRY_PREFIX))
             continue
         entry = RedBeatSchedulerEntry(
             name,
             SYNC_TASK,
             every(timedelta(seconds=spec.seconds)),
             args=[spec.tenant],
-            kwargs={"origin": "schedule"},
+            kwargs=spec.kwargs(),
             # a queued sync older than one interval is dropped: the next one is on its way
             options={"queue": "sync", "expires": spec.seconds},
             app=app,
         )
         if old is None:
-            entry.last_run_at = None  # a new tenant is synced at once, not one interval later
+            # a new tenant is synced at once, not one interval later; its identity lane waits
+            # one interval (it needs the first full sync's snapshot)
+            entry.last_run_at = None if spec.lane == LANE_FULL else app.now()
         entry.save()
         if old is not None and old.last_run_at is not None:
             entry.reschedule(old.last_run_at)  # the new interval counts from the last run
-            result.changed.append(spec.tenant)
+            result.changed.append(name.removeprefix(SYNC_ENTRY_PREFIX))
         else:
-            result.added.append(spec.tenant)
+            result.added.append(name.removeprefix(SYNC_ENTRY_PREFIX))
     for name, entry in existing.items():
         if name not in desired:
             entry.delete()
@@ -151,15 +176,24 @@ def reconcile(
 
 def sync_every_override() -> float | None:
     """$MDE_MONITOR_SYNC_EVERY (seconds): one interval for every enabled tenant (demo, tests)."""
-    raw = os.environ.get("MDE_MONITOR_SYNC_EVERY")
+    return _seconds_env("MDE_MONITOR_SYNC_EVERY")
+
+
+def identity_every_override() -> float | None:
+    """$MDE_MONITOR_IDENTITY_EVERY (seconds): one identity-lane interval (tests, benches)."""
+    return _seconds_env("MDE_MONITOR_IDENTITY_EVERY")
+
+
+def _seconds_env(name: str) -> float | None:
+    raw = os.environ.get(name)
     if not raw:
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"environment: MDE_MONITOR_SYNC_EVERY: not a number: {raw!r}") from None
+        raise ConfigError(f"environment: {name}: not a number: {raw!r}") from None
     if value <= 0:
-        raise ConfigError(f"environment: MDE_MONITOR_SYNC_EVERY: must be > 0, got {raw!r}")
+        raise ConfigError(f"environment: {name}: must be > 0, got {raw!r}")
     return value
 
 

@@ -19,7 +19,7 @@ from monitor.collect.logon_users import RefreshLedger
 from monitor.collect.progress import Progress, no_progress
 from monitor.config import Settings, TenantConfig
 from monitor.model.graph import ScopeState
-from monitor.model.schema import SCOPE_LOGON_USERS
+from monitor.model.schema import LANE_FULL
 from monitor.redact import register_secret, scrub
 from monitor.redis_conn import connect
 from monitor.snapshot.commit import (
@@ -54,6 +54,7 @@ class SyncSummary:
     error: str | None = None
     baseline: bool = False
     notes: list[str] = field(default_factory=list)  # e.g. a logon-user hunting fallback
+    lane: str = LANE_FULL  # identity: users, groups, roles and employees only
     query_rules: int = 0  # query alert rules for the tenant
     query_rules_deferred: bool = False  # left to the query evaluator (queue `query`)
 
@@ -61,6 +62,7 @@ class SyncSummary:
         return {
             "tenant": self.tenant,
             "status": self.status,
+            "lane": self.lane,
             "generation": self.generation,
             "baseline": self.baseline,
             "duration_seconds": round(self.duration_seconds, 3),
@@ -84,13 +86,16 @@ def run_sync(
     progress: Progress = no_progress,
     budget: Budget | None = None,
     defer_query_rules: bool = False,
+    lane: str = LANE_FULL,
 ) -> SyncSummary:
     """Collect the tenant, diff against its snapshot and commit atomically; then evaluate the
     tenant's query rules, or with `defer_query_rules` store the commit's change set for the
     query evaluator (the caller enqueues it: see monitor.tasks).
 
     `budget`: the API budget (default: the tenant's shared one in Redis; benches pass an
-    unmetered one and compute the pacing themselves).
+    unmetered one and compute the pacing themselves). `lane`: "identity" reads users, groups,
+    roles and employees only and keeps the rest; before the tenant's first full sync it does
+    nothing (status "skipped").
 
     Raises TenantBusy when another sync of the tenant holds the lock. Any other crash (a bug,
     data that escaped the builder's per-item checks) is recorded as a failed sync - status
@@ -101,6 +106,15 @@ def run_sync(
     tenant = settings.tenant(tenant_name)
     client = redis_client or connect(settings.redis_url)
     store = SnapshotStore(client, settings.redis_prefix)
+    if lane != LANE_FULL and not store.generation(tenant.name):
+        return SyncSummary(
+            tenant.name,
+            "skipped",
+            None,
+            time.monotonic() - t0,
+            error=f"the {lane} lane waits for the tenant's first full sync",
+            lane=lane,
+        )
     try:
         return _run_sync(
             settings,
@@ -111,6 +125,7 @@ def run_sync(
             progress=progress,
             budget=budget,
             defer_query_rules=defer_query_rules,
+            lane=lane,
         )
     except _NOT_RECORDABLE:
         raise
@@ -180,13 +195,14 @@ def _run_sync(
     progress: Progress,
     budget: Budget | None,
     defer_query_rules: bool,
+    lane: str,
 ) -> SyncSummary:
     """`run_sync` without the crash handling."""
     with TenantLock(
         client, settings.redis_prefix, tenant.name, ttl_seconds=LOCK_TTL_SECONDS
     ) as lock:
         collected = collect_tenant(
-            settings, tenant, redis_client=client, progress=progress, budget=budget
+            settings, tenant, redis_client=client, progress=progress, budget=budget, lane=lane
         )
         if collected.graph is None:
             error = str(collected.auth_error)
@@ -214,6 +230,7 @@ def _run_sync(
     for typ, n in queries.counts.items():  # query alert rules' entered / left events
         summary.events[typ] = summary.events.get(typ, 0) + n
     summary.query_rules, summary.query_rules_deferred = queries.rules, queries.deferred
+    summary.lane = lane
     return summary
 
 
@@ -235,9 +252,10 @@ def _summary(collected: CollectResult, result: CommitResult) -> SyncSummary:
     incomplete = {
         scope: status.error
         for scope, status in graph.scopes.items()
-        # a planned logon-user rotation (skipped, no error) is not worth a line
+        # a planned skip (logon-user rotation, scopes outside the lane: no error) is not
+        # worth a line
         if status.state is not ScopeState.COMPLETE
-        and (status.error or not scope.startswith(f"{SCOPE_LOGON_USERS}:"))
+        and (status.error or status.state is not ScopeState.SKIPPED)
     }
     events = Counter(ev["type"] for ev in result.events)
     return SyncSummary(

@@ -159,9 +159,14 @@ def _busy_countdown(client: redis.Redis, prefix: str, tenant: str) -> float:
     max_retries=BUSY_RETRIES,
 )
 def sync_tenant(
-    self: Task, tenant: str, origin: str = "manual", accept_drop: bool = False
+    self: Task,
+    tenant: str,
+    origin: str = "manual",
+    accept_drop: bool = False,
+    lane: str = "full",
 ) -> dict[str, Any]:
-    """Sync one tenant now; returns the SyncSummary as a dict (status busy/skipped/...)."""
+    """Sync one tenant now (`lane` "identity": its identity lane only); returns the
+    SyncSummary as a dict (status busy/skipped/...)."""
     from monitor.snapshot.lock import TenantBusy
     from monitor.sync import run_sync
 
@@ -173,6 +178,7 @@ def sync_tenant(
             "task_id": self.request.id,
             "tenant": tenant,
             "origin": origin,
+            "lane": lane,
             "worker": self.request.hostname,
             "pid": os.getpid(),
             "started": utc_now_iso(),
@@ -209,6 +215,7 @@ def sync_tenant(
                 accept_drop=accept_drop,
                 progress=_log_progress(),
                 defer_query_rules=_evaluator_alive(client, settings.redis_prefix),
+                lane=lane,
             )
         except TenantBusy as exc:
             result = finish({"tenant": tenant, "status": "busy", "error": str(exc)})
@@ -216,7 +223,9 @@ def sync_tenant(
                 countdown = _busy_countdown(client, settings.redis_prefix, tenant)
                 log.info("tenant busy after a redelivery; retrying", extra={"in_s": countdown})
                 raise self.retry(countdown=countdown, exc=exc) from None
-            log.info("tenant busy: another sync is running", extra={"holder": str(exc)})
+            log.info(
+                "tenant busy: another sync is running", extra={"holder": str(exc), "lane": lane}
+            )
             return result
         except SoftTimeLimitExceeded:
             log.error("sync hit its time limit", extra={"limit_s": _OPTIONS.sync_time_limit})

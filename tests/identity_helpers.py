@@ -38,9 +38,9 @@ class Env:
     def name(self) -> str:
         return self.settings.tenants[0].name
 
-    def sync(self) -> tuple[SyncSummary, list[dict[str, Any]]]:
-        """One sync; (summary, the events it appended)."""
-        summary = run_sync(self.settings, self.name, redis_client=self.client)
+    def sync(self, lane: str = "full") -> tuple[SyncSummary, list[dict[str, Any]]]:
+        """One sync (of `lane`); (summary, the events it appended)."""
+        summary = run_sync(self.settings, self.name, redis_client=self.client, lane=lane)
         events = [ev for _, ev in read_range(self.client, self.prefix, self.name)]
         new, self.seen = events[self.seen :], len(events)
         self.syncs.append(summary)

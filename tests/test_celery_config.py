@@ -37,7 +37,7 @@ from monitor.schedule import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _settings(prefix: str, tenants: dict[str, str]) -> object:
+def _settings(prefix: str, tenants: dict[str, str], **options: Any) -> object:
     return parse_settings(
         {
             "redis_prefix": prefix,
@@ -48,6 +48,8 @@ def _settings(prefix: str, tenants: dict[str, str]) -> object:
                     "client_id": "c",
                     "client_secret": "s",
                     "polling_interval": iv,
+                    "identity_interval": "off",
+                    **options.get(n, {}),
                 }
                 for n, iv in tenants.items()
             ],
@@ -144,6 +146,49 @@ def test_desired_schedule_skips_disabled() -> None:
     assert {v.seconds for v in desired_schedule(s, 5).values()} == {5}  # type: ignore[arg-type]
 
 
+def test_identity_lane_is_scheduled_when_shorter_and_cheap() -> None:
+    s = _settings(
+        "p",
+        {"a": "ONE_HOUR", "b": "ONE_HOUR", "c": "ONE_HOUR", "d": "DISABLED", "e": "ONE_HOUR"},
+        a={"identity_interval": "1m"},
+        b={"identity_interval": "2m", "users_delta": False},  # each run would read every user
+        d={"identity_interval": "1m"},  # not scheduled at all
+        e={"identity_interval": "1d"},  # not shorter than the full lane
+    )
+    got = desired_schedule(s)  # type: ignore[arg-type]
+    assert {k: (v.seconds, v.lane) for k, v in got.items()} == {
+        "sync:a": (3600, "full"),
+        "sync:a:identity": (60, "identity"),
+        "sync:b": (3600, "full"),
+        "sync:c": (3600, "full"),
+        "sync:e": (3600, "full"),
+    }
+    assert got["sync:a:identity"].kwargs() == {"origin": "schedule", "lane": "identity"}
+    assert got["sync:a"].kwargs() == {"origin": "schedule"}
+    fast = desired_schedule(s, 30, 3)  # type: ignore[arg-type]
+    assert fast["sync:a:identity"].seconds == 3 and fast["sync:a"].seconds == 30
+    assert "sync:a:identity" not in desired_schedule(s, 30, 60)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="identity_interval"):
+        _settings("p", {"a": "ONE_HOUR"}, a={"identity_interval": "5 fortnights"})
+
+
+def test_reconcile_adds_the_identity_lane_one_interval_out(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    s = _settings(redis_prefix, {"a": "ONE_HOUR"}, a={"identity_interval": "1m"})
+    app = build_app(s, env={"REDIS_URL": redis_url})  # type: ignore[arg-type]
+    assert sorted(reconcile(app, s).added) == ["a", "a:identity"]  # type: ignore[arg-type]
+    entry = RedBeatSchedulerEntry.from_key(sync_entry_key(redis_prefix, "a") + ":identity", app=app)
+    assert entry.kwargs == {"origin": "schedule", "lane": "identity"}
+    assert entry.options["expires"] == 60
+    # the full sync goes first (it is due now); the lane needs its snapshot
+    assert entry.last_run_at is not None and not entry.is_due().is_due
+    assert _entry(app, redis_prefix, "a").last_run_at is None
+    assert reconcile(app, s).touched is False  # type: ignore[arg-type]
+    off = _settings(redis_prefix, {"a": "ONE_HOUR"})
+    assert reconcile(app, off).removed == ["a:identity"]  # type: ignore[arg-type]
+
+
 def _entry(app: object, prefix: str, tenant: str) -> RedBeatSchedulerEntry:
     return RedBeatSchedulerEntry.from_key(sync_entry_key(prefix, tenant), app=app)
 
@@ -193,6 +238,7 @@ def test_scheduler_follows_config_file(
                 "client_id": "c",
                 "client_secret": "s",
                 "polling_interval": "ONE_HOUR",
+                "identity_interval": "off",
             }
         ],
     }
@@ -213,6 +259,7 @@ def test_scheduler_follows_config_file(
             "client_id": "c",
             "client_secret": "s",
             "polling_interval": "THIRTY_MINUTES",
+            "identity_interval": "off",
         }
     )
     cfg.write_text(yaml.safe_dump(doc))

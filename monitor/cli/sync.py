@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -26,6 +27,7 @@ from monitor.collect.check import check_tenant
 from monitor.collect.progress import Progress as ProgressFn
 from monitor.collect.progress import on_budget_wait, throttled, wait_message
 from monitor.config import TenantConfig
+from monitor.model.schema import LANE_FULL, LANE_IDENTITY
 from monitor.redis_conn import connect
 from monitor.snapshot.lock import TenantBusy
 from monitor.snapshot.store import SnapshotStore
@@ -104,6 +106,7 @@ def _print_summary(s: SyncSummary) -> None:
         f"[bold]{s.tenant}[/bold]: [{colour}]{s.status}[/{colour}]"
         f"  generation {s.generation}  {s.duration_seconds:.1f}s"
         + ("  (baseline)" if s.baseline else "")
+        + (f"  ({s.lane} lane: the other resources kept)" if s.lane != "full" else "")
     )
     if s.error:
         out.print(f"  error: {s.error}", markup=False)
@@ -149,12 +152,22 @@ def _count_sync(client: Any, prefix: str, summary: dict[str, Any]) -> None:
         console.print(f"could not count the sync in the metrics: {exc}", highlight=False)
 
 
+class Lane(StrEnum):
+    FULL = LANE_FULL
+    IDENTITY = LANE_IDENTITY
+
+
 @app.command()
 def sync(
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Tenant name from the config."),
     all_tenants: bool = typer.Option(False, "--all", help="Sync every configured tenant in turn."),
     accept_drop: bool = typer.Option(
         False, "--accept-drop", help="Apply deletions held back by the suspicious-drop guard rail."
+    ),
+    lane: Lane = typer.Option(
+        Lane.FULL,
+        "--lane",
+        help="identity: users, groups, roles and employees only (the rest is kept).",
     ),
     as_json: bool = json_option("Print the summary as JSON."),
 ) -> None:
@@ -176,6 +189,7 @@ def sync(
                         redis_client=client,
                         accept_drop=accept_drop,
                         progress=progress,
+                        lane=lane.value,
                     )
                 )
         except TenantBusy as exc:

@@ -37,7 +37,13 @@ from monitor.collect.vulnerabilities import collect_vulnerabilities
 from monitor.config import Settings, TenantConfig
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
-from monitor.model.schema import logon_users_scope
+from monitor.model.schema import (
+    LANE_FULL,
+    SCOPE_ACCOUNT,
+    SCOPE_MACHINES,
+    SCOPE_VULNERABILITIES,
+    logon_users_scope,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,7 @@ class CollectResult:
     users: UsersResult | None = None
     users_store: UsersStateStore | None = None  # None: the users were read as a full list
     notes: list[str] = field(default_factory=list)  # what the operator should know (fallbacks)
+    lane: str = LANE_FULL  # identity: users, groups, roles and employees only
 
     def after_commit(self) -> None:
         """Once the snapshot is committed: save the users and groups delta states."""
@@ -124,6 +131,7 @@ class CollectResult:
     def meta(self) -> dict[str, Any]:
         """Sync metadata for the snapshot store (no secrets)."""
         return {
+            "lane": self.lane,
             "started": self.started,
             "finished": self.finished,
             "duration_seconds": round(self.duration_seconds, 3),
@@ -163,12 +171,17 @@ def collect_tenant(
     http_client: httpx.Client | None = None,
     progress: Progress = no_progress,
     budget: Budget | None = None,
+    lane: str = LANE_FULL,
 ) -> CollectResult:
     """Fetch account, users, machines, vulnerabilities, logon users and identity into a Graph.
+
+    The identity lane fetches users, groups, roles and employees only: the other scopes get no
+    status, so the commit keeps their items (SKIPPED, not degraded).
 
     Never raises for API trouble: each resource's outcome is its scope status. Sign-in failure
     is returned as `auth_error` with no graph.
     """
+    full = lane == LANE_FULL
     t0 = time.monotonic()
     started = _now_iso()
     timings: dict[str, float] = {}
@@ -207,8 +220,12 @@ def collect_tenant(
             timings[name] = time.monotonic() - start
 
         t = time.monotonic()
-        collect_account(s.graph, builder)
-        timed("account", t)
+        if full:
+            collect_account(s.graph, builder)
+            timed("account", t)
+        else:  # not read by this lane: kept as they are, as planned (no error: not degraded)
+            for scope in (SCOPE_ACCOUNT, SCOPE_MACHINES, SCOPE_VULNERABILITIES):
+                builder.set_scope(scope, ScopeStatus(ScopeState.SKIPPED))
         t = time.monotonic()
         # by delta when the state can be kept (Redis); without it a delta read is a full read
         # at 200 users a request, where the list takes 999
@@ -229,16 +246,18 @@ def collect_tenant(
         # the logon-user refresh is held (previous logon users kept), not fetched and thrown away
         inputs = identity_inputs(tenant, builder.graph())
         held: list[str] = []
-        t = time.monotonic()
-        machines = collect_machines(s.defender, builder, progress)
-        timed("machines", t)
-        t = time.monotonic()
-        collect_vulnerabilities(s.defender, builder, progress)
-        timed("vulnerabilities", t)
+        machines: MachinesResult | None = None
+        if full:
+            t = time.monotonic()
+            machines = collect_machines(s.defender, builder, progress)
+            timed("machines", t)
+            t = time.monotonic()
+            collect_vulnerabilities(s.defender, builder, progress)
+            timed("vulnerabilities", t)
         logon: LogonUsersResult | None = None
         ledger: dict[str, tuple[float, str | None]] = {}
         notes: list[str] = []
-        if machines.complete:
+        if machines is not None and machines.complete:
             t = time.monotonic()
             ledger = RefreshLedger(redis_client, settings.redis_prefix, tenant.name).load()
             if tenant.logon_users == "hunting" and inputs.problem is None:
@@ -287,13 +306,14 @@ def collect_tenant(
             _now_iso(),
             time.monotonic() - t0,
             logon=logon,
-            machine_ids=list(machines.last_seen) if machines.complete else None,
+            machine_ids=list(machines.last_seen) if machines and machines.complete else None,
             ledger_machines=set(ledger),
             timings=timings,
             identity=identity,
             users=users,
             users_store=users_store,
             notes=notes,
+            lane=lane,
         )
 
 

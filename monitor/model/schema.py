@@ -196,6 +196,12 @@ SCOPE_EMPLOYEES = "employees"  # employees, user IS employee, employee MANAGES e
 SCOPE_GROUPS = "groups"  # Entra groups and their user members (groups delta)
 SCOPE_DIRECTORY_ROLES = "directory_roles"  # activated directory roles and their members
 
+# Sync lanes: a full sync reads every scope; the identity lane (on the tenant's shorter
+# `identity_interval`) reads only these, the others keep their items (SKIPPED, not degraded)
+LANE_FULL = "full"
+LANE_IDENTITY = "identity"
+IDENTITY_LANE_SCOPES = (SCOPE_USERS, SCOPE_EMPLOYEES, SCOPE_GROUPS, SCOPE_DIRECTORY_ROLES)
+
 
 def logon_users_scope(machine_id: str) -> str:
     return f"{SCOPE_LOGON_USERS}:{machine_id}"
