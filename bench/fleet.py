@@ -8,6 +8,15 @@ the run (so N workers never send N times the allowed rate).
 
     .venv/bin/python bench/fleet.py                       # 200 tenants, 2 workers, 2 minutes
     .venv/bin/python bench/fleet.py --tenants 50 --minutes 1 --json
+
+With `--identity-interval S` each tenant also runs its identity lane every S seconds, and the bench
+changes the tenants as it runs - a user disabled (the identity lane's to see) or a machine's risk
+raised to High (the full sync's) every `--change-every` seconds - and measures each change's
+latency to its notification at a webhook receiver (p50, p95 per lane), end to end: simulator ->
+sync -> events -> dispatch -> delivery. The alert rules have no group wait, so the pack's
+`group_wait` (10 s) comes on top.
+
+    .venv/bin/python bench/fleet.py --tenants 20 --interval 120 --identity-interval 4 --minutes 5
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +47,8 @@ import yaml
 
 from monitor.collect.budget import ENDPOINT_LIMITS
 from monitor.redis_conn import connect, delete_prefix, free_port, redis_answers, start_embedded
-from monitor.simulator import Simulator, generate_tenant
+from monitor.simulator import SimTenant, Simulator, generate_tenant
+from monitor.snapshot.store import SnapshotStore
 from monitor.status import budget_minute_ratios, iso_to_ts, run_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +82,9 @@ def redis_for_bench(workdir: Path) -> Iterator[tuple[str, str]]:
             connect(url).shutdown(nosave=True)
 
 
-def write_config(path: Path, sim: Simulator, url: str, prefix: str, alerts: Path) -> None:
+def write_config(
+    path: Path, sim: Simulator, url: str, prefix: str, alerts: Path, identity_lane: bool = False
+) -> None:
     doc = sim.config_dict(
         "t",
         "FIFTEEN_MINUTES",
@@ -78,9 +92,102 @@ def write_config(path: Path, sim: Simulator, url: str, prefix: str, alerts: Path
     )
     for t in doc["tenants"]:
         t["logon_user_budget"] = 2
+        t["identity_interval"] = "1m" if identity_lane else "off"  # re-timed by the env override
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         yaml.safe_dump(doc, fh, sort_keys=False)
+
+
+class Notifications:
+    """A webhook receiver on 127.0.0.1 that notes when each event subject was first notified."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        lock = threading.Lock()
+        first = self.first
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                now = time.time()
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    for ev in json.loads(body).get("data", {}).get("events", []):
+                        with lock:
+                            first.setdefault(str(ev.get("subject")), now)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def write_latency_rules(alerts: Path, url: str) -> None:
+    """A disabled user and a machine risk raised to High, each to the webhook, no group wait."""
+    common = {"sinks": ["hook"], "group_wait": "0s", "group_interval": "1s", "send_resolved": False}
+    rules = [
+        {"name": "user-disabled", "match": {"type": "mde.user.disabled"}, **common},
+        {"name": "risk-high", "match": {"type": "mde.machine.risk_raised"}, **common},
+    ]
+    (alerts / "rules.yaml").write_text(yaml.safe_dump({"rules": rules}, sort_keys=False))
+    sinks = {"sinks": {"hook": {"type": "webhook", "url": url, "batch": False}}}
+    (alerts / "sinks.yaml").write_text(yaml.safe_dump(sinks, sort_keys=False))
+
+
+class Changes:
+    """Changes made to the simulated tenants as the bench runs, by lane: subject -> when."""
+
+    def __init__(self, tenants: list[SimTenant]) -> None:
+        self.tenants = tenants
+        self.made: dict[str, dict[str, float]] = {"identity": {}, "full": {}}
+        self._turn = 0
+
+    def make_one(self, synced: set[str]) -> None:
+        """The next change, on the next tenant that has a snapshot (a baseline reports none)."""
+        ready = [t for t in self.tenants if t.name in synced]
+        if not ready:
+            return
+        tenant = ready[self._turn % len(ready)]
+        lane = "identity" if self._turn % 2 == 0 else "full"
+        self._turn += 1
+        if lane == "identity":
+            users = [u for u, d in sorted(tenant.users.items()) if d.get("accountEnabled")]
+            if users:
+                tenant.set_user(users[0], accountEnabled=False)
+                self.made[lane][f"microsoft_defender_user:{users[0]}"] = time.time()
+            return
+        machines = [m for m, d in sorted(tenant.machines.items()) if d["riskScore"] in LOW_RISK]
+        if machines:
+            tenant.set_machine(machines[0], riskScore="High")
+            self.made[lane][f"microsoft_defender_machine:{machines[0]}"] = time.time()
+
+    def latencies(self, first: dict[str, float], until: float) -> dict[str, dict[str, Any]]:
+        """Per lane: changes made, notified, and the change-to-notification seconds."""
+        out: dict[str, dict[str, Any]] = {}
+        for lane, made in self.made.items():
+            seconds = [first[k] - t for k, t in made.items() if k in first]
+            out[lane] = {
+                "changes": len(made),
+                "notified": len(seconds),
+                "not_notified_by_the_end": sorted(k for k in made if k not in first),
+                "p50_s": round(percentile(seconds, 0.50), 1) if seconds else None,
+                "p95_s": round(percentile(seconds, 0.95), 1) if seconds else None,
+                "max_s": round(max(seconds), 1) if seconds else None,
+                "bench_end_after_last_change_s": round(until - max(made.values()), 1)
+                if made
+                else None,
+            }
+        return out
+
+
+LOW_RISK = ("None", "Informational", "Low", "Medium")
 
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -132,14 +239,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             alerts = workdir / "alerts"
             alerts.mkdir()
             (alerts / "sinks.yaml").write_text("sinks:\n  stdout: {type: stdout}\n")
+            lanes = args.identity_interval > 0
+            if lanes:
+                notifications = Notifications()
+                write_latency_rules(alerts, notifications.url)
             cfg = workdir / "monitor.yaml"
-            write_config(cfg, sim, url, prefix, alerts)
+            write_config(cfg, sim, url, prefix, alerts, identity_lane=lanes)
             env = {
                 **os.environ,
                 "PYTHONPATH": str(REPO),
                 "MDE_MONITOR_CONFIG": str(cfg),
                 "REDIS_URL": url,
                 "MDE_MONITOR_SYNC_EVERY": str(args.interval),
+                "MDE_MONITOR_IDENTITY_EVERY": str(args.identity_interval) if lanes else "",
+                "MDE_MONITOR_DISPATCH_EVERY": "1",
                 "MDE_MONITOR_BEAT_MAX_INTERVAL": "1",
                 "MDE_MONITOR_LOG_FORMAT": "json",
             }
@@ -168,6 +281,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started = time.time()
             deadline = time.monotonic() + args.minutes * 60
             next_budget = 0.0
+            changes = Changes(tenants)
+            store = SnapshotStore(client, prefix)
+            # full-lane changes stop one interval (and a sync) before the end: all can be seen
+            last_change = deadline - (args.interval + 30 if lanes else 0)
+            next_change = time.monotonic() + args.change_every
             while time.monotonic() < deadline:
                 if any(p.poll() is not None for p in procs):
                     raise RuntimeError(f"a worker or beat exited; logs in {workdir}")
@@ -176,7 +294,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if now >= next_budget:
                     samples.append(budget_minute_ratios(client, prefix, names))
                     next_budget = now + 5
-                time.sleep(2)
+                if lanes and now >= next_change and now < last_change:
+                    changes.make_one({n for n in names if store.generation(n)})
+                    next_change = now + args.change_every
+                time.sleep(min(2.0, args.change_every) if lanes else 2.0)
             ended = time.time()
             counts = sim.counts_by_tenant()
             tenant_of_id = {t.tenant_id: t.name for t in sim.tenants}
@@ -184,6 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop(procs)
             procs = []
             stored = redis_bytes(client, prefix)
+            if lanes:
+                latency = changes.latencies(notifications.first, ended)
+                notifications.close()
     finally:
         stop(procs)
         if not args.keep:
@@ -193,6 +317,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args, names, history, counts, tenant_of_id, samples, started, ended, generated_s, peak
     )
     out["redis_bytes_per_tenant"] = round(stored / len(names))
+    if lanes:
+        out["identity_interval_s"] = args.identity_interval
+        out["change_to_notification"] = latency
     return out
 
 
@@ -252,8 +379,11 @@ def report(
     per_tenant: list[int] = []
     first_after: list[float] = []
     expected = max(1, math.floor((ended - started) / args.interval))
+    identity: Counter[str] = Counter()
     for n in names:
         recs = [r for r in reversed(history[n]) if (iso_to_ts(r.get("started")) or 0) >= started]
+        identity.update(str(r.get("status")) for r in recs if r.get("lane") == "identity")
+        recs = [r for r in recs if r.get("lane", "full") == "full"]
         statuses.update(str(r.get("status")) for r in recs)
         ok = [r for r in recs if r.get("status") in ("ok", "degraded")]
         durations += [
@@ -290,6 +420,7 @@ def report(
         "minutes": round(window_min, 2),
         "generate_s": round(generated_s, 1),
         "syncs": dict(statuses),
+        "identity_lane_syncs": dict(identity),
         "syncs_per_minute": round(total_ok / window_min, 1),
         "expected_syncs_per_minute": round(len(names) * 60 / args.interval, 1),
         "tenants_on_schedule": on_schedule,
@@ -331,6 +462,21 @@ def print_table(r: dict[str, Any]) -> None:
         ("budget peak in any 60 s (simulator counts)", f"{r['budget_peak_60s']:.1%}"),
         ("budget window peak (RedisBudget, sampled)", f"{r['budget_window_peak']:.1%}"),
     ]
+    if r.get("identity_lane_syncs"):
+        rows.append(
+            (
+                "identity-lane syncs by status",
+                ", ".join(f"{k} {v}" for k, v in sorted(r["identity_lane_syncs"].items())),
+            )
+        )
+    for lane, lat in r.get("change_to_notification", {}).items():
+        rows.append(
+            (
+                f"change -> notification, {lane} lane",
+                f"p50 {lat['p50_s']} s, p95 {lat['p95_s']} s, max {lat['max_s']} s"
+                f" ({lat['notified']} of {lat['changes']} changes notified)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -353,6 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes per worker")
     parser.add_argument("--machines", type=int, default=3, help="machines per tenant")
+    parser.add_argument(
+        "--identity-interval",
+        type=float,
+        default=0.0,
+        help="seconds between identity-lane syncs (0: no identity lane, no change latencies)",
+    )
+    parser.add_argument(
+        "--change-every", type=float, default=3.0, help="seconds between changes (with lanes)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--log-level", default="WARNING", help="worker and beat log level")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
