@@ -301,7 +301,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ended = time.time()
             counts = sim.counts_by_tenant()
             tenant_of_id = {t.tenant_id: t.name for t in sim.tenants}
-            history = {n: run_history(client, prefix, n) for n in names}
+            history = {
+                n: run_history(client, prefix, n) + run_history(client, prefix, n, lane="identity")
+                for n in names
+            }
             stop(procs)
             procs = []
             stored = redis_bytes(client, prefix)

@@ -19,6 +19,7 @@ import redis
 from monitor.collect.budget import ENDPOINT_LIMITS
 from monitor.config import Settings
 from monitor.events.stream import stream_key
+from monitor.model.schema import LANE_FULL, LANE_IDENTITY
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,16 @@ FAILED_STATUSES = ("failed", "error")
 DISPATCH_BLOCKED = "dispatch blocked: rules not loaded"
 
 
-def history_key(prefix: str, tenant: str) -> str:
-    """Redis list of the tenant's recent sync task records, newest first."""
-    return f"{prefix}:run:history:{tenant}"
+def history_key(prefix: str, tenant: str, lane: str = LANE_FULL) -> str:
+    """Redis list of the tenant's recent sync task records (of `lane`), newest first."""
+    key = f"{prefix}:run:history:{tenant}"
+    return key if lane == LANE_FULL else f"{key}:{lane}"
 
 
 def record_run(client: redis.Redis, prefix: str, record: dict[str, Any]) -> None:
-    """Append one sync task record (tenant, task_id, started, finished, status, ...)."""
-    key = history_key(prefix, str(record["tenant"]))
+    """Append one sync task record (tenant, task_id, started, finished, status, lane, ...);
+    each lane has its own list, so a lane that runs every minute crowds nothing out."""
+    key = history_key(prefix, str(record["tenant"]), str(record.get("lane") or LANE_FULL))
     pipe = client.pipeline(transaction=False)
     pipe.lpush(key, json.dumps(record, default=str, separators=(",", ":")))
     pipe.ltrim(key, 0, HISTORY_LIMIT - 1)
@@ -46,10 +49,14 @@ def _s(v: bytes | str) -> str:
 
 
 def run_history(
-    client: redis.Redis, prefix: str, tenant: str, limit: int = HISTORY_LIMIT
+    client: redis.Redis,
+    prefix: str,
+    tenant: str,
+    limit: int = HISTORY_LIMIT,
+    lane: str = LANE_FULL,
 ) -> list[dict[str, Any]]:
-    """The tenant's recent sync task records, newest first."""
-    raw: Any = client.lrange(history_key(prefix, tenant), 0, limit - 1)
+    """The tenant's recent sync task records (of `lane`), newest first."""
+    raw: Any = client.lrange(history_key(prefix, tenant, lane), 0, limit - 1)
     return _records(raw)
 
 
@@ -111,6 +118,7 @@ class TenantState:
     generation: int | None
     next_run_ts: float | None
     running: dict[str, Any] | None = None  # the sync holding the tenant's lock (host, pid, since)
+    identity_lane: LastSync | None = None  # the last identity-lane sync that was not "busy"
 
     @property
     def next_run(self) -> str | None:
@@ -149,6 +157,7 @@ class State:
                     "generation": t.generation,
                     "next_run": t.next_run,
                     "running": t.running,
+                    "identity_lane": asdict(t.identity_lane) if t.identity_lane else None,
                 }
                 for t in self.tenants
             ],
@@ -295,13 +304,17 @@ def read_state(
         pipe.get(store.key(t, "gen"))  # SnapshotStore.generation / .meta, in one round trip
         pipe.get(store.key(t, "meta"))
         pipe.exists(lock_key(prefix, t))
+        pipe.lrange(history_key(prefix, t, LANE_IDENTITY), 0, 20)
     results = pipe.execute() if tenants else []
     states: list[TenantState] = []
     for i, t in enumerate(tenants):
-        history, score, gen, meta, locked = results[5 * i : 5 * i + 5]
+        history, score, gen, meta, locked, lane_history = results[6 * i : 6 * i + 6]
         records = _records(history)
         generation = int(gen or 0) or None
-        meta_last = _from_meta(orjson.loads(meta)) if meta else None
+        meta_doc = orjson.loads(meta) if meta else {}
+        # an identity-lane sync's metadata is not the last full sync's
+        full_meta = meta_doc.get("lane", LANE_FULL) == LANE_FULL
+        meta_last = _from_meta(meta_doc) if meta and full_meta else None
         last = _from_record(records[0]) if records else None
         completed = next((_from_record(r) for r in records if r.get("status") != "busy"), None)
         if meta_last is not None and (
@@ -321,6 +334,10 @@ def read_state(
                 else (completed.generation if completed else None),
                 next_run_ts=float(score) if score is not None and float(score) > 0 else None,
                 running=read_holder(client, prefix, t) if locked else None,
+                identity_lane=next(
+                    (_from_record(r) for r in _records(lane_history) if r.get("status") != "busy"),
+                    None,
+                ),
             )
         )
     length, groups = _groups(client, prefix)

@@ -49,6 +49,8 @@ def test_identity_lane_reads_identity_only_and_keeps_the_rest(
         assert meta is not None and meta["lane"] == "identity" and meta["status"] == "ok"
         assert meta["scopes"][schema.SCOPE_MACHINES]["state"] == "skipped"
         assert "machines" not in meta["aggregates"]  # not counted: not read this time
+        history = SnapshotStore(env.client, env.prefix).history(env.name)
+        assert [h.get("lane") for h in history] == ["full"]  # the plots' history: full syncs
 
         again, events = env.sync()  # the full sync sees the machines, not the user again
         assert again.status == "ok"

@@ -239,3 +239,40 @@ def test_read_state_snapshot_meta_and_running_sync(
     assert beta.last.counts == {"microsoft_defender_machine": 4}
     assert beta.running == {"host": "w1", "pid": 42, "since": "2026-01-01T11:00:01Z"}
     assert gamma.generation is None and gamma.running is None
+
+
+def test_identity_lane_runs_have_their_own_history(
+    redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """A lane that runs every minute neither hides the last full sync nor passes for it."""
+    import orjson
+
+    from monitor.snapshot.store import SnapshotStore
+    from monitor.status import run_history
+
+    full = {"tenant": "alpha", "status": "ok", "finished": "2026-01-01T10:00:02.000Z"}
+    record_run(redis_client, redis_prefix, {**full, "task_id": "full", "generation": 3})
+    for i in range(30):
+        record_run(
+            redis_client,
+            redis_prefix,
+            {
+                **full,
+                "lane": "identity",
+                "task_id": f"id{i}",
+                "generation": 4 + i,
+                "finished": f"2026-01-01T10:{10 + i}:00.000Z",
+            },
+        )
+    meta = {"lane": "identity", "status": "ok", "generation": 33, "finished": "2026-01-01T11:00Z"}
+    redis_client.set(
+        SnapshotStore(redis_client, redis_prefix).key("alpha", "meta"), orjson.dumps(meta)
+    )
+    st = read_state(redis_client, redis_prefix, ["alpha"])
+    (alpha,) = st.tenants
+    assert alpha.last_completed is not None and alpha.last_completed.task_id == "full"
+    assert alpha.identity_lane is not None and alpha.identity_lane.task_id == "id29"
+    assert [r["task_id"] for r in run_history(redis_client, redis_prefix, "alpha")] == ["full"]
+    assert len(run_history(redis_client, redis_prefix, "alpha", lane="identity")) == 30
+    doc = st.to_dict()["tenants"][0]
+    assert doc["identity_lane"]["task_id"] == "id29"

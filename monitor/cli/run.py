@@ -245,6 +245,15 @@ def status(as_json: bool = json_option("Print the status as JSON.")) -> None:
                 else ("disabled" if t.polling_interval == "DISABLED" else "not scheduled"),
             )
         out.print(table)
+        lanes = [
+            f"{t.name} {t.identity_lane.status} {_ago(t.identity_lane.finished_ts, now)}"
+            for t in st.tenants
+            if t.identity_lane is not None
+        ]
+        if lanes:
+            out.print(
+                "identity lane (last run): " + ", ".join(lanes), markup=False, highlight=False
+            )
         for t in st.tenants:
             if t.last_completed and t.last_completed.error:
                 out.print(f"  {t.name}: {t.last_completed.error}", markup=False, highlight=False)

@@ -37,6 +37,7 @@ from monitor.events import stream
 from monitor.events.envelope import Event, make_event, utc_now_iso
 from monitor.memory import gc_paused
 from monitor.model.graph import Graph, ScopeState
+from monitor.model.schema import LANE_FULL
 from monitor.snapshot import aggregates
 from monitor.snapshot.lock import LockLost, TenantLock
 from monitor.snapshot.store import HISTORY_LENGTH, SnapshotStore, StoreError, StreamingTransaction
@@ -323,10 +324,13 @@ def _open_checked(
 
 
 def _queue_meta(tx: StreamingTransaction, store: SnapshotStore, tenant: str, meta: Any) -> None:
+    """The sync's metadata as the latest; a full sync's also into the history (the console's
+    plots: an identity-lane sync every minute would crowd the full ones out)."""
     doc = orjson.dumps(meta, option=orjson.OPT_NON_STR_KEYS)
     tx.queue("SET", store.key(tenant, "meta"), doc)
-    tx.queue("LPUSH", store.key(tenant, "history"), doc)
-    tx.queue("LTRIM", store.key(tenant, "history"), 0, HISTORY_LENGTH - 1)
+    if meta.get("lane", LANE_FULL) == LANE_FULL:
+        tx.queue("LPUSH", store.key(tenant, "history"), doc)
+        tx.queue("LTRIM", store.key(tenant, "history"), 0, HISTORY_LENGTH - 1)
 
 
 def _queue_events(
