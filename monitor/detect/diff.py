@@ -10,7 +10,7 @@ reported. Field-level changes use DeepDiff with list order ignored.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -78,7 +78,9 @@ class Comparison:
     """Fresh items compared with the stored index, by `_key`."""
 
     fresh: Index  # scope -> _type -> _key -> fingerprint, for every fetched item
-    bodies: dict[str, bytes]  # canonical JSON of fetched items that are new or whose body changed
+    # bodies of fetched items that are new or whose body changed: canonical JSON, or its stored
+    # form when compare() was given the store's encoder
+    bodies: dict[str, bytes]
     added: set[str]  # fetched, not in the stored snapshot
     changed: set[str]  # stored and fetched, significant content differs
     missing: list[tuple[str, str, str]]  # (key, stored scope, _type): stored, not fetched
@@ -108,12 +110,20 @@ def _check_items(keys: list[str], items: list[Item]) -> None:
         raise ValueError(f"graph item {keys[i]!r} {what} ({len(bad)} bad item(s))")
 
 
-def _fingerprints(items: list[Item], keep: bool) -> tuple[list[bytes] | None, list[str]]:
-    """Full-body fingerprints; the canonical JSON too when `keep` (first sync: all written)."""
+def _fingerprints(
+    items: list[Item], keep: bool, encode: Callable[[bytes], bytes] | None = None
+) -> tuple[list[bytes] | None, list[str]]:
+    """Full-body fingerprints; the bodies too when `keep` (first sync: all written), as
+    canonical JSON or, with `encode`, in their stored form."""
     blake, dumps = hashlib.blake2b, orjson.dumps
     if keep:
-        raw = [dumps(it, option=_SORT) for it in items]
-        return raw, [blake(b, digest_size=8).hexdigest() for b in raw]
+        raw: list[bytes] = []
+        fps: list[str] = []
+        for it in items:
+            body = dumps(it, option=_SORT)
+            fps.append(blake(body, digest_size=8).hexdigest())
+            raw.append(encode(body) if encode is not None else body)
+        return raw, fps
     # most items are unchanged: hash without keeping the JSON (re-dumped for the few changed)
     return None, [blake(dumps(it, option=_SORT), digest_size=8).hexdigest() for it in items]
 
@@ -151,9 +161,16 @@ def _index_fresh(
 
 
 def compare(
-    graph: Graph, previous: Index | None, ignored: Mapping[str, frozenset[str]]
+    graph: Graph,
+    previous: Index | None,
+    ignored: Mapping[str, frozenset[str]],
+    encode: Callable[[bytes], bytes] | None = None,
 ) -> Comparison:
     """Fingerprint every fetched item and classify it against the stored index.
+
+    `encode` turns the canonical JSON of a body to write into its stored form (the snapshot
+    store's compression) as soon as it is made: on a first sync every item is written, and
+    holding their JSON until the commit would be the sync's largest allocation.
 
     Written as comprehensions and tight loops over whole collections: this runs over millions
     of items and its per-item cost is the diff's cost. A malformed item (no `_type`, not an
@@ -174,7 +191,7 @@ def compare(
         keys = list(collection)
         items = list(collection.values())
         try:
-            raw, fps = _fingerprints(items, keep=previous is None)
+            raw, fps = _fingerprints(items, keep=previous is None, encode=encode)
             _index_fresh(keys, items, fps, fresh, scope_of, ignored)
         except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
             _check_items(keys, items)  # raises a clear ValueError naming the item
@@ -182,7 +199,11 @@ def compare(
         olds = [old_fp.get(k) for k in keys]
         for idx in [i for i, (o, f) in enumerate(zip(olds, fps, strict=True)) if o != f]:
             key, old = keys[idx], olds[idx]
-            bodies[key] = raw[idx] if raw is not None else dumps(items[idx], option=_SORT)
+            if raw is not None:
+                bodies[key] = raw[idx]  # already in its stored form
+            else:
+                body = dumps(items[idx], option=_SORT)
+                bodies[key] = encode(body) if encode is not None else body
             if old is None:
                 added.add(key)
             elif old[:16] != fps[idx][:16]:

@@ -195,7 +195,7 @@ def detect_and_commit(
         guard_counts = store.guard_counts(tenant)
         lap("load_index")
         ignored = diff.ignored_fields(detect)
-        cmp = diff.compare(graph, previous, ignored)
+        cmp = diff.compare(graph, previous, ignored, store.encode_body)
         lap("fingerprint_compare")
         plan = merge_plan(
             graph,
@@ -367,8 +367,7 @@ def _write(
         with tx:
             args: list[Any] = []
             size = 0
-            for k, body in plan.write.items():
-                stored = store.encode_body(body)
+            for k, stored in plan.write.items():  # in stored form already (diff.compare)
                 args.append(k)
                 args.append(stored)
                 size += len(k) + len(stored)
