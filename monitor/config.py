@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from monitor import safe_yaml
+from monitor.durations import parse_duration
 from monitor.redact import register_secrets, secrets_in
 
 DEFAULT_CONFIG_PATH = Path("config/monitor.yaml")
@@ -286,13 +287,15 @@ def window_seconds(text: str) -> int:
     return seconds
 
 
-def interval_seconds(text: str) -> int:
-    """`1m`, `30s`, `2h` as seconds (10 seconds to 1 day); ValueError otherwise."""
-    m = re.fullmatch(r"(\d+)([smhd])", text)
-    if not m:
-        raise ValueError(f"an interval is a number and s, m, h or d (e.g. 1m, 30s), got {text!r}")
-    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    if not 10 <= seconds <= 86400:
+IDENTITY_INTERVAL_BOUNDS = (10.0, 86400.0)  # seconds: not a busy loop, not rarer than daily
+
+
+def interval_seconds(text: str) -> float:
+    """An identity-lane interval (the rule files' duration grammar: `1m`, `30s`, `1h30m`) as
+    seconds, 10 seconds to 1 day; ValueError otherwise."""
+    seconds = parse_duration(text)
+    low, high = IDENTITY_INTERVAL_BOUNDS
+    if not low <= seconds <= high:
         raise ValueError(f"the interval must be between 10s and 1d, got {text!r}")
     return seconds
 
@@ -340,15 +343,12 @@ class TenantConfig(_Model):
             interval_seconds(value)  # raises ValueError naming the problem
         return value
 
-    def identity_seconds(self) -> int | None:
-        """Seconds between identity-lane syncs; None when off, without users_delta (each run
-        would read every user) or when the tenant is not scheduled."""
+    def identity_seconds(self) -> float | None:
+        """Seconds between identity-lane syncs; None when off or without users_delta (each run
+        would read every user). The schedule runs the lane only when it is the shorter one."""
         if self.identity_interval == "off" or not self.users_delta:
             return None
-        if self.polling_interval.seconds is None:
-            return None
-        seconds = interval_seconds(self.identity_interval)
-        return seconds if seconds < self.polling_interval.seconds else None
+        return interval_seconds(self.identity_interval)
 
     @field_validator("logon_users_window")
     @classmethod

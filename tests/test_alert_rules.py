@@ -11,10 +11,9 @@ from monitor.alerts.rules import (
     COUNTERPARTS,
     build_sinks,
     derived_resolve_types,
-    format_duration,
     load_rules,
-    parse_duration,
 )
+from monitor.durations import format_duration, parse_duration
 from monitor.events.envelope import EVENT_TYPES
 
 SINKS = """

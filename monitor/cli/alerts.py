@@ -28,9 +28,7 @@ from monitor.alerts.rules import (
     LoadError,
     RuleSet,
     build_sinks,
-    format_duration,
     load_rules,
-    parse_duration,
     sink_rows,
 )
 from monitor.alerts.silences import SilenceStore
@@ -48,6 +46,7 @@ from monitor.cli.app import (
     state,
 )
 from monitor.config import config_path
+from monitor.durations import format_duration, parse_duration
 from monitor.events import stream
 from monitor.events.envelope import EVENT_TYPES, Event, make_event
 from monitor.redis_conn import connect

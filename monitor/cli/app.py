@@ -150,7 +150,7 @@ def json_stream() -> Any:
 
 def parse_duration_arg(text: str) -> float:
     """Seconds from one grammar for every duration option: `90`, `30s`, `5m`, `1h30m`, `2d`."""
-    from monitor.alerts.rules import parse_duration
+    from monitor.durations import parse_duration
 
     try:
         return parse_duration(text)
@@ -176,7 +176,7 @@ def since_ms(text: str, option: str = "--since") -> int:
     own `parse_since` (ISO, UTC when naive)."""
     import time
 
-    from monitor.alerts.rules import parse_duration
+    from monitor.durations import parse_duration
     from monitor.events.history import parse_since
 
     try:

@@ -37,9 +37,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from monitor.alerts import portal
 from monitor.alerts.deliver import DeliveryQueue
 from monitor.alerts.dispatch import firing_key
-from monitor.alerts.rules import RuleSet, build_sinks, load_rules, parse_duration, sink_rows
+from monitor.alerts.rules import RuleSet, build_sinks, load_rules, sink_rows
 from monitor.alerts.silences import SilenceStore
 from monitor.config import ConfigError, Settings, TenantConfig
+from monitor.durations import parse_duration
 from monitor.events.history import summarize_changes
 from monitor.query import QueryError, run_query
 from monitor.redis_conn import connect, mask_url
