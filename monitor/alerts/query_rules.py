@@ -21,18 +21,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
-from redis.exceptions import LockError
 
 from monitor.alerts import query_graphs
 from monitor.alerts.query_graphs import save_change_set
 from monitor.events import stream
 from monitor.events.envelope import Event, make_event, utc_now_iso
+from monitor.locks import Renewer, make_lock, release
 from monitor.memory import LongLived, gc_paused
 from monitor.model.graph import Graph, Item
 from monitor.query import QueryError, compile_query, execute
@@ -468,7 +468,7 @@ class EvaluationBusy(Exception):
     """Another process held the tenant's query-rule lock for too long."""
 
 
-LOCK_TTL_S = 600.0  # a dead evaluator's lock frees itself after this
+LOCK_TTL_S = 30.0  # renewed while held: a dead evaluator's lock frees itself after this
 LOCK_WAIT_S = 120.0
 
 
@@ -481,15 +481,17 @@ def tenant_lock(
     client: redis.Redis, prefix: str, tenant: str, wait: float = LOCK_WAIT_S
 ) -> Iterator[None]:
     """One evaluation of a tenant's query rules at a time (sync process or query evaluator):
-    with `evaluate` skipping rules already evaluated at the generation, none is done twice."""
-    lock = client.lock(lock_key(prefix, tenant), timeout=LOCK_TTL_S, blocking_timeout=wait)
-    if not lock.acquire():
+    with `evaluate` skipping rules already evaluated at the generation, none is done twice.
+    Held with a short TTL renewed while the evaluation runs (monitor.locks)."""
+    lock = make_lock(client, lock_key(prefix, tenant), LOCK_TTL_S)
+    if not lock.acquire(blocking=True, blocking_timeout=wait):
         raise EvaluationBusy(f"tenant {tenant!r}: query rules busy for over {wait:g}s")
+    renewer = Renewer(lock, LOCK_TTL_S)
     try:
         yield
     finally:
-        with suppress(LockError):  # expired meanwhile: the next evaluation repeats the work
-            lock.release()
+        renewer.stop()
+        release(lock)  # expired meanwhile: logged; the next evaluation repeats the work
 
 
 def rules_types(rules: Iterable[Rule]) -> frozenset[str] | None:
