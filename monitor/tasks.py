@@ -47,6 +47,7 @@ from monitor.events.envelope import utc_now_iso
 from monitor.locks import Renewer, make_lock, release, try_acquire
 from monitor.logs import log_context
 from monitor.metrics import record_sync
+from monitor.model.schema import LANE_FULL
 from monitor.redis_conn import connect, describe_error, is_redis_error
 from monitor.status import record_run
 
@@ -163,7 +164,7 @@ def sync_tenant(
     tenant: str,
     origin: str = "manual",
     accept_drop: bool = False,
-    lane: str = "full",
+    lane: str = LANE_FULL,
 ) -> dict[str, Any]:
     """Sync one tenant now (`lane` "identity": its identity lane only); returns the
     SyncSummary as a dict (status busy/skipped/...)."""
@@ -248,13 +249,18 @@ def sync_tenant(
         if summary.query_rules_deferred:
             _enqueue_query_rules(settings, client, tenant)
         if summary.events:
-            try:
-                dispatch.apply_async()
-            except Exception as exc:  # the broker is away: the periodic dispatch catches up
-                log.warning("could not enqueue dispatch", extra={"error": type(exc).__name__})
+            _enqueue_dispatch()
         return result
     finally:
         log_context.reset(ctx)
+
+
+def _enqueue_dispatch() -> None:
+    """Alert dispatch now, for new events (the broker away: the periodic dispatch catches up)."""
+    try:
+        dispatch.apply_async()
+    except Exception as exc:
+        log.warning("could not enqueue dispatch", extra={"error": type(exc).__name__})
 
 
 def _evaluator_alive(client: redis.Redis, prefix: str) -> bool:
@@ -276,9 +282,12 @@ def _enqueue_query_rules(settings: Settings, client: redis.Redis, tenant: str) -
     from monitor.alerts.query_rules import evaluate_latest
 
     try:
-        evaluate_latest(client, settings, tenant)
+        evs = evaluate_latest(client, settings, tenant)
     except Exception:  # the next sync's evaluation catches up (sets are compared, not events)
         log.exception("query rules could not be evaluated", extra={"tenant": tenant})
+        return
+    if any(e.events for e in evs):
+        _enqueue_dispatch()
 
 
 QUERY_BUSY_RETRIES = 10
@@ -313,10 +322,7 @@ def evaluate_queries(self: Task, tenant: str) -> dict[str, Any]:
             raise
         events = sum(len(e.events) for e in evs)
         if events:
-            try:
-                dispatch.apply_async()
-            except Exception as exc:  # the periodic dispatch catches up
-                log.warning("could not enqueue dispatch", extra={"error": type(exc).__name__})
+            _enqueue_dispatch()
         return {
             "tenant": tenant,
             "status": "ok",

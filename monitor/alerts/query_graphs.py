@@ -15,7 +15,7 @@ before) when the update was incremental, so rules can re-match only what changed
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +45,8 @@ MAX_CHAIN = 16  # change sets applied in a row before a whole rebuild is cheaper
 CHANGE_SET_VERSION = 3
 # a commit that rewrote more than this share of the snapshot is cheaper to rebuild than to apply
 MAX_CHANGED_SHARE = 4
-Patch = tuple[
-    dict[str, Any], list[str]
-]  # new values of volatile fields, volatile fields now absent
+# a quiet item's new values of its volatile fields, and the volatile fields it no longer has
+Patch = tuple[dict[str, Any], list[str]]
 
 
 def changes_key(prefix: str, tenant: str, generation: int) -> str:
@@ -303,10 +302,10 @@ def _advance(
     return qg, GraphDelta(cached, qg, frozenset(cs.written | cs.deleted), quiet, ignored)
 
 
-def fresh_for(graph: QueryGraph, types: frozenset[str] | None) -> bool:
-    """Can rules reading `types` (None: any) use `graph`, whose `stale_types` may hold old
-    volatile values?"""
-    return not graph.stale_types or (types is not None and not types & graph.stale_types)
+def reads_stale(types: frozenset[str] | None, stale: Collection[str]) -> bool:
+    """Do rules reading `types` (None: any) read one of the `stale` types, whose volatile-only
+    changes were left out of a graph or change set?"""
+    return bool(stale) and (types is None or not types.isdisjoint(stale))
 
 
 def _small(cs: ChangeSet, graph: QueryGraph) -> bool:
@@ -337,7 +336,7 @@ def after_commit(
             raise QueryError(f"tenant {tenant!r} has no snapshot", 0, 0)
         return qg, None
     cached = cached_query_graph(store.client, store.prefix, tenant)
-    if cached is not None and not fresh_for(cached, types):
+    if cached is not None and reads_stale(types, cached.stale_types):
         cached = None
     cs = ChangeSet(
         previous=result.previous_generation,
@@ -383,15 +382,13 @@ def latest(
         if not gen:
             break
         cached = cached_query_graph(client, prefix, tenant)
-        if cached is None or not fresh_for(cached, types) or cached.generation > gen:
+        if cached is None or reads_stale(types, cached.stale_types) or cached.generation > gen:
             break
         if cached.generation == gen:
             return cached, None
         cs = change_chain(client, prefix, tenant, cached.generation, gen)
-        if cs is None or not _small(cs, cached):
-            break
-        if (types is None and cs.stale) or (types is not None and types & cs.stale):
-            break  # a set stored for other rules (they changed since): not enough
+        if cs is None or not _small(cs, cached) or reads_stale(types, cs.stale):
+            break  # (stale: a set stored for other rules, which changed since)
         items = cs.items(store, tenant, cached)
         if store.generation(tenant) != gen:  # a commit landed while the bodies were read
             continue
