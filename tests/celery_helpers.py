@@ -8,6 +8,7 @@ a deadline (`wait_until`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,9 @@ from typing import Any
 
 import redis
 import yaml
+from typer.testing import CliRunner
 
+from monitor.cli import app as cli_app
 from monitor.simulator import SimTenant, Simulator, generate_tenant
 from monitor.status import iso_to_ts, run_history
 
@@ -267,3 +270,14 @@ def start_redis_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def trigger_and_wait(cfg: Path, tenant: str, timeout: float = 90) -> dict[str, Any]:
+    """`mde-monitor trigger --tenant T --wait --json` (CLI in this process, the sync on the
+    workers): the one task it enqueued, with its result; AssertionError when the CLI fails."""
+    args = ["--config", str(cfg), "trigger", "--tenant", tenant, "--wait"]
+    res = CliRunner().invoke(cli_app, [*args, "--timeout", f"{timeout:g}", "--json"])
+    assert res.exit_code == 0, res.output
+    (done,) = json.loads(res.stdout)
+    record: dict[str, Any] = done
+    return record

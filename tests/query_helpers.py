@@ -199,3 +199,23 @@ def mutate(sim: SimTenant, rng: random.Random) -> None:
                 sim.logon_users[mid][-1] = {**lu, "isDomainAdmin": True}
     for uid in rng.sample(sorted(sim.users), 3):
         sim.set_user(uid, accountEnabled=rng.random() < 0.5)
+
+
+def mutable_tenant(seed: int, now: datetime) -> SimTenant:
+    """A tenant of 120 machines that `mutate` can change sync after sync."""
+    return generate_tenant(
+        machines=120,
+        users=140,
+        vulns_per_machine=5,
+        cves=60,
+        logon_users_per_machine=2,
+        seed=seed,
+        base_time=now - timedelta(hours=3),
+    )
+
+
+def paired_rules() -> tuple[list[Rule], list[Rule], list[Rule]]:
+    """`rules_under_test()`, and two renamed copies of it (incremental and whole runs keep
+    their own stored sets)."""
+    base = rules_under_test()
+    return base, renamed(base, "inc"), renamed(base, "whole")

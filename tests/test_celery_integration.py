@@ -14,6 +14,7 @@ from celery_helpers import (
     small,
     synced_after,
     syncs,
+    trigger_and_wait,
     wait_until,
     write_alerts,
     write_config,
@@ -91,22 +92,7 @@ def test_scheduled_syncs_events_and_deliveries(
 
             # trigger: a DISABLED tenant is synced on demand
             monkeypatch.setenv("REDIS_URL", redis_url)
-            res = CliRunner().invoke(
-                cli_app,
-                [
-                    "--config",
-                    str(cfg),
-                    "trigger",
-                    "--tenant",
-                    "beta",
-                    "--wait",
-                    "--timeout",
-                    "60",
-                    "--json",
-                ],
-            )
-            assert res.exit_code == 0, res.output
-            (triggered,) = json.loads(res.stdout)
+            triggered = trigger_and_wait(cfg, "beta", timeout=60)
             assert triggered["result"]["status"] == "ok" and triggered["result"]["baseline"] is True
             (rec,) = run_history(redis_client, redis_prefix, "beta")
             assert rec["origin"] == "trigger" and rec["task_id"] == triggered["task_id"]

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from celery_helpers import fleet, wait_until, write_alerts, write_config
+from celery_helpers import fleet, trigger_and_wait, wait_until, write_alerts, write_config
 from sink_receivers import Receiver
 from standardwebhooks.webhooks import Webhook
 from typer.testing import CliRunner
@@ -40,23 +40,7 @@ RULE = {
 
 
 def _trigger(cfg: Path) -> dict[str, Any]:
-    res = CliRunner().invoke(
-        cli_app,
-        [
-            "--config",
-            str(cfg),
-            "trigger",
-            "--tenant",
-            "alpha",
-            "--wait",
-            "--timeout",
-            "90",
-            "--json",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    (done,) = json.loads(res.stdout)
-    result: dict[str, Any] = done["result"]
+    result: dict[str, Any] = trigger_and_wait(cfg, "alpha")["result"]
     assert result["status"] == "ok", result
     return result
 

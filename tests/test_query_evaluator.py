@@ -18,7 +18,7 @@ import orjson
 import pytest
 import redis
 import yaml
-from query_helpers import TENANT, build, commit_graph, mutate, renamed, rules_under_test
+from query_helpers import TENANT, build, commit_graph, mutable_tenant, mutate, paired_rules
 
 from monitor.alerts.query_graphs import (
     CHANGE_SET_VERSION,
@@ -86,18 +86,9 @@ def test_evaluator_graph_follows_commits_made_elsewhere(
     forget_known_sets()
     rng = random.Random(9)
     now = datetime.now(UTC)
-    sim = generate_tenant(
-        machines=120,
-        users=140,
-        vulns_per_machine=5,
-        cves=60,
-        logon_users_per_machine=2,
-        seed=4,
-        base_time=now - timedelta(hours=3),
-    )
+    sim = mutable_tenant(4, now)
     store = SnapshotStore(redis_client, redis_prefix)
-    base = rules_under_test()
-    inc, whole = renamed(base, "inc"), renamed(base, "whole")
+    base, inc, whole = paired_rules()
     # sync 2 is not evaluated (the evaluator lags: sync 3 applies two change sets); sync 4
     # stores no change set (expired): the evaluator reads the snapshot whole
     lagging, no_change_set = 2, 4

@@ -13,7 +13,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import redis
-from query_helpers import TENANT, build, commit_graph, mutate, renamed, rules_under_test
+from query_helpers import TENANT, build, commit_graph, mutable_tenant, mutate, paired_rules
 
 from monitor.alerts.query_graphs import after_commit as graph_after_commit
 from monitor.alerts.query_rules import (
@@ -25,7 +25,6 @@ from monitor.alerts.query_rules import (
 from monitor.query import compile_query, execute
 from monitor.query.graph import clear_cache, load_query_graph, store_query_graph
 from monitor.query.incremental import is_incremental
-from monitor.simulator.generate import generate_tenant
 from monitor.snapshot.store import SnapshotStore
 
 
@@ -46,18 +45,9 @@ def test_incremental_equals_whole_evaluation(
     forget_known_sets()
     rng = random.Random(5)
     now = datetime.now(UTC)
-    sim = generate_tenant(
-        machines=120,
-        users=140,
-        vulns_per_machine=5,
-        cves=60,
-        logon_users_per_machine=2,
-        seed=3,
-        base_time=now - timedelta(hours=3),
-    )
+    sim = mutable_tenant(3, now)
     store = SnapshotStore(redis_client, redis_prefix)
-    base = rules_under_test()
-    inc, whole = renamed(base, "inc"), renamed(base, "whole")
+    base, inc, whole = paired_rules()
     incremental_runs = events = 0
     for sync in range(6):
         if sync:
