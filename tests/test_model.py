@@ -457,7 +457,9 @@ def test_logon_users_one_entity_per_account() -> None:
         for machine_id in order:
             builder.add_logon_users(machine_id, reports[machine_id])
         g = builder.graph()
-        body = orjson.dumps([g.entities, g.relationships, g.scope_of], option=orjson.OPT_SORT_KEYS)
+        body = orjson.dumps(
+            [g.entities, dict(g.relationships), dict(g.scope_of)], option=orjson.OPT_SORT_KEYS
+        )
         return builder, body
 
     builder, forward = run(["m-a", "m-b"])

@@ -4,7 +4,8 @@ Two list endpoints cover the whole tenant in ceil(pairs / 10,000) + ceil(catalog
 calls, instead of one `/machines/{id}/vulnerabilities` call per machine. `/api/vulnerabilities`
 is Microsoft's whole catalogue (hundreds of thousands of CVEs, most on no machine of the tenant),
 so it is read page by page and only the CVEs present in the pairs are kept: memory follows the
-tenant's CVEs, not the catalogue.
+tenant's CVEs, not the catalogue. Pairs are converted page by page into the relationships they
+become (held aside until both lists are whole), never held as a raw list.
 
 The two lists cross-check each other; when they disagree the scope is failed (previous data
 kept) instead of turning the gap into deletions or emptied fields:
@@ -14,31 +15,15 @@ kept) instead of turning the gap into deletions or emptied fields:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
-from typing import Any
 
 from monitor.collect.defender_api import DefenderClient
 from monitor.collect.errors import CollectError
 from monitor.collect.http import Json
-from monitor.collect.pages import IncompleteList, read_all
 from monitor.collect.progress import Progress
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import ScopeState, ScopeStatus
 from monitor.model.schema import SCOPE_VULNERABILITIES
-
-# What the model reads of a pair. The list is held whole until the last page arrived (the scope is
-# all or nothing), so pairs are slimmed on arrival: the long composite `id` is dropped and the
-# repeated strings (machine ids, CVE ids, products) are shared - about half the memory per pair.
-_PAIR_FIELDS = (
-    "machineId",
-    "cveId",
-    "severity",
-    "productName",
-    "productVendor",
-    "productVersion",
-    "fixingKbId",
-)
 
 # Pair CVEs missing from the catalogue that are tolerated (a CVE published between the two
 # reads): up to this share of the referenced CVEs. More means the catalogue was cut short.
@@ -46,16 +31,6 @@ MISSING_CVE_TOLERANCE = 0.02
 # The catalogue's exposedMachines may lag the pairs a little; listing fewer than this share of
 # the pairs it announces means the pair list was cut short.
 EXPOSURE_TOLERANCE = 0.8
-
-
-def _slim(pair: Any) -> Any:
-    if not isinstance(pair, dict):
-        return pair  # not an object: the builder rejects it by its index
-    return {
-        k: sys.intern(v) if isinstance(v, str) else v
-        for k in _PAIR_FIELDS
-        if (v := pair.get(k)) is not None
-    }
 
 
 class CatalogueFilter:
@@ -84,8 +59,8 @@ class CatalogueFilter:
         return len(self.wanted) - len(self.kept)
 
 
-def _cross_check(pairs: list[Json], catalogue: CatalogueFilter) -> str | None:
-    """Why the two lists cannot both be whole (None: they agree)."""
+def _cross_check(distinct: int, catalogue: CatalogueFilter) -> str | None:
+    """Why the two lists cannot both be whole (None: they agree); `distinct`: machine-CVE pairs."""
     missing = catalogue.missing()
     referenced = len(catalogue.wanted)
     if missing > int(referenced * MISSING_CVE_TOLERANCE):
@@ -94,9 +69,6 @@ def _cross_check(pairs: list[Json], catalogue: CatalogueFilter) -> str | None:
             f" CVEs the machine-CVE pairs reference ({catalogue.read} entries read);"
             " previous vulnerabilities kept"
         )
-    distinct = len(
-        {hash((p.get("machineId"), p.get("cveId"))) for p in pairs if isinstance(p, dict)}
-    )
     if catalogue.exposed_total and distinct < catalogue.exposed_total * EXPOSURE_TOLERANCE:
         return (
             "defender:/api/vulnerabilities/machinesVulnerabilities: short list:"
@@ -109,31 +81,36 @@ def _cross_check(pairs: list[Json], catalogue: CatalogueFilter) -> str | None:
 def collect_vulnerabilities(
     defender: DefenderClient, builder: GraphBuilder, progress: Progress
 ) -> ScopeStatus:
-    """Fetch all pairs, then the catalogue entries of their CVEs; any failure or disagreement
-    leaves the scope failed (nothing deleted, nothing emptied)."""
+    """Fetch all pairs (converted page by page, held aside), then the catalogue entries of
+    their CVEs; any failure or disagreement leaves the scope failed (nothing deleted, nothing
+    emptied)."""
+    read = 0
     try:
-        pairs = read_all(
-            defender.iter_machine_vulnerability_pages(), progress, "machine vulnerabilities", _slim
-        )
-    except IncompleteList as exc:
-        status = exc.status()
-        builder.set_scope(SCOPE_VULNERABILITIES, status)
-        return status
-    wanted = {sys.intern(c.upper()) for p in pairs if isinstance(c := p.get("cveId"), str) and c}
-    catalogue = CatalogueFilter(wanted)
+        for page in defender.iter_machine_vulnerability_pages():
+            builder.stage_pairs(page)
+            read += len(page)
+            progress("machine vulnerabilities", read, None)
+    except CollectError as exc:
+        return _failed(builder, ScopeStatus(ScopeState.FAILED, count=read, error=str(exc)))
+    catalogue = CatalogueFilter(builder.staged_cves())
     try:
         for page in defender.iter_vulnerability_pages():
             catalogue.add_page(page)
             progress("vulnerabilities", catalogue.read, None)
     except CollectError as exc:
         status = ScopeStatus(ScopeState.FAILED, count=len(catalogue.kept), error=str(exc))
-        builder.set_scope(SCOPE_VULNERABILITIES, status)
-        return status
-    problem = _cross_check(pairs, catalogue)
+        return _failed(builder, status)
+    problem = _cross_check(builder.staged_pairs(), catalogue)
     if problem is not None:
         status = ScopeStatus(ScopeState.FAILED, count=len(catalogue.kept), error=problem)
-    else:
-        count = builder.add_machine_vulnerabilities(pairs, catalogue.kept.values())
-        status = ScopeStatus(ScopeState.COMPLETE, count=count)
+        return _failed(builder, status)
+    count = builder.add_staged_vulnerabilities(catalogue.kept.values())
+    status = ScopeStatus(ScopeState.COMPLETE, count=count)
+    builder.set_scope(SCOPE_VULNERABILITIES, status)
+    return status
+
+
+def _failed(builder: GraphBuilder, status: ScopeStatus) -> ScopeStatus:
+    builder.discard_staged()
     builder.set_scope(SCOPE_VULNERABILITIES, status)
     return status

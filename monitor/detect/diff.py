@@ -21,11 +21,13 @@ from deepdiff import DeepDiff
 from monitor.config import DetectSettings
 from monitor.model import schema
 from monitor.model.graph import Graph, Item
+from monitor.model.graph import default_scope as graph_default_scope
 from monitor.snapshot.store import Index
 
 RAW_DATA = "_rawData"
 _SORT = orjson.OPT_SORT_KEYS
 _RAW_ONLY: frozenset[str] = frozenset({RAW_DATA})
+COMPARE_CHUNK = 50_000  # items fingerprinted at a time
 
 Changes = dict[str, dict[str, Any]]  # dotted field path -> {old, new[, added, removed]}
 
@@ -65,12 +67,7 @@ def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, 
 
 def default_scope(item: Item) -> str:
     """Scope of an item the collector did not tag: the schema's scope of its type."""
-    typ = item.get("_type", "")
-    ent = schema.ENTITY_BY_TYPE.get(typ)
-    if ent is not None:
-        return ent.scope
-    rel = schema.RELATIONSHIP_BY_TYPE.get(typ)
-    return rel.scope if rel is not None else "unknown"
+    return graph_default_scope(item.get("_type", ""))
 
 
 @dataclass
@@ -185,29 +182,32 @@ def compare(
     bodies: dict[str, bytes] = {}
     added: set[str] = set()
     changed: set[str] = set()
-    scope_of = graph.scope_of
+    scope_of = graph.scope_of.explicit  # the rest are in their type's scope
     dumps = orjson.dumps
     for collection in (graph.entities, graph.relationships):
-        keys = list(collection)
-        items = list(collection.values())
-        try:
-            raw, fps = _fingerprints(items, keep=previous is None, encode=encode)
-            _index_fresh(keys, items, fps, fresh, scope_of, ignored)
-        except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
-            _check_items(keys, items)  # raises a clear ValueError naming the item
-            raise
-        olds = [old_fp.get(k) for k in keys]
-        for idx in [i for i, (o, f) in enumerate(zip(olds, fps, strict=True)) if o != f]:
-            key, old = keys[idx], olds[idx]
-            if raw is not None:
-                bodies[key] = raw[idx]  # already in its stored form
-            else:
-                body = dumps(items[idx], option=_SORT)
-                bodies[key] = encode(body) if encode is not None else body
-            if old is None:
-                added.add(key)
-            elif old[:16] != fps[idx][:16]:
-                changed.add(key)
+        all_keys = list(collection)
+        for start in range(0, len(all_keys), COMPARE_CHUNK):
+            # chunk by chunk: the compact relationships are built as dicts a chunk at a time
+            keys = all_keys[start : start + COMPARE_CHUNK]
+            items = [collection[k] for k in keys]
+            try:
+                raw, fps = _fingerprints(items, keep=previous is None, encode=encode)
+                _index_fresh(keys, items, fps, fresh, scope_of, ignored)
+            except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
+                _check_items(keys, items)  # raises a clear ValueError naming the item
+                raise
+            olds = [old_fp.get(k) for k in keys]
+            for idx in [i for i, (o, f) in enumerate(zip(olds, fps, strict=True)) if o != f]:
+                key, old = keys[idx], olds[idx]
+                if raw is not None:
+                    bodies[key] = raw[idx]  # already in its stored form
+                else:
+                    body = dumps(items[idx], option=_SORT)
+                    bodies[key] = encode(body) if encode is not None else body
+                if old is None:
+                    added.add(key)
+                elif old[:16] != fps[idx][:16]:
+                    changed.add(key)
     missing: list[tuple[str, str, str]] = []
     if previous:
         ents, rels = graph.entities, graph.relationships

@@ -294,17 +294,14 @@ def _drop_dangling(w: _Merge) -> None:
                 bad = [
                     k
                     for k in items
-                    if (r := rels.get(k)) is not None and r.get("_fromEntityKey") not in entity_keys
+                    if (ends := rels.endpoints(k)) is not None and ends[0] not in entity_keys
                 ]
             else:
                 bad = [
                     k
                     for k in items
-                    if (r := rels.get(k)) is not None
-                    and (
-                        r.get("_fromEntityKey") not in entity_keys
-                        or r.get("_toEntityKey") not in entity_keys
-                    )
+                    if (ends := rels.endpoints(k)) is not None
+                    and (ends[0] not in entity_keys or ends[1] not in entity_keys)
                 ]
             for key in bad:  # a relationship to nothing: not stored
                 del items[key]
@@ -312,7 +309,9 @@ def _drop_dangling(w: _Merge) -> None:
                 if key in w.previous_fp:
                     w.dropped.add(key)
             if typ == LOGON_REL_TYPE:
-                w.referenced.update(rels[k].get("_toEntityKey") or "" for k in items if k in rels)
+                w.referenced.update(
+                    ends[1] or "" for k in items if (ends := rels.endpoints(k)) is not None
+                )
     for key, (_scope, typ) in w.kept_items.items():
         if typ == LOGON_REL_TYPE:
             dst = rel_endpoints(key, typ)[1]

@@ -20,7 +20,7 @@ from typing import Any
 
 from monitor.config import TenantConfig
 from monitor.model.account import account_entity, account_key, account_tag
-from monitor.model.graph import Graph, ScopeState, ScopeStatus
+from monitor.model.graph import Graph, Relationships, ScopeState, ScopeStatus
 from monitor.model.logon_users import machine_logon_user_relationship, merged_logon_user_entity
 from monitor.model.machines import (
     account_machine_relationship,
@@ -103,6 +103,10 @@ class GraphBuilder:
         # vulnerabilities: CVE id (upper) -> worst severity among its pairs; CVEs with details
         self._pair_severity: dict[str, str | None] = {}
         self._detailed: set[str] = set()
+        # pairs converted page by page, held aside until the scope's lists were read whole
+        self._staged = Relationships()
+        self._staged_cves: set[str] = set()
+        self._staged_read = 0  # pairs staged so far, rejected ones included (their index)
         self.rejected: list[Rejected] = []
 
     def _reject(self, scope: str, resource: str, index: int, exc: Exception) -> None:
@@ -215,7 +219,63 @@ class GraphBuilder:
         calls (e.g. one per machine) accumulate; a CVE's details are used in the call they come
         with, or later for a CVE already seen in pairs. Returns the number of vulnerability
         entities new in this call. Not thread-safe: call from one thread.
+
+        The same as `stage_pairs` for every page, then `add_staged_vulnerabilities`.
         """
+        self.stage_pairs(pairs)
+        return self.add_staged_vulnerabilities(cves)
+
+    def stage_pairs(self, pairs: Iterable[Mapping[str, Any]]) -> None:
+        """Fold one page of machine/CVE pairs into IDENTIFIED relationships held aside until
+        `add_staged_vulnerabilities` (or dropped by `discard_staged`): a page is converted as
+        it arrives, so the raw list is never held whole."""
+        g, staged, severities = self._graph, self._staged, self._pair_severity
+        for raw in pairs:
+            i = self._staged_read
+            self._staged_read += 1
+            try:
+                pair = _item(raw)
+                machine_id = require_str(pair, "machine vulnerability", "machineId")
+                cve_id = sys.intern(require_str(pair, "machine vulnerability", "cveId").upper())
+                product = pair_product(pair)
+            except Exception as exc:  # any unconvertible item: rejected, not a crash
+                self._reject(SCOPE_VULNERABILITIES, "machinesVulnerabilities", i, exc)
+                continue
+            machine_key, vuln_key = MACHINE.key(machine_id), VULNERABILITY.key(cve_id)
+            key = MACHINE_IDENTIFIED_VULNERABILITY.key(machine_key, vuln_key)
+            kb = pair.get("fixingKbId")
+            products = [product] if product else []
+            kbs = [str(kb)] if kb not in (None, "") else []
+            earlier = staged.get(key) or g.relationships.get(key)
+            if earlier is not None:  # another product of the pair, or a repeated call
+                products += _joined(earlier.get("products"))
+                kbs += _joined(earlier.get("fixingKbIds"))
+            staged[key] = machine_vulnerability_relationship(machine_key, vuln_key, products, kbs)
+            self._staged_cves.add(cve_id)
+            severity = pair.get("severity")
+            worst = severities.get(cve_id)
+            if cve_id not in severities or (severity != worst and isinstance(severity, str)):
+                severities[cve_id] = max(
+                    worst, severity if isinstance(severity, str) else None, key=_severity_order
+                )
+
+    def staged_pairs(self) -> int:
+        """Distinct machine/CVE pairs staged so far."""
+        return len(self._staged)
+
+    def staged_cves(self) -> set[str]:
+        """The CVE ids (upper case) of the staged pairs."""
+        return set(self._staged_cves)
+
+    def discard_staged(self) -> None:
+        """Forget the staged pairs (their list could not be read whole)."""
+        self._staged = Relationships()
+        self._staged_cves = set()
+        self._staged_read = 0
+
+    def add_staged_vulnerabilities(self, cves: Iterable[Mapping[str, Any]]) -> int:
+        """The staged pairs' CVEs as entities (with `cves`' details) and the staged relationships
+        into the graph; see `add_machine_vulnerabilities`."""
         details: dict[str, tuple[int, Mapping[str, Any]]] = {}  # CVE id -> (index, item)
         for i, raw in enumerate(cves):
             try:
@@ -225,38 +285,11 @@ class GraphBuilder:
                 self._reject(SCOPE_VULNERABILITIES, "vulnerabilities", i, exc)
                 continue
             details[cve_id] = (i, cve)
-        # (machine id, CVE id) -> ([products], [fixing KB ids]); only for this call's pairs
-        found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-        for i, raw in enumerate(pairs):
-            try:
-                pair = _item(raw)
-                machine_id = require_str(pair, "machine vulnerability", "machineId")
-                cve_id = require_str(pair, "machine vulnerability", "cveId").upper()
-                product = pair_product(pair)
-            except Exception as exc:  # any unconvertible item: rejected, not a crash
-                self._reject(SCOPE_VULNERABILITIES, "machinesVulnerabilities", i, exc)
-                continue
-            key = (sys.intern(machine_id), sys.intern(cve_id))
-            products, kbs = found.setdefault(key, ([], []))
-            if product and product not in products:
-                products.append(product)
-            kb = pair.get("fixingKbId")
-            if kb not in (None, "") and str(kb) not in kbs:
-                kbs.append(str(kb))
-            severity = pair.get("severity")
-            worst = self._pair_severity.get(key[1])
-            if key[1] not in self._pair_severity or (
-                severity != worst and isinstance(severity, str)
-            ):
-                self._pair_severity[key[1]] = max(
-                    worst, severity if isinstance(severity, str) else None, key=_severity_order
-                )
-
         g = self._graph
         added = 0
-        touched = {cve_id for _, cve_id in found}
+        touched = set(self._staged_cves)
         touched.update(c for c in details if c in self._pair_severity)  # late details
-        broken: set[str] = set()  # CVEs whose details could not be converted: left out
+        broken: set[str] = set()  # keys of CVEs whose details could not be converted: left out
         for cve_id in sorted(touched):
             detail = details.get(cve_id)
             if detail is not None:
@@ -264,7 +297,7 @@ class GraphBuilder:
                     entity = vulnerability_entity(detail[1], on_machine=True, account_tag=self._tag)
                 except Exception as exc:  # any unconvertible item: rejected, not a crash
                     self._reject(SCOPE_VULNERABILITIES, "vulnerabilities", detail[0], exc)
-                    broken.add(cve_id)
+                    broken.add(VULNERABILITY.key(cve_id))
                     continue
                 self._detailed.add(cve_id)
             elif cve_id in self._detailed:
@@ -278,19 +311,12 @@ class GraphBuilder:
             mapped = vulnerability_cve_relationship(entity)
             if mapped is not None:
                 g.add_relationship(mapped, SCOPE_VULNERABILITIES)
-        for machine_id, cve_id in sorted(found):
-            products, kbs = found.pop((machine_id, cve_id))
-            if cve_id in broken:
-                continue
-            machine_key, vuln_key = MACHINE.key(machine_id), VULNERABILITY.key(cve_id)
-            earlier = g.relationships.get(
-                MACHINE_IDENTIFIED_VULNERABILITY.key(machine_key, vuln_key)
-            )
-            if earlier is not None:  # a repeated call: merge the products and KBs
-                products += _joined(earlier.get("products"))
-                kbs += _joined(earlier.get("fixingKbIds"))
-            rel = machine_vulnerability_relationship(machine_key, vuln_key, products, kbs)
-            g.add_relationship(rel, SCOPE_VULNERABILITIES)
+        staged = self._staged
+        if broken:
+            for key in [k for k in staged if (staged.endpoints(k) or (None, None))[1] in broken]:
+                del staged[key]
+        g.absorb(staged, SCOPE_VULNERABILITIES)
+        self.discard_staged()
         return self._count(SCOPE_VULNERABILITIES, added)
 
     def logon_user_machines(self) -> Mapping[str, Mapping[str, Mapping[str, Any]]]:

@@ -2,11 +2,134 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from monitor.model import schema
+
 Item = dict[str, Any]
+
+_SCALARS = (str, int, float, bool, type(None))
+# field-name tuples shared by every relationship of the same shape -> (from, to, _type) positions
+_SHAPES: dict[tuple[str, ...], tuple[tuple[str, ...], int, int, int]] = {}
+
+
+def _shape(names: tuple[str, ...]) -> tuple[tuple[str, ...], int, int, int]:
+    found = _SHAPES.get(names)
+    if found is None:
+        pos = {n: i + 1 for i, n in enumerate(names)}  # +1: the shape itself is slot 0
+        found = (names, pos.get("_fromEntityKey", 0), pos.get("_toEntityKey", 0), pos["_type"])
+        _SHAPES[names] = found
+    return found
+
+
+class Relationships(MutableMapping[str, Item]):
+    """Relationships by `_key`, held compactly: a relationship of scalar fields only (a
+    machine-CVE pair, a HAS) is one tuple - its shape (field names, shared by every
+    relationship written the same way) and its values, strings interned so the endpoint keys,
+    types and products repeated across millions of pairs are stored once. Reading one builds a
+    new dict (a change to it is not stored: assign it back); other relationships (mapped ones
+    with their nested `_mapping`) are kept as they are.
+
+    A pair costs about 330 bytes this way instead of 750 as a dict: pairs are most of a big
+    tenant's graph.
+    """
+
+    __slots__ = ("_flat", "_other")
+
+    def __init__(self, items: Mapping[str, Item] | None = None) -> None:
+        self._flat: dict[str, tuple[Any, ...]] = {}
+        self._other: dict[str, Item] = {}
+        if items:
+            self.update(items)
+
+    def __setitem__(self, key: str, rel: Item) -> None:
+        intern = sys.intern
+        if type(rel) is dict and "_type" in rel and all(type(v) in _SCALARS for v in rel.values()):
+            shape = _shape(tuple(rel))
+            self._flat[key] = (
+                shape,
+                *(
+                    (key if v == key else v) if n == "_key" else intern(v) if type(v) is str else v
+                    for n, v in rel.items()
+                ),
+            )
+            self._other.pop(key, None)
+        else:
+            self._other[key] = rel
+            self._flat.pop(key, None)
+
+    def __getitem__(self, key: str) -> Item:
+        row = self._flat.get(key)
+        if row is None:
+            return self._other[key]
+        values = iter(row)
+        names = next(values)[0]
+        return dict(zip(names, values, strict=True))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __delitem__(self, key: str) -> None:
+        if self._flat.pop(key, None) is None:
+            del self._other[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._flat or key in self._other
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._flat
+        yield from self._other
+
+    def __len__(self) -> int:
+        return len(self._flat) + len(self._other)
+
+    def __repr__(self) -> str:
+        return f"Relationships({len(self)} items)"
+
+    def absorb(self, other: Relationships) -> None:
+        """Move every relationship of `other` in (replacing equal keys); `other` is emptied."""
+        for key in other._flat.keys() & self._other.keys():
+            del self._other[key]
+        for key in other._other.keys() & self._flat.keys():
+            del self._flat[key]
+        self._flat.update(other._flat)
+        self._other.update(other._other)
+        other._flat, other._other = {}, {}
+
+    def type_of(self, key: str) -> str | None:
+        """The `_type` of a stored relationship without building it (None when absent)."""
+        row = self._flat.get(key)
+        if row is None:
+            rel = self._other.get(key)
+            return rel.get("_type") if isinstance(rel, dict) else None
+        typ: str = row[row[0][3]]
+        return typ
+
+    def endpoints(self, key: str) -> tuple[Any, Any] | None:
+        """(`_fromEntityKey`, `_toEntityKey`) of a stored relationship without building it
+        (None when absent)."""
+        row = self._flat.get(key)
+        if row is None:
+            rel = self._other.get(key)
+            return None if rel is None else (rel.get("_fromEntityKey"), rel.get("_toEntityKey"))
+        _names, src, dst, _typ = row[0]
+        return (row[src] if src else None, row[dst] if dst else None)
+
+    def of_type(self, typ: str) -> Iterator[Item]:
+        """The relationships of one `_type` (only those are built)."""
+        for key, row in self._flat.items():
+            if row[row[0][3]] == typ:
+                yield self[key]
+        for rel in self._other.values():
+            if rel.get("_type") == typ:
+                yield rel
 
 
 class ScopeState(StrEnum):
@@ -25,22 +148,113 @@ class ScopeStatus:
         return {"state": self.state.value, "count": self.count, "error": self.error}
 
 
+def default_scope(typ: object) -> str:
+    """The scope the schema gives items of `_type` `typ` ("unknown" for other types)."""
+    if isinstance(typ, str):
+        ent = schema.ENTITY_BY_TYPE.get(typ)
+        if ent is not None:
+            return ent.scope
+        rel = schema.RELATIONSHIP_BY_TYPE.get(typ)
+        if rel is not None:
+            return rel.scope
+    return "unknown"
+
+
+class ScopeOf(MutableMapping[str, str]):
+    """`_key` -> scope of every item of a graph. Only a scope other than the default of the
+    item's type is stored (`explicit`): most items are in their type's scope, and a big
+    tenant's graph would otherwise spend a dict entry per item on it."""
+
+    __slots__ = ("_graph", "explicit")
+
+    def __init__(self, graph: Graph, items: Mapping[str, str] | None = None) -> None:
+        self._graph = graph
+        self.explicit: dict[str, str] = {}
+        if items:
+            self.update(items)
+
+    def _default(self, key: str) -> str | None:
+        g = self._graph
+        ent = g.entities.get(key)
+        if ent is not None:
+            return default_scope(ent.get("_type") if isinstance(ent, dict) else None)
+        if key in g.relationships:
+            return default_scope(g.relationships.type_of(key))
+        return None  # no such item
+
+    def __getitem__(self, key: str) -> str:
+        scope = self.explicit.get(key)
+        if scope is not None:
+            return scope
+        default = self._default(key)
+        if default is None:
+            raise KeyError(key)
+        return default
+
+    def __setitem__(self, key: str, scope: str) -> None:
+        if scope == self._default(key):
+            self.explicit.pop(key, None)
+        else:
+            self.explicit[key] = sys.intern(scope)
+
+    def __delitem__(self, key: str) -> None:
+        if self.explicit.pop(key, None) is None and self._default(key) is None:
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        g = self._graph
+        yield from g.entities
+        yield from g.relationships
+        yield from (k for k in self.explicit if k not in g.entities and k not in g.relationships)
+
+    def __len__(self) -> int:
+        g = self._graph
+        return sum(1 for _ in self) if self.explicit else len(g.entities) + len(g.relationships)
+
+    def __repr__(self) -> str:
+        return f"ScopeOf({len(self.explicit)} outside their type's scope)"
+
+
 @dataclass
 class Graph:
     """Entities and relationships (direct and mapped) by `_key`, with the scope of each."""
 
     entities: dict[str, Item] = field(default_factory=dict)
-    relationships: dict[str, Item] = field(default_factory=dict)  # mapped ones carry `_mapping`
-    scope_of: dict[str, str] = field(default_factory=dict)  # _key -> scope
+    relationships: Relationships = field(default_factory=Relationships)  # mapped: `_mapping`
+    scope_of: ScopeOf = field(default=None)  # type: ignore[assignment]  # _key -> scope
     scopes: dict[str, ScopeStatus] = field(default_factory=dict)  # scope -> status
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.relationships, Relationships):
+            self.relationships = Relationships(self.relationships)
+        given = self.scope_of
+        self.scope_of = ScopeOf(self)
+        if given:
+            self.scope_of.update(given)
+
     def add_entity(self, entity: Item, scope: str) -> None:
-        self.entities[entity["_key"]] = entity
-        self.scope_of[entity["_key"]] = scope
+        key = entity["_key"]
+        self.entities[key] = entity
+        self.scope_of[key] = scope
 
     def add_relationship(self, rel: Item, scope: str) -> None:
-        self.relationships[rel["_key"]] = rel
-        self.scope_of[rel["_key"]] = scope
+        key = rel["_key"]
+        self.relationships[key] = rel
+        self.scope_of[key] = scope
+
+    def absorb(self, relationships: Relationships, scope: str) -> None:
+        """Add every relationship of `relationships` (emptied) to `scope`."""
+        scope = sys.intern(scope)
+        explicit = self.scope_of.explicit
+        defaults: dict[str | None, str] = {}
+        for key in relationships:
+            typ = relationships.type_of(key)
+            default = defaults.get(typ) or defaults.setdefault(typ, default_scope(typ))
+            if default != scope:
+                explicit[key] = scope
+            else:
+                explicit.pop(key, None)
+        self.relationships.absorb(relationships)
 
     def count_by_type(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -49,9 +263,12 @@ class Graph:
         return dict(sorted(counts.items()))
 
     def export(self) -> dict[str, list[Item]]:
-        """`{"entities", "relationships", "mappedRelationships"}` as JupiterOne writes them."""
-        direct = [r for r in self.relationships.values() if "_mapping" not in r]
-        mapped = [r for r in self.relationships.values() if "_mapping" in r]
+        """`{"entities", "relationships", "mappedRelationships"}` as JupiterOne writes them
+        (relationships in `_key` order)."""
+        rels = self.relationships
+        ordered = [rels[k] for k in sorted(rels)]  # by `_key`: whatever order pages came in
+        direct = [r for r in ordered if "_mapping" not in r]
+        mapped = [r for r in ordered if "_mapping" in r]
         return {
             "entities": list(self.entities.values()),
             "relationships": direct,

@@ -237,10 +237,9 @@ def _machines_of(graph: Graph) -> dict[str, list[str]]:
     prefix = MACHINE.key("")
     out: dict[str, list[str]] = {}
     rel_type = MACHINE_HAS_LOGON_USER.type
-    for rel in graph.relationships.values():
-        if rel.get("_type") == rel_type:
-            mid = rel["_fromEntityKey"].removeprefix(prefix)
-            out.setdefault(rel["_toEntityKey"], []).append(mid)
+    for rel in graph.relationships.of_type(rel_type):
+        mid = rel["_fromEntityKey"].removeprefix(prefix)
+        out.setdefault(rel["_toEntityKey"], []).append(mid)
     return out
 
 
