@@ -433,12 +433,15 @@ class HttpSettings(_Model):
 
 
 class DetectSettings(_Model):
-    """Diff noise control and the deletion guard rail."""
+    """Diff noise control, the deletion guard rail and when a commit is built aside."""
 
     volatile_fields: dict[str, list[str]] | None = None  # _type -> fields; None = defaults
     drop_threshold: float = Field(default=0.5, gt=0, le=1)
     drop_min_items: int = Field(default=10, ge=0)
     drop_persist_syncs: int = Field(default=3, ge=1)
+    # a commit writing + deleting at least this many bodies builds the new snapshot version
+    # aside and switches to it in a small transaction (monitor/snapshot/commit.py)
+    commit_aside_min_items: int = Field(default=100_000, ge=1)
 
 
 class EventSettings(_Model):

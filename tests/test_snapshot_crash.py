@@ -46,8 +46,12 @@ print(len(res.events))
 """
 
 
-def run_sync(redis_url: str, prefix: str, crash_at: str | None) -> subprocess.CompletedProcess[str]:
+def run_sync(
+    redis_url: str, prefix: str, crash_at: str | None, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The mutated tenant's sync in a subprocess (SIGKILLed at `crash_at`)."""
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    env.update(extra_env or {})
     if crash_at:
         env[CRASH_ENV] = crash_at
     return subprocess.run(
@@ -61,10 +65,12 @@ def run_sync(redis_url: str, prefix: str, crash_at: str | None) -> subprocess.Co
 
 
 def snapshot_state(client: redis.Redis, store: SnapshotStore) -> dict[str, object]:
+    """Everything a reader can see of the tenant (the current version's index and bodies)."""
     return {
         "gen": client.get(store.key(TENANT, "gen")),
-        "idx": client.hgetall(store.key(TENANT, "idx")),
-        "body": client.hgetall(store.key(TENANT, "body")),
+        "ver": client.get(store.key(TENANT, "ver")),
+        "idx": client.hgetall(store.index_key(TENANT)),
+        "body": client.hgetall(store.body_key(TENANT)),
         "meta": client.get(store.key(TENANT, "meta")),
         "scopes": client.get(store.key(TENANT, "scopes")),
         "history": client.lrange(store.key(TENANT, "history"), 0, -1),

@@ -512,25 +512,19 @@ def _read(
 ) -> tuple[list[Item], list[Item]] | None:
     """Every item of the tenant's committed index: (entities, relationships); without
     `_rawData` unless `keep_raw`."""
-    index = store.load_index(tenant)
+    version, index = store.load_versioned_index(tenant)  # index and bodies of one version
     if index is None:
         return None
     fps = index_fingerprints(index)
     entities: list[Item] = []
     rels: list[Item] = []
-    hkey = store.key(tenant, "body")
-    cursor = 0
-    while True:
-        cursor, part = store.client.hscan(hkey, cursor, count=5_000)  # type: ignore[misc]
-        for raw_key, raw in part.items():
-            if raw_key.decode() not in fps:
-                continue
-            item = store.decode_body(raw)
-            if not keep_raw:
-                item.pop(RAW_DATA, None)
-            (rels if is_relationship(item) else entities).append(item)
-        if cursor == 0:
-            break
+    for key, raw in store.scan_bodies(tenant, version):
+        if key not in fps:
+            continue
+        item = store.decode_body(raw)
+        if not keep_raw:
+            item.pop(RAW_DATA, None)
+        (rels if is_relationship(item) else entities).append(item)
     return entities, rels
 
 

@@ -1,15 +1,23 @@
 """The one entry point the sync calls: diff a fetched graph against the stored snapshot, then
 replace the snapshot and append its events in ONE Redis transaction.
 
-The transaction WATCHes the generation, the metadata and the lock key, re-checks the lock's
-value and the stored fencing number, then MULTI / (bodies, index, scopes, guard counts,
-generation, metadata, history, events) / EXEC. A process that dies before EXEC leaves the
-previous snapshot and no new events; after EXEC everything is there. Event ids are
+The transaction WATCHes the generation, the metadata, the snapshot version and the lock key,
+re-checks the lock's value and the stored fencing number, then MULTI / (bodies, index, scopes,
+guard counts, generation, metadata, history, events) / EXEC. A process that dies before EXEC
+leaves the previous snapshot and no new events; after EXEC everything is there. Event ids are
 deterministic (tenant, subject, change, new generation), so a re-run of the same diff produces
 the same ids.
 
-Fault hook for the crash tests: `MDE_MONITOR_CRASH_AT=after_diff|mid_queue|before_exec|
-after_exec` makes the process SIGKILL itself at that point.
+A big commit (`detect.commit_aside_min_items` bodies written plus deleted, default 100,000)
+does not queue its bodies in that transaction: it builds the next snapshot version aside in
+batches (`body:<v>`, `idx:<v>`, see store.py) and its transaction only switches `ver` to it,
+with the same checks and the same guarantee (`_write_aside`). Redis then never holds a
+queued copy of the snapshot, and no EXEC blocks other clients for seconds.
+
+Fault hook for the crash tests: `MDE_MONITOR_CRASH_AT=after_diff|mid_queue|mid_aside|
+before_switch|before_exec|after_exec` makes the process SIGKILL itself at that point
+(`mid_queue` in place only; `mid_aside` - bodies written aside, index not - and
+`before_switch` aside only).
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time as time_mod
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+import redis
 
 from monitor.config import DetectSettings, EventSettings
 from monitor.detect import diff
@@ -40,13 +50,40 @@ from monitor.model.graph import Graph, ScopeState
 from monitor.model.schema import LANE_FULL
 from monitor.snapshot import aggregates
 from monitor.snapshot.lock import LockLost, TenantLock
-from monitor.snapshot.store import HISTORY_LENGTH, SnapshotStore, StoreError, StreamingTransaction
+from monitor.snapshot.store import (
+    HISTORY_LENGTH,
+    SnapshotStore,
+    StoreError,
+    StreamingTransaction,
+    send_batch,
+)
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "MDE_MONITOR_CRASH_AT"
 HSET_BATCH_ITEMS = 1_000
 HDEL_BATCH_ITEMS = 5_000
+# commits of at least `detect.commit_aside_min_items` bodies (this variable wins) go aside
+ASIDE_ENV = "MDE_MONITOR_COMMIT_ASIDE_ITEMS"
+ASIDE_BATCH_ITEMS = 5_000  # bodies per HSCAN / HSET while building aside
+ASIDE_BATCH_BYTES = 32 << 20  # index chunks per write while building aside
+ASIDE_TTL_SECONDS = 6 * 3600  # an abandoned aside build frees itself after this
+RETIRE_SECONDS = 120  # a replaced version stays readable this long (readers mid-read)
+# and is UNLINKed (freed by a Redis background thread) after this share of it by the process
+# that replaced it, when that process still runs: Redis frees an expired key in its main thread
+# (unless `lazyfree-lazy-expire yes`), which for a big version blocks every client for seconds
+RETIRE_UNLINK_SHARE = 0.75
+
+# UNLINK the KEYS that still expire (retired ones; never a current version's, which has no TTL)
+_UNLINK_RETIRED = """
+local n = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('TTL', k) > 0 then n = n + redis.call('UNLINK', k) end
+end
+return n
+"""
+
+_T = TypeVar("_T")
 
 
 class CommitError(Exception):
@@ -251,6 +288,7 @@ def detect_and_commit(
             lock=lock,
             settings=events,
             rewrite_index=not unchanged_index,
+            aside_min_items=detect.commit_aside_min_items,
         )
         lap("commit")
         _crash_point("after_exec")
@@ -289,11 +327,25 @@ def detect_and_commit(
 
 
 def _open_checked(
-    store: SnapshotStore, tenant: str, gen0: int | None, lock: TenantLock | None
+    store: SnapshotStore,
+    tenant: str,
+    gen0: int | None,
+    lock: TenantLock | None,
+    *,
+    version: int | None = None,
+    aside: int = 0,
 ) -> StreamingTransaction:
-    """WATCH generation, metadata and lock; verify they are as we left them (else raise)."""
+    """WATCH generation, metadata and lock; verify they are as we left them (else raise).
+
+    With `version` (a snapshot write) also WATCH the version keys: the current version must
+    still be `version`, and the `aside` marker must name `aside` (our build) when given. Without
+    `aside`, a dead attempt's aside keys named by the marker are removed in this transaction.
+    """
     gen_key, meta_key = store.key(tenant, "gen"), store.key(tenant, "meta")
+    ver_key, aside_key = store.key(tenant, "ver"), store.key(tenant, "aside")
     watch = [gen_key, meta_key] + ([lock.key] if lock is not None else [])
+    if version is not None:
+        watch += [ver_key, aside_key]
     tx = StreamingTransaction(store.client, watch)
     try:
         if gen0 is not None:
@@ -316,7 +368,28 @@ def _open_checked(
                     f"tenant {tenant!r}: a newer lock holder (fence {stored_fence}) committed;"
                     f" this one (fence {lock.fence}) must not write"
                 )
+        marker = 0
+        if version is not None:
+            raw_ver = tx.get(ver_key)
+            if (int(raw_ver) if raw_ver else 0) != version:
+                raise ConcurrentCommit(
+                    f"tenant {tenant!r}: snapshot version moved from {version} while diffing"
+                )
+            raw_marker = tx.get(aside_key)
+            marker = int(raw_marker) if raw_marker else 0
+            if aside and (marker != aside or not tx.exists(store.index_key(tenant, aside))):
+                raise ConcurrentCommit(
+                    f"tenant {tenant!r}: the snapshot version built aside ({aside}) is gone;"
+                    " nothing was written"
+                )
         tx.multi()
+        if version is not None and not aside and marker and marker != version:
+            tx.queue(  # what a dead aside attempt left (it would expire anyway)
+                "UNLINK",
+                store.body_key(tenant, marker),
+                store.index_key(tenant, marker),
+                aside_key,
+            )
     except BaseException:
         tx.close(broken=True)
         raise
@@ -348,6 +421,21 @@ def _queue_events(
         tx.queue(*args)
 
 
+def _aside_min_items(configured: int) -> int:
+    """The commit size from which a commit is built aside: $MDE_MONITOR_COMMIT_ASIDE_ITEMS
+    (tests, benches) or `detect.commit_aside_min_items`."""
+    raw = os.environ.get(ASIDE_ENV, "").strip()
+    if not raw:
+        return configured
+    try:
+        value = int(raw)
+    except ValueError:
+        raise CommitError(f"${ASIDE_ENV} must be a whole number, not {raw!r}") from None
+    if value < 1:
+        raise CommitError(f"${ASIDE_ENV} must be at least 1, not {value}")
+    return value
+
+
 def _write(
     store: SnapshotStore,
     tenant: str,
@@ -360,10 +448,28 @@ def _write(
     lock: TenantLock | None,
     settings: EventSettings,
     rewrite_index: bool,
+    aside_min_items: int = 100_000,
 ) -> None:
-    body_key, idx_key = store.key(tenant, "body"), store.key(tenant, "idx")
+    """Commit the plan: in place in one MULTI/EXEC, or - from `aside_min_items` bodies written
+    plus deleted - as a new version built aside and switched to in a small MULTI/EXEC."""
+    version = store.version(tenant)
+    if len(plan.write) + len(plan.delete) >= _aside_min_items(aside_min_items):
+        _write_aside(
+            store,
+            tenant,
+            plan,
+            evs,
+            meta_doc,
+            gen0=gen0,
+            generation=generation,
+            lock=lock,
+            settings=settings,
+            version=version,
+        )
+        return
+    body_key, idx_key = store.body_key(tenant, version), store.index_key(tenant, version)
     with lock.paused() if lock is not None else nullcontext():
-        tx = _open_checked(store, tenant, gen0, lock)
+        tx = _open_checked(store, tenant, gen0, lock, version=version)
         with tx:
             args: list[Any] = []
             size = 0
@@ -384,22 +490,201 @@ def _write(
                 tx.queue("DEL", idx_key)
                 for n, blob in enumerate(store.index_chunks(plan.index)):
                     tx.queue("HSET", idx_key, n, blob)
-            tx.queue("SET", store.key(tenant, "scopes"), orjson.dumps(sorted(plan.known_scopes)))
-            tx.queue("SET", store.key(tenant, "guard"), orjson.dumps(plan.guard_counts))
-            tx.queue("SET", store.key(tenant, "gen"), generation)
-            _queue_meta(tx, store, tenant, meta_doc)
-            _queue_events(tx, store, tenant, evs, settings)
-            tx.flush()
-            _crash_point("before_exec")
-            result = tx.execute()
-            if result is None:
+            _queue_tail(tx, store, tenant, plan, evs, meta_doc, generation, settings)
+            _execute(tx, tenant)
+
+
+def _queue_tail(
+    tx: StreamingTransaction,
+    store: SnapshotStore,
+    tenant: str,
+    plan: MergePlan,
+    evs: list[Event],
+    meta_doc: dict[str, Any],
+    generation: int,
+    settings: EventSettings,
+) -> None:
+    """What every snapshot commit ends with: scopes, guard counts, generation, meta, events."""
+    tx.queue("SET", store.key(tenant, "scopes"), orjson.dumps(sorted(plan.known_scopes)))
+    tx.queue("SET", store.key(tenant, "guard"), orjson.dumps(plan.guard_counts))
+    tx.queue("SET", store.key(tenant, "gen"), generation)
+    _queue_meta(tx, store, tenant, meta_doc)
+    _queue_events(tx, store, tenant, evs, settings)
+
+
+def _execute(tx: StreamingTransaction, tenant: str) -> None:
+    """EXEC a snapshot commit; ConcurrentCommit when a WATCHed key moved (nothing applied)."""
+    tx.flush()
+    _crash_point("before_exec")
+    result = tx.execute()
+    if result is None:
+        raise ConcurrentCommit(
+            f"tenant {tenant!r}: the lock or the snapshot changed during the commit;"
+            " nothing was written"
+        )
+    errors = [r for r in result if isinstance(r, Exception)]
+    if errors:
+        raise StoreError(f"tenant {tenant!r}: commit reported {errors[0]}")
+
+
+def _write_aside(
+    store: SnapshotStore,
+    tenant: str,
+    plan: MergePlan,
+    evs: list[Event],
+    meta_doc: dict[str, Any],
+    *,
+    gen0: int,
+    generation: int,
+    lock: TenantLock | None,
+    settings: EventSettings,
+    version: int,
+) -> None:
+    """Build the next version outside any transaction, then switch to it in a small one.
+
+    1. A lock-checked transaction claims a fresh version number (`verseq`), removes a dead
+       attempt's keys and sets the `aside` marker (expiring with the aside keys).
+    2. Outside any transaction, in batches (the lock checked after each): the current version's
+       bodies that stay as they are (HSCAN), the new and changed bodies, the index; every aside
+       key carries ASIDE_TTL_SECONDS, so an abandoned build frees itself.
+    3. One MULTI/EXEC, WATCHing what the in-place commit watches plus `ver` and `aside`: `ver`
+       names the new version, its keys lose their TTL, the old version's keys expire after
+       RETIRE_SECONDS (readers mid-read finish), then scopes, guard, gen, meta, events. A timer
+       UNLINKs them a little earlier if this process still runs (see RETIRE_UNLINK_SHARE).
+
+    A failure removes the aside keys; a killed process leaves them to the next commit or their
+    TTL. Until the switch nothing a reader sees has changed.
+    """
+    aside_key = store.key(tenant, "aside")
+    new = _claim_version(store, tenant, gen0, lock, version)
+    try:
+        _build_aside(store, tenant, plan, source=version, target=new, lock=lock)
+        _crash_point("before_switch")
+        with lock.paused() if lock is not None else nullcontext():
+            tx = _open_checked(store, tenant, gen0, lock, version=version, aside=new)
+            with tx:
+                tx.queue("SET", store.key(tenant, "ver"), new)
+                tx.queue("PERSIST", store.body_key(tenant, new))
+                tx.queue("PERSIST", store.index_key(tenant, new))
+                tx.queue("DEL", aside_key)
+                tx.queue("EXPIRE", store.body_key(tenant, version), RETIRE_SECONDS)
+                tx.queue("EXPIRE", store.index_key(tenant, version), RETIRE_SECONDS)
+                _queue_tail(tx, store, tenant, plan, evs, meta_doc, generation, settings)
+                _execute(tx, tenant)
+    except BaseException:
+        _abandon_aside(store, tenant, new)
+        raise
+    retired = [store.body_key(tenant, version), store.index_key(tenant, version)]
+    timer = threading.Timer(RETIRE_SECONDS * RETIRE_UNLINK_SHARE, unlink_retired, (store, retired))
+    timer.daemon = True  # a process that exits leaves it to the EXPIRE
+    timer.start()
+
+
+def unlink_retired(store: SnapshotStore, keys: list[str]) -> int:
+    """UNLINK those of `keys` that still carry a TTL (a retired version): Redis frees them in
+    a background thread. How many were removed; 0 when Redis cannot be reached."""
+    try:
+        removed: Any = store.client.eval(_UNLINK_RETIRED, len(keys), *keys)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("could not unlink a retired snapshot version: %s", exc, extra={"keys": keys})
+        return 0
+    return int(removed)
+
+
+def _claim_version(
+    store: SnapshotStore, tenant: str, gen0: int, lock: TenantLock | None, version: int
+) -> int:
+    """A fresh version number for an aside build, its marker set and its names cleared."""
+    client = store.client
+    seq_key = store.key(tenant, "verseq")
+    new = int(client.incr(seq_key))  # type: ignore[arg-type]
+    if new <= version:  # the counter was lost (e.g. a dropped tenant): move it past `version`
+        new = version + 1
+        client.set(seq_key, new)
+    with lock.paused() if lock is not None else nullcontext():
+        tx = _open_checked(store, tenant, gen0, lock, version=version)
+        with tx:
+            body_key, idx_key = store.body_key(tenant, new), store.index_key(tenant, new)
+            tx.queue("UNLINK", body_key, idx_key)  # leftovers of an attempt at this name
+            tx.queue("SET", store.key(tenant, "aside"), new, "EX", ASIDE_TTL_SECONDS)
+            if tx.execute() is None:
                 raise ConcurrentCommit(
-                    f"tenant {tenant!r}: the lock or the snapshot changed during the commit;"
+                    f"tenant {tenant!r}: the lock or the snapshot changed before the commit;"
                     " nothing was written"
                 )
-            errors = [r for r in result if isinstance(r, Exception)]
-            if errors:
-                raise StoreError(f"tenant {tenant!r}: commit reported {errors[0]}")
+    return new
+
+
+def _build_aside(
+    store: SnapshotStore,
+    tenant: str,
+    plan: MergePlan,
+    *,
+    source: int,
+    target: int,
+    lock: TenantLock | None,
+) -> None:
+    """Write version `target`: `source`'s bodies minus the rewritten and deleted ones, the
+    plan's bodies and the index; batched writes, each key given ASIDE_TTL_SECONDS."""
+    body_key, idx_key = store.body_key(tenant, target), store.index_key(tenant, target)
+    ttl = ASIDE_TTL_SECONDS
+
+    def put(commands: list[tuple[Any, ...]], key: str) -> None:
+        send_batch(store.client, [*commands, ("EXPIRE", key, ttl)])
+        if lock is not None:
+            lock.extend()  # LockLost once another holder may be writing: stop here
+
+    rewritten = plan.write
+    deleted = set(plan.delete)
+    for part in _batched(store.scan_bodies(tenant, source), ASIDE_BATCH_ITEMS):
+        args: list[Any] = []
+        for k, raw in part:
+            if k not in rewritten and k not in deleted:
+                args += (k, raw)
+        if args:
+            put([("HSET", body_key, *args)], body_key)
+    for part in _batched(iter(rewritten.items()), ASIDE_BATCH_ITEMS):
+        put([("HSET", body_key, *(a for kv in part for a in kv))], body_key)
+    _crash_point("mid_aside")
+    commands: list[tuple[Any, ...]] = []
+    size = 0
+    for n, blob in enumerate(store.index_chunks(plan.index)):
+        commands.append(("HSET", idx_key, n, blob))
+        size += len(blob)
+        if size >= ASIDE_BATCH_BYTES:
+            put(commands, idx_key)
+            commands, size = [], 0
+    if commands:
+        put(commands, idx_key)
+
+
+def _abandon_aside(store: SnapshotStore, tenant: str, new: int) -> None:
+    """Remove a failed build's keys (its own numbered names: safe without the lock), and its
+    marker unless another build replaced it meanwhile. Best effort: the TTL is the fallback."""
+    aside_key = store.key(tenant, "aside")
+    try:
+        store.client.unlink(store.body_key(tenant, new), store.index_key(tenant, new))
+        with store.client.pipeline(transaction=True) as pipe:
+            pipe.watch(aside_key)
+            raw: Any = pipe.get(aside_key)
+            if raw is not None and int(raw) == new:
+                pipe.multi()
+                pipe.delete(aside_key)
+                pipe.execute()
+    except (redis.RedisError, OSError, ValueError):
+        log.warning("could not remove an abandoned aside build", extra={"tenant": tenant})
+
+
+def _batched(items: Iterator[_T], n: int) -> Iterator[list[_T]]:
+    """`items` in lists of up to `n`."""
+    batch: list[_T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def record_failed_sync(

@@ -3,6 +3,13 @@
 Layout per tenant (`<prefix>:snap:<tenant>:...`):
 
 - `gen`     the snapshot generation (int), bumped by every committed sync.
+- `ver`     which `idx`/`body` pair is current: absent or 0 = the unversioned `idx` and `body`
+            (data stored before versions existed), v > 0 = `idx:<v>` and `body:<v>`. A commit
+            that writes or deletes many bodies builds the next version aside and switches `ver`
+            in its transaction (monitor/snapshot/commit.py); readers read one version per read.
+            `verseq` numbers those versions (INCR: an attempt never reuses another's keys);
+            `aside` names the version being built (and expires with it), so the next commit
+            can remove what a dead attempt left.
 - `idx`     hash chunk-number -> consecutive pieces (16 MB) of one orjson document
             `{scope: {_type: {_key: fingerprint}}}`. Loading the whole index is a handful of
             large bulk replies (no per-item parsing in redis-py) and one orjson.loads; it is
@@ -90,6 +97,12 @@ class StreamingTransaction:
         value: bytes | None = self._call("GET", key)
         return value
 
+    def exists(self, key: str) -> bool:
+        """EXISTS before MULTI (on the watching connection)."""
+        if self._in_multi:
+            raise StoreError("reads are not possible inside MULTI")
+        return bool(self._call("EXISTS", key))
+
     def multi(self) -> None:
         self._call("MULTI")
         self._in_multi = True
@@ -147,6 +160,35 @@ class StreamingTransaction:
         self.close(broken=exc_type is not None)
 
 
+def send_batch(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send `commands` as one pipelined write (no MULTI) and return their replies.
+
+    Packed like StreamingTransaction's queue (cheaper than redis-py's pipeline for commands
+    with thousands of arguments); StoreError when Redis answers any of them with an error.
+    """
+    if not commands:
+        return []
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    replies: list[Any] = []
+    try:
+        conn.send_packed_command([b"".join(_pack(args) for args in commands)])
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    errors = [r for r in replies if isinstance(r, Exception)]
+    if errors:
+        raise StoreError(f"Redis refused a batched write: {errors[0]}")
+    return replies
+
+
 def _pack(args: tuple[Any, ...]) -> bytes:
     """One command in RESP (what redis-py's packer does, without its per-argument overhead)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -192,16 +234,47 @@ class SnapshotStore:
         """`<prefix>:snap:<tenant>:<part>`."""
         return f"{self.prefix}:snap:{tenant}:{part}"
 
+    def version(self, tenant: str) -> int:
+        """The current body/index version (0: the unversioned `body` and `idx` keys)."""
+        raw: Any = self.client.get(self.key(tenant, "ver"))
+        return int(raw) if raw else 0
+
+    def body_key(self, tenant: str, version: int | None = None) -> str:
+        """The body hash of `version` (default: the current one, read from Redis)."""
+        v = self.version(tenant) if version is None else version
+        return self.key(tenant, f"body:{v}" if v else "body")
+
+    def index_key(self, tenant: str, version: int | None = None) -> str:
+        """The index hash of `version` (default: the current one, read from Redis)."""
+        v = self.version(tenant) if version is None else version
+        return self.key(tenant, f"idx:{v}" if v else "idx")
+
     def tenant_keys(self, tenant: str) -> list[str]:
-        parts = ("gen", "idx", "body", "scopes", "guard", "meta", "history")
-        return [self.key(tenant, p) for p in parts]
+        """The tenant's fixed snapshot keys and its current version's body and index."""
+        parts = ("gen", "ver", "verseq", "aside", "idx", "body", "scopes", "guard", "meta")
+        keys = [self.key(tenant, p) for p in (*parts, "history")]
+        version = self.version(tenant)
+        if version:
+            keys += [self.body_key(tenant, version), self.index_key(tenant, version)]
+        return keys
+
+    def versioned_keys(self, tenant: str) -> list[str]:
+        """Every `body:<v>` and `idx:<v>` key of the tenant (SCAN: current, retired, aside)."""
+        found: list[str] = []
+        for part in ("body", "idx"):
+            pattern = _glob_escape(self.key(tenant, part)) + ":*"
+            for k in self.client.scan_iter(match=pattern, count=1000):
+                found.append(k.decode() if isinstance(k, bytes) else str(k))
+        return sorted(found)
 
     # -- bodies ------------------------------------------------------------------------------
     def encode_body(self, body_json: bytes) -> bytes:
         """Stored form of a canonical JSON body (zlib when long enough and configured)."""
         if self.compress_min_bytes and len(body_json) >= self.compress_min_bytes:
             return _COMPRESSED + zlib.compress(body_json, 1)
-        return body_json
+        # a copy: orjson's output keeps a 4 KB allocation whatever its length, and a baseline
+        # holds every body until the commit
+        return memoryview(body_json).tobytes()
 
     @staticmethod
     def decode_body(raw: bytes) -> Item:
@@ -216,7 +289,7 @@ class SnapshotStore:
         out: dict[str, Item] = {}
         if not wanted:
             return out
-        hkey = self.key(tenant, "body")
+        hkey = self.body_key(tenant)
         pipe = self.client.pipeline(transaction=False)
         batches = list(_chunks(wanted, BODY_BATCH))
         for batch in batches:
@@ -228,9 +301,10 @@ class SnapshotStore:
         return out
 
     # -- index -------------------------------------------------------------------------------
-    def load_index(self, tenant: str) -> Index | None:
-        """`{scope: {_type: {_key: fingerprint}}}`, or None when there is no snapshot."""
-        raw: Any = self.client.hgetall(self.key(tenant, "idx"))
+    def load_index(self, tenant: str, version: int | None = None) -> Index | None:
+        """`{scope: {_type: {_key: fingerprint}}}` of `version` (default: the current one), or
+        None when there is no snapshot."""
+        raw: Any = self.client.hgetall(self.index_key(tenant, version))
         if not raw:
             return None
         try:
@@ -239,6 +313,31 @@ class SnapshotStore:
         except (ValueError, orjson.JSONDecodeError) as exc:
             raise StoreError(f"tenant {tenant!r}: stored index is unreadable: {exc}") from None
         return index
+
+    def load_versioned_index(self, tenant: str, attempts: int = 3) -> tuple[int, Index | None]:
+        """(version, its index): one consistent pair to read the bodies of that version with.
+
+        Retried when the version moved on between reading its number and its index (a retired
+        version's keys expire after a grace period; readers within it need no retry)."""
+        version = self.version(tenant)
+        for _ in range(attempts):
+            index = self.load_index(tenant, version)
+            now = self.version(tenant)
+            if index is not None or now == version:
+                return version, index
+            version = now
+        return version, self.load_index(tenant, version)
+
+    def scan_bodies(self, tenant: str, version: int) -> Iterator[tuple[str, bytes]]:
+        """(`_key`, stored body) of every body of `version`, HSCAN in batches."""
+        hkey = self.body_key(tenant, version)
+        cursor = 0
+        while True:
+            cursor, part = self.client.hscan(hkey, cursor, count=BODY_BATCH)  # type: ignore[misc]
+            for raw_key, raw in part.items():
+                yield raw_key.decode(), raw
+            if cursor == 0:
+                break
 
     def index_chunks(self, index: Index) -> Iterator[bytes]:
         """The index as JSON, cut in pieces of `index_chunk_bytes` (a Redis value is < 512 MB)."""
@@ -301,7 +400,7 @@ class SnapshotStore:
     # -- whole graph -------------------------------------------------------------------------
     def load_graph(self, tenant: str) -> Graph | None:
         """The stored snapshot as a Graph (scope statuses from the last sync's metadata)."""
-        index = self.load_index(tenant)
+        version, index = self.load_versioned_index(tenant)
         if index is None:
             return None
         graph = Graph()
@@ -316,26 +415,26 @@ class SnapshotStore:
             for items in types.values():
                 for k in items:
                     scope_of[k] = scope
-        hkey = self.key(tenant, "body")
-        cursor = 0
-        while True:
-            cursor, part = self.client.hscan(hkey, cursor, count=5_000)  # type: ignore[misc]
-            for raw_key, raw in part.items():
-                k = raw_key.decode()
-                if k not in scope_of:
-                    continue
-                item = self.decode_body(raw)
-                if "_fromEntityKey" in item or "_mapping" in item:
-                    graph.add_relationship(item, scope_of[k])
-                else:
-                    graph.add_entity(item, scope_of[k])
-            if cursor == 0:
-                break
+        for k, raw in self.scan_bodies(tenant, version):
+            if k not in scope_of:
+                continue
+            item = self.decode_body(raw)
+            if "_fromEntityKey" in item or "_mapping" in item:
+                graph.add_relationship(item, scope_of[k])
+            else:
+                graph.add_entity(item, scope_of[k])
         for scope, status in graph.scopes.items():
             if status.count == 0:
                 status.count = sum(len(v) for v in index.get(scope, {}).values())
         return graph
 
     def drop(self, tenant: str) -> None:
-        """Remove the tenant's snapshot, metadata and guard state (not its events)."""
-        self.client.delete(*self.tenant_keys(tenant))
+        """Remove the tenant's snapshot (every version), metadata and guard state (not its
+        events); UNLINK, so a large snapshot is freed in the background."""
+        keys = set(self.tenant_keys(tenant)) | set(self.versioned_keys(tenant))
+        self.client.unlink(*sorted(keys))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
