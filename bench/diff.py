@@ -163,8 +163,9 @@ def generate(machines: int, users: int, pairs: int, vulns: int, seed: int = 7) -
 def mutate(g: Graph, share: float, seed: int = 11) -> tuple[Graph, dict[str, int]]:
     """A new graph: `share` of every kind changed, every machine's lastSeenOn moved."""
     rnd = random.Random(seed)
-    new = Graph(entities=dict(g.entities), relationships=dict(g.relationships))
-    new.scope_of = dict(g.scope_of)
+    new = Graph(
+        entities=dict(g.entities), relationships=g.relationships.copy(), scope_of=g.scope_of
+    )
     new.scopes = {k: ScopeStatus(v.state, v.count, v.error) for k, v in g.scopes.items()}
     stats = {"machines": 0, "users": 0, "vulns": 0, "pairs_removed": 0, "pairs_added": 0}
     for key, item in g.entities.items():
@@ -253,8 +254,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         assert r1.baseline
         used = _used_memory(client) - mem0
         out["redis_bytes_per_item"] = round(used / out["items"], 1)
-        body_usage: Any = client.memory_usage(store.key(TENANT, "body"), samples=0)
-        idx_usage: Any = client.memory_usage(store.key(TENANT, "idx"), samples=0)
+        body_usage: Any = client.memory_usage(store.body_key(TENANT), samples=0)
+        idx_usage: Any = client.memory_usage(store.index_key(TENANT), samples=0)
         out["redis_body_bytes"] = int(body_usage or 0)
         out["redis_index_bytes"] = int(idx_usage or 0)
 

@@ -10,7 +10,7 @@ reported. Field-level changes use DeepDiff with list order ignored.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -81,8 +81,9 @@ class Comparison:
     added: set[str]  # fetched, not in the stored snapshot
     changed: set[str]  # stored and fetched, significant content differs
     missing: list[tuple[str, str, str]]  # (key, stored scope, _type): stored, not fetched
-    previous: Index | None  # the stored index (None: no snapshot yet)
-    previous_fp: dict[str, str] = field(default_factory=dict)  # stored _key -> fingerprint
+    # the stored index's items by scope and _type (None: no snapshot yet)
+    previous_counts: dict[str, dict[str, int]] | None
+    previous_fp: dict[str, str] = field(default_factory=dict)  # missing _key -> stored print
 
 
 def _check_items(keys: list[str], items: list[Item]) -> None:
@@ -159,31 +160,28 @@ def _index_fresh(
 
 def compare(
     graph: Graph,
-    previous: Index | None,
+    previous: Index | Iterable[Index] | None,
     ignored: Mapping[str, frozenset[str]],
     encode: Callable[[bytes], bytes] | None = None,
 ) -> Comparison:
     """Fingerprint every fetched item and classify it against the stored index.
 
-    `encode` turns the canonical JSON of a body to write into its stored form (the snapshot
-    store's compression) as soon as it is made: on a first sync every item is written, and
-    holding their JSON until the commit would be the sync's largest allocation.
+    `previous` is the stored index, whole or as a sequence of parts (each a partial index, read
+    one at a time: the stored keys and prints are never all in memory at once); None when
+    there is no snapshot yet. `encode` turns the canonical JSON of a body to write into its
+    stored form (the snapshot store's compression) as soon as it is made: on a first sync
+    every item is written, and holding their JSON until the commit would be the sync's
+    largest allocation.
 
     Written as comprehensions and tight loops over whole collections: this runs over millions
     of items and its per-item cost is the diff's cost. A malformed item (no `_type`, not an
     object) raises ValueError naming it.
     """
-    old_fp: dict[str, str] = {}
-    if previous:
-        for types in previous.values():
-            for items_by_key in types.values():
-                old_fp.update(items_by_key)
+    first = previous is None
     fresh: Index = {}
+    fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
     bodies: dict[str, bytes] = {}
-    added: set[str] = set()
-    changed: set[str] = set()
     scope_of = graph.scope_of.explicit  # the rest are in their type's scope
-    dumps = orjson.dumps
     for collection in (graph.entities, graph.relationships):
         all_keys = list(collection)
         for start in range(0, len(all_keys), COMPARE_CHUNK):
@@ -191,34 +189,50 @@ def compare(
             keys = all_keys[start : start + COMPARE_CHUNK]
             items = [collection[k] for k in keys]
             try:
-                raw, fps = _fingerprints(items, keep=previous is None, encode=encode)
+                raw, fps = _fingerprints(items, keep=first, encode=encode)
                 _index_fresh(keys, items, fps, fresh, scope_of, ignored)
             except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
                 _check_items(keys, items)  # raises a clear ValueError naming the item
                 raise
-            olds = [old_fp.get(k) for k in keys]
-            for idx in [i for i, (o, f) in enumerate(zip(olds, fps, strict=True)) if o != f]:
-                key, old = keys[idx], olds[idx]
-                if raw is not None:
-                    bodies[key] = raw[idx]  # already in its stored form
-                else:
-                    body = dumps(items[idx], option=_SORT)
-                    bodies[key] = encode(body) if encode is not None else body
-                if old is None:
-                    added.add(key)
-                elif old[:16] != fps[idx][:16]:
-                    changed.add(key)
-    missing: list[tuple[str, str, str]] = []
-    if previous:
-        ents, rels = graph.entities, graph.relationships
-        for scope, types in previous.items():
-            for typ, items_by_key in types.items():
-                # membership tests per stored key: `keys() - ents` would walk every entity once
-                # per scope (10,000 logon-user scopes x 400,000 entities: minutes)
-                missing.extend(
-                    (key, scope, typ) for key in items_by_key if key not in ents and key not in rels
-                )
-    return Comparison(fresh, bodies, added, changed, missing, previous, old_fp)
+            fresh_fp.update(zip(keys, fps, strict=True))
+            if raw is not None:
+                bodies.update(zip(keys, raw, strict=True))  # already in their stored form
+    cmp = Comparison(fresh, bodies, set(), set(), [], None if first else {})
+    rewrite: list[str] = []
+    for part in () if previous is None else [previous] if isinstance(previous, dict) else previous:
+        _compare_part(graph, part, fresh_fp, cmp, rewrite)
+    cmp.added = set(fresh_fp)  # fetched, never met in the stored index
+    if not first:  # bodies of the new and rewritten items (re-dumped: a few, usually)
+        ents, rels, dumps = graph.entities, graph.relationships, orjson.dumps
+        for key in (*rewrite, *cmp.added):
+            body = dumps(ents.get(key) or rels[key], option=_SORT)
+            bodies[key] = encode(body) if encode is not None else body
+    return cmp
+
+
+def _compare_part(
+    graph: Graph, part: Index, fresh_fp: dict[str, str], cmp: Comparison, rewrite: list[str]
+) -> None:
+    """Classify one part of the stored index: changed, rewritten (any print differs), or
+    missing (stored, not fetched: kept with its print); met keys leave `fresh_fp`."""
+    ents, rels = graph.entities, graph.relationships
+    counts = cmp.previous_counts
+    assert counts is not None
+    pop, changed, missing, missing_fp = fresh_fp.pop, cmp.changed, cmp.missing, cmp.previous_fp
+    for scope, types in part.items():
+        by_type = counts.setdefault(scope, {})
+        for typ, items_by_key in types.items():
+            by_type[typ] = by_type.get(typ, 0) + len(items_by_key)
+            for key, old in items_by_key.items():
+                new = pop(key, None)
+                if new is None:
+                    if key not in ents and key not in rels:
+                        missing.append((key, scope, typ))
+                        missing_fp[key] = old
+                elif new != old:
+                    rewrite.append(key)
+                    if old[:16] != new[:16]:
+                        changed.add(key)
 
 
 # -- field-level changes ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ Nothing is invented and nothing is deleted on incomplete evidence:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from monitor.config import DetectSettings
@@ -106,13 +106,13 @@ class _Merge:
 
     graph: Graph
     cmp: Comparison
-    previous: Index
+    previous: dict[str, dict[str, int]]  # the stored index's items by scope and _type
     first_sync: bool
     known: set[str]  # scopes known before this sync
     states: dict[str, ScopeStatus]
     index: Index  # becomes the new index (fetched items, then the kept ones)
     write: dict[str, bytes]
-    previous_fp: dict[str, str]
+    previous_fp: dict[str, str]  # stored prints of the items not fetched
     candidates: dict[str, list[tuple[str, str]]] = field(
         default_factory=dict
     )  # _type -> [(key, scope)]
@@ -137,8 +137,8 @@ def plan(
 
     Consumes `cmp`: its fresh index becomes the new index.
     """
-    previous: Index = cmp.previous or {}
-    first_sync = cmp.previous is None
+    previous = cmp.previous_counts or {}
+    first_sync = cmp.previous_counts is None
     w = _Merge(
         graph=graph,
         cmp=cmp,
@@ -211,7 +211,7 @@ def _guard_deletions(
 ) -> tuple[dict[str, guard.DropDecision], dict[str, int]]:
     """2. The deletion guard: a held type's candidates are kept, with their relationships."""
     drops, new_guard = guard.evaluate(
-        previous=_count_types(w.previous),
+        previous=_sum_types(w.previous),
         current=_count_types(w.index),
         deletions={t: len(v) for t, v in w.candidates.items()},
         counts=guard_counts,
@@ -306,7 +306,7 @@ def _drop_dangling(w: _Merge) -> None:
             for key in bad:  # a relationship to nothing: not stored
                 del items[key]
                 w.write.pop(key, None)
-                if key in w.previous_fp:
+                if key not in w.cmp.added:  # it was stored
                     w.dropped.add(key)
             if typ == LOGON_REL_TYPE:
                 w.referenced.update(
@@ -328,7 +328,7 @@ def _logon_users_by_reference(w: _Merge) -> None:
         for key in [k for k in logon_items if k not in w.referenced]:
             del logon_items[key]
             w.write.pop(key, None)
-            if key in w.previous_fp:
+            if key not in w.cmp.added:  # it was stored
                 w.deletions.append((key, scope, LOGON_USER_TYPE))
     for key, scope in w.missing_logon:
         if key in w.referenced:
@@ -348,7 +348,7 @@ def _logon_users_by_reference(w: _Merge) -> None:
             for key in [k for k in items if rel_endpoints(k, typ)[0] in logon_gone]:
                 del items[key]
                 w.write.pop(key, None)
-                if key in w.previous_fp:
+                if key not in w.cmp.added:  # it was stored
                     w.dropped.add(key)
 
 
@@ -412,6 +412,13 @@ def _created(w: _Merge, baseline_scopes: list[str], gone: set[str]) -> list[str]
         elif key not in fresh_scope:
             created.append(key)
     return sorted(created)
+
+
+def _sum_types(counts: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for types in counts.values():
+        out.update(types)
+    return dict(sorted(out.items()))
 
 
 def _count_types(index: Index) -> dict[str, int]:

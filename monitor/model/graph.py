@@ -93,6 +93,12 @@ class Relationships(MutableMapping[str, Item]):
     def __repr__(self) -> str:
         return f"Relationships({len(self)} items)"
 
+    def copy(self) -> Relationships:
+        """A shallow copy (the stored rows are immutable)."""
+        out = Relationships()
+        out._flat, out._other = dict(self._flat), dict(self._other)
+        return out
+
     def absorb(self, other: Relationships) -> None:
         """Move every relationship of `other` in (replacing equal keys); `other` is emptied."""
         for key in other._flat.keys() & self._other.keys():
@@ -198,8 +204,8 @@ class ScopeOf(MutableMapping[str, str]):
             self.explicit[key] = sys.intern(scope)
 
     def __delitem__(self, key: str) -> None:
-        if self.explicit.pop(key, None) is None and self._default(key) is None:
-            raise KeyError(key)
+        """Forget an explicit scope (an item in its type's scope has nothing to forget)."""
+        self.explicit.pop(key, None)
 
     def __iter__(self) -> Iterator[str]:
         g = self._graph
@@ -229,7 +235,9 @@ class Graph:
             self.relationships = Relationships(self.relationships)
         given = self.scope_of
         self.scope_of = ScopeOf(self)
-        if given:
+        if isinstance(given, ScopeOf):
+            self.scope_of.explicit = dict(given.explicit)
+        elif given:
             self.scope_of.update(given)
 
     def add_entity(self, entity: Item, scope: str) -> None:
