@@ -254,7 +254,7 @@ def visible_state(client: redis.Redis, store: SnapshotStore) -> dict[str, Any]:
     """What readers see of the tenant, with digests of the index and of every body."""
     version = store.version(TENANT)
     idx: Any = client.hgetall(store.index_key(TENANT, version))
-    index = hashlib.sha256(b"".join(idx[n] for n in sorted(idx, key=int))).hexdigest()
+    index = hashlib.sha256(b"".join(idx[n] for n in sorted(idx))).hexdigest()
     bodies = hashlib.sha256()
     for key, raw in sorted(store.scan_bodies(TENANT, version)):
         bodies.update(key.encode() + b"\0" + raw + b"\0")

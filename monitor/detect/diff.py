@@ -10,7 +10,7 @@ reported. Field-level changes use DeepDiff with list order ignored.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -70,14 +70,54 @@ def default_scope(item: Item) -> str:
     return graph_default_scope(item.get("_type", ""))
 
 
+class Bodies(MutableMapping[str, bytes]):
+    """`_key` -> stored form of the bodies a commit writes, made from the graph's item when
+    read (canonical JSON, then `encode`): a first sync writes every item, and holding all their
+    bodies until the commit was the sync's largest allocation. Values set explicitly are kept
+    as given."""
+
+    def __init__(self, graph: Graph, encode: Callable[[bytes], bytes] | None = None) -> None:
+        self._graph = graph
+        self._encode = encode
+        self._keys: dict[str, bytes | None] = {}
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Write these items' bodies (made when read)."""
+        self._keys.update(dict.fromkeys(keys))
+
+    def __getitem__(self, key: str) -> bytes:
+        given = self._keys[key]
+        if given is not None:
+            return given
+        g = self._graph
+        item = g.entities.get(key)
+        body = orjson.dumps(item if item is not None else g.relationships[key], option=_SORT)
+        return self._encode(body) if self._encode is not None else body
+
+    def __setitem__(self, key: str, body: bytes) -> None:
+        self._keys[key] = body
+
+    def __delitem__(self, key: str) -> None:
+        del self._keys[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 @dataclass
 class Comparison:
     """Fresh items compared with the stored index, by `_key`."""
 
     fresh: Index  # scope -> _type -> _key -> fingerprint, for every fetched item
     # bodies of fetched items that are new or whose body changed: canonical JSON, or its stored
-    # form when compare() was given the store's encoder
-    bodies: dict[str, bytes]
+    # form when compare() was given the store's encoder (made when read)
+    bodies: Bodies
     added: set[str]  # fetched, not in the stored snapshot
     changed: set[str]  # stored and fetched, significant content differs
     missing: list[tuple[str, str, str]]  # (key, stored scope, _type): stored, not fetched
@@ -108,22 +148,10 @@ def _check_items(keys: list[str], items: list[Item]) -> None:
         raise ValueError(f"graph item {keys[i]!r} {what} ({len(bad)} bad item(s))")
 
 
-def _fingerprints(
-    items: list[Item], keep: bool, encode: Callable[[bytes], bytes] | None = None
-) -> tuple[list[bytes] | None, list[str]]:
-    """Full-body fingerprints; the bodies too when `keep` (first sync: all written), as
-    canonical JSON or, with `encode`, in their stored form."""
+def _fingerprints(items: list[Item]) -> list[str]:
+    """Full-body fingerprints (the JSON is not kept: bodies are made again when written)."""
     blake, dumps = hashlib.blake2b, orjson.dumps
-    if keep:
-        raw: list[bytes] = []
-        fps: list[str] = []
-        for it in items:
-            body = dumps(it, option=_SORT)
-            fps.append(blake(body, digest_size=8).hexdigest())
-            raw.append(encode(body) if encode is not None else body)
-        return raw, fps
-    # most items are unchanged: hash without keeping the JSON (re-dumped for the few changed)
-    return None, [blake(dumps(it, option=_SORT), digest_size=8).hexdigest() for it in items]
+    return [blake(dumps(it, option=_SORT), digest_size=8).hexdigest() for it in items]
 
 
 def _index_fresh(
@@ -169,9 +197,8 @@ def compare(
     `previous` is the stored index, whole or as a sequence of parts (each a partial index, read
     one at a time: the stored keys and prints are never all in memory at once); None when
     there is no snapshot yet. `encode` turns the canonical JSON of a body to write into its
-    stored form (the snapshot store's compression) as soon as it is made: on a first sync
-    every item is written, and holding their JSON until the commit would be the sync's
-    largest allocation.
+    stored form (the snapshot store's compression); bodies are made when the commit reads
+    them (see Bodies).
 
     Written as comprehensions and tight loops over whole collections: this runs over millions
     of items and its per-item cost is the diff's cost. A malformed item (no `_type`, not an
@@ -180,7 +207,6 @@ def compare(
     first = previous is None
     fresh: Index = {}
     fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
-    bodies: dict[str, bytes] = {}
     scope_of = graph.scope_of.explicit  # the rest are in their type's scope
     for collection in (graph.entities, graph.relationships):
         all_keys = list(collection)
@@ -189,24 +215,19 @@ def compare(
             keys = all_keys[start : start + COMPARE_CHUNK]
             items = [collection[k] for k in keys]
             try:
-                raw, fps = _fingerprints(items, keep=first, encode=encode)
+                fps = _fingerprints(items)
                 _index_fresh(keys, items, fps, fresh, scope_of, ignored)
             except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
                 _check_items(keys, items)  # raises a clear ValueError naming the item
                 raise
             fresh_fp.update(zip(keys, fps, strict=True))
-            if raw is not None:
-                bodies.update(zip(keys, raw, strict=True))  # already in their stored form
-    cmp = Comparison(fresh, bodies, set(), set(), [], None if first else {})
+    cmp = Comparison(fresh, Bodies(graph, encode), set(), set(), [], None if first else {})
     rewrite: list[str] = []
     for part in () if previous is None else [previous] if isinstance(previous, dict) else previous:
         _compare_part(graph, part, fresh_fp, cmp, rewrite)
     cmp.added = set(fresh_fp)  # fetched, never met in the stored index
-    if not first:  # bodies of the new and rewritten items (re-dumped: a few, usually)
-        ents, rels, dumps = graph.entities, graph.relationships, orjson.dumps
-        for key in (*rewrite, *cmp.added):
-            body = dumps(ents.get(key) or rels[key], option=_SORT)
-            bodies[key] = encode(body) if encode is not None else body
+    cmp.bodies.add(rewrite)
+    cmp.bodies.add(fresh_fp)
     return cmp
 
 

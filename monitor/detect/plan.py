@@ -23,7 +23,7 @@ Nothing is invented and nothing is deleted on incomplete evidence:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 from monitor.config import DetectSettings
@@ -64,7 +64,7 @@ class MergePlan:
     """What the commit writes, and what the events are built from."""
 
     index: Index  # the effective new index (scope -> _type -> _key -> fingerprint)
-    write: dict[str, bytes]  # bodies to (re)write
+    write: MutableMapping[str, bytes]  # bodies to (re)write
     delete: list[str]  # keys to remove from the store
     created: list[str]  # items new in the snapshot, outside baseline scopes
     updated: list[str]  # items whose significant content changed
@@ -111,7 +111,7 @@ class _Merge:
     known: set[str]  # scopes known before this sync
     states: dict[str, ScopeStatus]
     index: Index  # becomes the new index (fetched items, then the kept ones)
-    write: dict[str, bytes]
+    write: MutableMapping[str, bytes]
     previous_fp: dict[str, str]  # stored prints of the items not fetched
     candidates: dict[str, list[tuple[str, str]]] = field(
         default_factory=dict

@@ -227,7 +227,7 @@ def detect_and_commit(
         gen0 = store.generation(tenant)
         # a lost snapshot restarts numbering after its last event, so ids never repeat
         base = gen0 or store.last_event_generation(tenant)
-        previous = store.load_index(tenant)
+        previous = store.index_parts(tenant)  # read part by part by the comparison
         known = store.known_scopes(tenant)
         guard_counts = store.guard_counts(tenant)
         lap("load_index")
@@ -271,10 +271,10 @@ def detect_and_commit(
             "aggregates": aggregates.compute(graph, plan.scope_states),
         }
         unchanged_index = (
-            previous is not None
+            cmp.previous_counts is not None
             and not plan.write
             and not plan.delete
-            and set(plan.index) == set(previous)
+            and set(plan.index) == set(cmp.previous_counts)
         )
         _crash_point("after_diff")
         _write(
@@ -488,8 +488,8 @@ def _write(
             _crash_point("mid_queue")
             if rewrite_index:
                 tx.queue("DEL", idx_key)
-                for n, blob in enumerate(store.index_chunks(plan.index)):
-                    tx.queue("HSET", idx_key, n, blob)
+                for name, blob in store.index_chunks(plan.index):
+                    tx.queue("HSET", idx_key, name, blob)
             _queue_tail(tx, store, tenant, plan, evs, meta_doc, generation, settings)
             _execute(tx, tenant)
 
@@ -648,8 +648,8 @@ def _build_aside(
     _crash_point("mid_aside")
     commands: list[tuple[Any, ...]] = []
     size = 0
-    for n, blob in enumerate(store.index_chunks(plan.index)):
-        commands.append(("HSET", idx_key, n, blob))
+    for name, blob in store.index_chunks(plan.index):
+        commands.append(("HSET", idx_key, name, blob))
         size += len(blob)
         if size >= ASIDE_BATCH_BYTES:
             put(commands, idx_key)

@@ -10,11 +10,13 @@ Layout per tenant (`<prefix>:snap:<tenant>:...`):
             `verseq` numbers those versions (INCR: an attempt never reuses another's keys);
             `aside` names the version being built (and expires with it), so the next commit
             can remove what a dead attempt left.
-- `idx`     hash chunk-number -> consecutive pieces (16 MB) of one orjson document
-            `{scope: {_type: {_key: fingerprint}}}`. Loading the whole index is a handful of
-            large bulk replies (no per-item parsing in redis-py) and one orjson.loads; it is
-            rewritten whole by every commit that changes anything (empty scopes included: they
-            stay "known").
+- `idx`     hash `p<n>` -> part n of the index `{scope: {_type: {_key: fingerprint}}}`: each
+            part an orjson document of up to `index_part_keys` (100,000) keys, so the index is
+            written and read a part at a time (a diff compares the stored index part by part)
+            and a part is one bulk reply (no per-item parsing in redis-py). Rewritten whole by
+            every commit that changes anything (empty scopes included: they stay "known").
+            An index stored before parts existed (fields `0`, `1`, ...: 16 MB byte pieces of
+            one document) is still read.
 - `body`    hash `_key` -> the item as canonical JSON (orjson, sorted keys, `_rawData` kept),
             zlib-compressed (first byte `z`) from `compress_min_bytes` (default 256) up;
             None or 0 stores plain JSON. Both forms are read back.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -47,7 +50,7 @@ HISTORY_LENGTH = 50
 # zlib (level 1) for bodies of at least this many bytes: bench/diff.py measured ~30% less Redis
 # memory per item (a machine-vulnerability pair: 475 -> 216 bytes) for ~10 us per written body.
 DEFAULT_COMPRESS_MIN_BYTES = 256
-INDEX_CHUNK_BYTES = 16 << 20
+INDEX_PART_KEYS = 100_000  # keys per index part: ~15 MB of JSON for machine-CVE pairs
 BODY_BATCH = 5_000
 _COMPRESSED = b"z"
 
@@ -219,12 +222,12 @@ class SnapshotStore:
         prefix: str,
         *,
         compress_min_bytes: int | None = DEFAULT_COMPRESS_MIN_BYTES,
-        index_chunk_bytes: int = INDEX_CHUNK_BYTES,
+        index_part_keys: int = INDEX_PART_KEYS,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.compress_min_bytes = compress_min_bytes
-        self.index_chunk_bytes = index_chunk_bytes
+        self.index_part_keys = index_part_keys
 
     def __repr__(self) -> str:
         return f"SnapshotStore(prefix={self.prefix!r})"
@@ -304,15 +307,49 @@ class SnapshotStore:
     def load_index(self, tenant: str, version: int | None = None) -> Index | None:
         """`{scope: {_type: {_key: fingerprint}}}` of `version` (default: the current one), or
         None when there is no snapshot."""
-        raw: Any = self.client.hgetall(self.index_key(tenant, version))
-        if not raw:
+        parts = self.index_parts(tenant, version)
+        if parts is None:
             return None
-        try:
-            blob = b"".join(raw[n] for n in sorted(raw, key=int))
-            index: Index = orjson.loads(blob)
-        except (ValueError, orjson.JSONDecodeError) as exc:
-            raise StoreError(f"tenant {tenant!r}: stored index is unreadable: {exc}") from None
+        index: Index = {}
+        for part in parts:
+            for scope, types in part.items():
+                into = index.setdefault(scope, {})
+                for typ, items in types.items():
+                    into.setdefault(typ, {}).update(items)
         return index
+
+    def index_parts(self, tenant: str, version: int | None = None) -> Iterator[Index] | None:
+        """The stored index of `version` (default: the current one) as a sequence of partial
+        indexes, each read and parsed when reached (the index of a big tenant is never held
+        whole as JSON); None when there is no snapshot.
+
+        Parts are fields `p0`, `p1`, ... of the `idx` hash; an index written before parts
+        existed (fields `0`, `1`, ...: byte pieces of one document) comes as one part."""
+        hkey = self.index_key(tenant, version)
+        names: Any = self.client.hkeys(hkey)
+        fields = sorted(
+            (f.decode() if isinstance(f, bytes) else str(f) for f in names),
+            key=lambda f: (f[:1] == "p", int(f.lstrip("p") or 0)),
+        )
+        if not fields:
+            return None
+        return self._read_parts(tenant, hkey, fields)
+
+    def _read_parts(self, tenant: str, hkey: str, fields: list[str]) -> Iterator[Index]:
+        try:
+            if not fields[0].startswith("p"):  # legacy: byte pieces of one document
+                values: Any = self.client.hmget(hkey, fields)
+                yield orjson.loads(b"".join(values))
+                return
+            for name in fields:
+                raw: Any = self.client.hget(hkey, name)
+                if raw is None:
+                    raise StoreError(f"tenant {tenant!r}: index part {name} vanished while read")
+                part: Index = orjson.loads(raw)
+                del raw
+                yield part
+        except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+            raise StoreError(f"tenant {tenant!r}: stored index is unreadable: {exc}") from None
 
     def load_versioned_index(self, tenant: str, attempts: int = 3) -> tuple[int, Index | None]:
         """(version, its index): one consistent pair to read the bodies of that version with.
@@ -339,13 +376,31 @@ class SnapshotStore:
             if cursor == 0:
                 break
 
-    def index_chunks(self, index: Index) -> Iterator[bytes]:
-        """The index as JSON, cut in pieces of `index_chunk_bytes` (a Redis value is < 512 MB)."""
-        blob = orjson.dumps(index)
-        step = self.index_chunk_bytes
-        view = memoryview(blob)
-        for i in range(0, max(1, len(blob)), step):
-            yield bytes(view[i : i + step])
+    def index_chunks(self, index: Index) -> Iterator[tuple[str, bytes]]:
+        """The index as (field, JSON) parts of at most `index_part_keys` keys each, made one at
+        a time; every scope (empty ones too) is in some part."""
+        step = self.index_part_keys
+        part: Index = {}
+        n_keys = 0
+        n = 0
+        for scope, types in index.items():
+            into = part.setdefault(scope, {})
+            for typ, items in types.items():
+                if not items:
+                    into[typ] = {}
+                it = iter(items.items())
+                while True:
+                    piece = dict(islice(it, step - n_keys))
+                    if not piece:
+                        break
+                    into[typ] = piece
+                    n_keys += len(piece)
+                    if n_keys >= step:
+                        yield f"p{n}", orjson.dumps(part)
+                        n, part, n_keys = n + 1, {scope: {}}, 0
+                        into = part[scope]
+        if part or n == 0:
+            yield f"p{n}", orjson.dumps(part)
 
     # -- small keys --------------------------------------------------------------------------
     def generation(self, tenant: str) -> int:
