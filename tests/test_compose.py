@@ -47,6 +47,8 @@ def test_redis_persists_with_aof_on_a_named_volume() -> None:
     assert str(redis["image"]).startswith("redis:7")
     command = " ".join(_as_list(redis["command"]))
     assert "--appendonly yes" in command
+    # retired snapshot versions are freed off the main thread (monitor/snapshot/commit.py)
+    assert "--lazyfree-lazy-expire yes" in command
     assert '--requirepass "$$(cat /run/secrets/redis_password)"' in command
     volume = redis["volumes"][0].split(":")[0]
     assert volume in COMPOSE["volumes"]
