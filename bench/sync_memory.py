@@ -3,11 +3,17 @@
     .venv/bin/python bench/sync_memory.py                       # 20,000 machines, 600,000 pairs
     .venv/bin/python bench/sync_memory.py --machines 100000 --users 100000 --pairs 2000000
     .venv/bin/python bench/sync_memory.py --machines 2000 --pairs 60000 --json
+    .venv/bin/python bench/sync_memory.py --no-query-rules   # as a worker syncs beside the
+                                                             # query evaluator
 
 A generated tenant is served by the simulator in its own process; two real `mde-monitor sync`
 processes run against it one after the other (the baseline sync, then a sync with 2% of the
 machines changed) and each one's peak RSS (wait4's ru_maxrss, collection, diff and commit
 included) is divided by the snapshot's items. Issue 14's target: <= 1,200 bytes per item.
+The shipped query rules (alerts/queries.yaml) are evaluated in the sync process, as a lone
+`mde-monitor sync` does: that builds the whole query graph. With `--no-query-rules` they are
+left out, which is what a worker's sync holds when the query evaluator runs (the sync only
+stores the commit's change set for it).
 Uses its own Redis key prefix and removes its keys at the end.
 """
 
@@ -57,6 +63,9 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=600_000, help="machine-CVE pairs")
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--no-query-rules", action="store_true", help="no alert rules (no query graph built)"
+    )
     ns = ap.parse_args()
     gen = {
         "machines": ns.machines,
@@ -68,7 +77,11 @@ def main() -> int:
     }
     client = redis.Redis.from_url(ns.redis_url)
     prefix = f"bench-syncmem-{uuid.uuid4().hex[:8]}"
-    out: dict[str, Any] = {"generated": gen, "target_bytes_per_item": TARGET_BYTES_PER_ITEM}
+    out: dict[str, Any] = {
+        "generated": gen,
+        "query_rules": not ns.no_query_rules,
+        "target_bytes_per_item": TARGET_BYTES_PER_ITEM,
+    }
     with (
         simulator_process(gen, ("AdvancedQuery.Read.All",)) as state_dir,
         tempfile.TemporaryDirectory() as tmp,
@@ -77,6 +90,9 @@ def main() -> int:
             data = yaml.safe_load((state_dir / "config.yaml").read_text())
             data["redis_url"] = ns.redis_url
             data["redis_prefix"] = prefix
+            if ns.no_query_rules:
+                (Path(tmp) / "alerts").mkdir()
+                data["alerts_dir"] = str(Path(tmp) / "alerts")
             tenant = data["tenants"][0]
             # every machine's logon users each sync (hunting); no per-account fact reads, which
             # Microsoft's 100/min would pace for minutes
@@ -109,7 +125,8 @@ def main() -> int:
         return 0
     print(
         f"tenant: {ns.machines:,} machines, {ns.users:,} users,"
-        f" {gen['machines'] * gen['vulns_per_machine']:,} pairs"
+        f" {gen['machines'] * gen['vulns_per_machine']:,} pairs;"
+        + (" no query rules" if ns.no_query_rules else " the shipped query rules in the sync")
     )
     for sync in ("baseline", "next"):
         r = out[sync]
