@@ -32,6 +32,7 @@ from monitor.config import DetectSettings, EventSettings
 from monitor.detect import diff as snapdiff
 from monitor.model import schema
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
+from monitor.model.vulnerabilities import machine_vulnerability_relationship
 from monitor.redis_conn import delete_prefix
 from monitor.snapshot.commit import detect_and_commit
 from monitor.snapshot.store import SnapshotStore
@@ -119,17 +120,10 @@ def _vuln(i: int) -> Item:
 
 
 def _pair(mkey: str, vkey: str) -> Item:
-    rt = schema.MACHINE_IDENTIFIED_VULNERABILITY
-    return {
-        "_key": rt.key(mkey, vkey),
-        "_type": rt.type,
-        "_class": ["IDENTIFIED"],
-        "_fromEntityKey": mkey,
-        "_toEntityKey": vkey,
-        "displayName": "IDENTIFIED",
-        "products": ["microsoft windows_11 10.0.22621"],
-        "fixingKbIds": ["5034123"],
-    }
+    """A machine IDENTIFIED vulnerability relationship as the converter makes it."""
+    return machine_vulnerability_relationship(
+        mkey, vkey, ["microsoft windows_11 10.0.22621"], ["5034123"]
+    )
 
 
 def generate(machines: int, users: int, pairs: int, vulns: int, seed: int = 7) -> Graph:

@@ -20,8 +20,7 @@ from deepdiff import DeepDiff
 
 from monitor.config import DetectSettings
 from monitor.model import schema
-from monitor.model.graph import Graph, Item
-from monitor.model.graph import default_scope as graph_default_scope
+from monitor.model.graph import Graph, Item, Relationships, default_scope
 from monitor.snapshot.store import Index
 
 RAW_DATA = "_rawData"
@@ -63,11 +62,6 @@ def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, 
     if any(name in item for name in ignored):
         return _significant(item, ignored) + full, body
     return full, body
-
-
-def default_scope(item: Item) -> str:
-    """Scope of an item the collector did not tag: the schema's scope of its type."""
-    return graph_default_scope(item.get("_type", ""))
 
 
 class Bodies(MutableMapping[str, bytes]):
@@ -156,34 +150,75 @@ def _fingerprints(items: list[Item]) -> list[str]:
 
 def _index_fresh(
     keys: list[str],
-    items: list[Item],
+    types: list[str],
     fps: list[str],
     fresh: Index,
     scope_of: Mapping[str, str],
     ignored: Mapping[str, frozenset[str]],
+    fields: Callable[[int], Collection[str]],
+    item: Callable[[int], Item],
 ) -> None:
     """Put each item in `fresh[scope][_type]`, prefixing its significant fingerprint when it
-    carries ignored fields (`fps` is updated in place).
+    carries ignored fields (`fps` is updated in place). `fields(i)` names item i's fields,
+    `item(i)` is the item (built only when its significant print is needed).
 
     Items come in runs of one scope and type (collectors add them resource by resource), so
     the work is done per run with C-level groupby/update rather than item by item.
     """
     scopes = [scope_of.get(k) for k in keys]
     if None in scopes:
-        scopes = [s or default_scope(it) for s, it in zip(scopes, items, strict=True)]
-    runs = list(zip(scopes, [it["_type"] for it in items], strict=True))
+        defaults = {t: default_scope(t) for t in set(types)}
+        scopes = [s or defaults[t] for s, t in zip(scopes, types, strict=True)]
+    runs = list(zip(scopes, types, strict=True))
     start = 0
     for (scope, typ), group in groupby(runs):
         end = start + sum(1 for _ in group)
         ign = ignored.get(typ, _RAW_ONLY)
         need: set[int] = set()
         for name in ign:
-            need.update(i for i in range(start, end) if name in items[i])
+            need.update(i for i in range(start, end) if name in fields(i))
         for i in need:  # significant hash first, then the full one
-            fps[i] = _significant(items[i], ign) + fps[i]
+            fps[i] = _significant(item(i), ign) + fps[i]
         bucket = fresh.setdefault(scope, {}).setdefault(typ, {})  # type: ignore[arg-type]
         bucket.update(zip(keys[start:end], fps[start:end], strict=True))
         start = end
+
+
+def _chunk(
+    collection: Mapping[str, Item],
+    keys: list[str],
+    fresh: Index,
+    scope_of: Mapping[str, str],
+    ignored: Mapping[str, frozenset[str]],
+) -> list[str]:
+    """Index one chunk of a collection into `fresh`; its prints. Relationships kept as rows
+    give their type, print and fields without being built; other items are built and
+    fingerprinted (a malformed one raises ValueError naming it)."""
+    rows = collection.rows(keys) if isinstance(collection, Relationships) else None
+    built = {i: collection[keys[i]] for i in range(len(keys)) if rows is None or rows[i] is None}
+    items = list(built.values())
+    try:
+        made = iter(_fingerprints(items))
+        typed = iter([it["_type"] for it in items])
+    except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
+        _check_items([keys[i] for i in built], items)  # raises a clear ValueError naming it
+        raise
+    fps: list[str] = []
+    types: list[str] = []
+    for i in range(len(keys)):
+        row = None if rows is None else rows[i]
+        fps.append(next(made) if row is None else row[1])
+        types.append(next(typed) if row is None else row[0])
+
+    def fields(i: int) -> Collection[str]:
+        row = None if rows is None else rows[i]
+        return built[i] if row is None else row[2]
+
+    def item(i: int) -> Item:
+        return built[i] if i in built else collection[keys[i]]
+
+    _index_fresh(keys, types, fps, fresh, scope_of, ignored, fields, item)
+    return fps
 
 
 def compare(
@@ -211,15 +246,8 @@ def compare(
     for collection in (graph.entities, graph.relationships):
         all_keys = list(collection)
         for start in range(0, len(all_keys), COMPARE_CHUNK):
-            # chunk by chunk: the compact relationships are built as dicts a chunk at a time
             keys = all_keys[start : start + COMPARE_CHUNK]
-            items = [collection[k] for k in keys]
-            try:
-                fps = _fingerprints(items)
-                _index_fresh(keys, items, fps, fresh, scope_of, ignored)
-            except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
-                _check_items(keys, items)  # raises a clear ValueError naming the item
-                raise
+            fps = _chunk(collection, keys, fresh, scope_of, ignored)
             fresh_fp.update(zip(keys, fps, strict=True))
     cmp = Comparison(fresh, Bodies(graph, encode), set(), set(), [], None if first else {})
     rewrite: list[str] = []

@@ -290,19 +290,13 @@ def _drop_dangling(w: _Merge) -> None:
         for typ, items in types.items():
             if typ not in _DIRECT_REL_TYPES:
                 continue
-            if typ == LOGON_REL_TYPE:
-                bad = [
-                    k
-                    for k in items
-                    if (ends := rels.endpoints(k)) is not None and ends[0] not in entity_keys
-                ]
-            else:
-                bad = [
-                    k
-                    for k in items
-                    if (ends := rels.endpoints(k)) is not None
-                    and (ends[0] not in entity_keys or ends[1] not in entity_keys)
-                ]
+            both = typ != LOGON_REL_TYPE  # a logon user exists through its HAS
+            bad = [
+                k
+                for k, ends in zip(items, rels.ends(items), strict=True)
+                if ends is not None
+                and (ends[0] not in entity_keys or (both and ends[1] not in entity_keys))
+            ]
             for key in bad:  # a relationship to nothing: not stored
                 del items[key]
                 w.write.pop(key, None)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 from monitor.model import schema
 
@@ -15,12 +18,20 @@ Item = dict[str, Any]
 _SCALARS = (str, int, float, bool, type(None))
 # field-name tuples shared by every relationship of the same shape -> (from, to, _type) positions
 _SHAPES: dict[tuple[str, ...], tuple[tuple[str, ...], int, int, int]] = {}
+_VALUES = 2  # a row: (shape, print, *values)
+
+
+def canonical_print(item: Item) -> str:
+    """blake2b-64 (hex) of the item's canonical JSON (orjson, sorted keys): the full-body
+    fingerprint the snapshot index stores (see monitor.detect.diff)."""
+    body = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
 def _shape(names: tuple[str, ...]) -> tuple[tuple[str, ...], int, int, int]:
     found = _SHAPES.get(names)
     if found is None:
-        pos = {n: i + 1 for i, n in enumerate(names)}  # +1: the shape itself is slot 0
+        pos = {n: i + _VALUES for i, n in enumerate(names)}
         found = (names, pos.get("_fromEntityKey", 0), pos.get("_toEntityKey", 0), pos["_type"])
         _SHAPES[names] = found
     return found
@@ -30,9 +41,10 @@ class Relationships(MutableMapping[str, Item]):
     """Relationships by `_key`, held compactly: a relationship of scalar fields only (a
     machine-CVE pair, a HAS) is one tuple - its shape (field names, shared by every
     relationship written the same way) and its values, strings interned so the endpoint keys,
-    types and products repeated across millions of pairs are stored once. Reading one builds a
-    new dict (a change to it is not stored: assign it back); other relationships (mapped ones
-    with their nested `_mapping`) are kept as they are.
+    types and products repeated across millions of pairs are stored once - with its canonical
+    print, made as it is stored (the diff reads it without building the relationship). Reading
+    one builds a new dict (a change to it is not stored: assign it back); other relationships
+    (mapped ones with their nested `_mapping`) are kept as they are.
 
     A pair costs about 330 bytes this way instead of 750 as a dict: pairs are most of a big
     tenant's graph.
@@ -52,6 +64,7 @@ class Relationships(MutableMapping[str, Item]):
             shape = _shape(tuple(rel))
             self._flat[key] = (
                 shape,
+                canonical_print(rel),
                 *(
                     (key if v == key else v) if n == "_key" else intern(v) if type(v) is str else v
                     for n, v in rel.items()
@@ -66,9 +79,7 @@ class Relationships(MutableMapping[str, Item]):
         row = self._flat.get(key)
         if row is None:
             return self._other[key]
-        values = iter(row)
-        names = next(values)[0]
-        return dict(zip(names, values, strict=True))
+        return dict(zip(row[0][0], row[_VALUES:], strict=True))
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -109,6 +120,16 @@ class Relationships(MutableMapping[str, Item]):
         self._other.update(other._other)
         other._flat, other._other = {}, {}
 
+    def rows(self, keys: list[str]) -> list[tuple[str, str, tuple[str, ...]] | None]:
+        """(`_type`, canonical print, field names) of each of `keys` kept as a row, without
+        building them; None for the others."""
+        get = self._flat.get
+        out: list[tuple[str, str, tuple[str, ...]] | None] = []
+        for key in keys:
+            row = get(key)
+            out.append(None if row is None else (row[row[0][3]], row[1], row[0][0]))
+        return out
+
     def type_of(self, key: str) -> str | None:
         """The `_type` of a stored relationship without building it (None when absent)."""
         row = self._flat.get(key)
@@ -117,6 +138,21 @@ class Relationships(MutableMapping[str, Item]):
             return rel.get("_type") if isinstance(rel, dict) else None
         typ: str = row[row[0][3]]
         return typ
+
+    def ends(self, keys: Iterable[str]) -> list[tuple[Any, Any] | None]:
+        """`endpoints` of each of `keys`, in bulk."""
+        flat, other = self._flat, self._other
+        out: list[tuple[Any, Any] | None] = []
+        for key in keys:
+            row = flat.get(key)
+            if row is not None:
+                _names, src, dst, _typ = row[0]
+                out.append((row[src] if src else None, row[dst] if dst else None))
+            elif (rel := other.get(key)) is not None:
+                out.append((rel.get("_fromEntityKey"), rel.get("_toEntityKey")))
+            else:
+                out.append(None)
+        return out
 
     def endpoints(self, key: str) -> tuple[Any, Any] | None:
         """(`_fromEntityKey`, `_toEntityKey`) of a stored relationship without building it
