@@ -10,7 +10,15 @@ reported. Field-level changes use DeepDiff with list order ignored.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -67,41 +75,60 @@ def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, 
 class Bodies(MutableMapping[str, bytes]):
     """`_key` -> stored form of the bodies a commit writes, made from the graph's item when
     read (canonical JSON, then `encode`): a first sync writes every item, and holding all their
-    bodies until the commit was the sync's largest allocation. Values set explicitly are kept
+    bodies until the commit was the sync's largest allocation. `every`: keys written without
+    a table of their own (a first sync's: every fetched key). Values set explicitly are kept
     as given."""
 
-    def __init__(self, graph: Graph, encode: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        encode: Callable[[bytes], bytes] | None = None,
+        every: AbstractSet[str] = frozenset(),
+    ) -> None:
         self._graph = graph
         self._encode = encode
-        self._keys: dict[str, bytes | None] = {}
+        self._every = every
+        self._dropped: set[str] = set()  # of `every`
+        self._keys: dict[str, bytes | None] = {}  # besides `every`
 
     def add(self, keys: Iterable[str]) -> None:
         """Write these items' bodies (made when read)."""
-        self._keys.update(dict.fromkeys(keys))
+        self._keys.update(dict.fromkeys(k for k in keys if k not in self))
 
     def __getitem__(self, key: str) -> bytes:
-        given = self._keys[key]
+        given = self._keys.get(key)
         if given is not None:
             return given
+        if key not in self:
+            raise KeyError(key)
         g = self._graph
         item = g.entities.get(key)
         body = orjson.dumps(item if item is not None else g.relationships[key], option=_SORT)
         return self._encode(body) if self._encode is not None else body
 
     def __setitem__(self, key: str, body: bytes) -> None:
+        if key in self._every:
+            self._dropped.add(key)
         self._keys[key] = body
 
     def __delitem__(self, key: str) -> None:
-        del self._keys[key]
+        if key in self._keys:
+            del self._keys[key]
+        elif key in self._every and key not in self._dropped:
+            self._dropped.add(key)
+        else:
+            raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return key in self._keys or (key in self._every and key not in self._dropped)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        dropped = self._dropped
+        yield from (k for k in self._every if k not in dropped)
+        yield from self._keys
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._every) - len(self._dropped) + len(self._keys)
 
 
 @dataclass
@@ -112,7 +139,7 @@ class Comparison:
     # bodies of fetched items that are new or whose body changed: canonical JSON, or its stored
     # form when compare() was given the store's encoder (made when read)
     bodies: Bodies
-    added: set[str]  # fetched, not in the stored snapshot
+    added: AbstractSet[str]  # fetched, not in the stored snapshot
     changed: set[str]  # stored and fetched, significant content differs
     missing: list[tuple[str, str, str]]  # (key, stored scope, _type): stored, not fetched
     # the stored index's items by scope and _type (None: no snapshot yet)
@@ -249,13 +276,16 @@ def compare(
             keys = all_keys[start : start + COMPARE_CHUNK]
             fps = _chunk(collection, keys, fresh, scope_of, ignored)
             fresh_fp.update(zip(keys, fps, strict=True))
-    cmp = Comparison(fresh, Bodies(graph, encode), set(), set(), [], None if first else {})
+    # a first sync writes every fetched item: its keys serve as `added` and the bodies' keys
+    every = fresh_fp.keys() if first else frozenset()
+    cmp = Comparison(fresh, Bodies(graph, encode, every), set(), set(), [], None if first else {})
     rewrite: list[str] = []
     for part in () if previous is None else [previous] if isinstance(previous, dict) else previous:
         _compare_part(graph, part, fresh_fp, cmp, rewrite)
-    cmp.added = set(fresh_fp)  # fetched, never met in the stored index
-    cmp.bodies.add(rewrite)
-    cmp.bodies.add(fresh_fp)
+    cmp.added = fresh_fp.keys()  # fetched, never met in the stored index
+    if not first:
+        cmp.bodies.add(rewrite)
+        cmp.bodies.add(fresh_fp)
     return cmp
 
 

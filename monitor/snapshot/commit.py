@@ -321,7 +321,9 @@ def detect_and_commit(
             previous_generation=gen0 or 0,
             written_keys=list(plan.write),
             deleted_keys=plan.delete,
-            quiet_keys=frozenset(plan.write.keys() - cmp.changed - cmp.added),
+            quiet_keys=frozenset(
+                k for k in plan.write if k not in cmp.changed and k not in cmp.added
+            ),
             ignored=ignored,
         )
 
