@@ -11,7 +11,7 @@ import redis
 
 from monitor.config import DetectSettings, EventSettings
 from monitor.events import stream
-from monitor.events.envelope import Event
+from monitor.events.envelope import Event, event_id
 from monitor.model import schema
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
 from monitor.snapshot.commit import CommitResult, detect_and_commit
@@ -373,3 +373,12 @@ MUTATION_EVENTS: list[tuple[str, str]] = sorted(
         for t in ("mde.machine.risk_raised", "mde.machine.updated")
     ]
 )
+
+
+def assert_mutation_once(client: redis.Redis, prefix: str, generation: int = 2) -> None:
+    """After the baseline event, the mutation's events, each once, with ids of `generation`."""
+    events = stored_events(client, prefix)[1:]
+    assert kinds(events) == MUTATION_EVENTS
+    assert len({e["id"] for e in events}) == len(events)
+    for e in events:
+        assert e["id"] == event_id(TENANT, e["subject"], e["type"], generation)

@@ -14,6 +14,7 @@ import redis
 from detect_helpers import (
     MUTATION_EVENTS,
     TENANT,
+    assert_mutation_once,
     build_graph,
     commit,
     kinds,
@@ -25,7 +26,6 @@ from detect_helpers import (
 from test_snapshot_crash import run_sync, snapshot_state
 
 from monitor.config import DetectSettings
-from monitor.events.envelope import event_id
 from monitor.query.graph import clear_cache, load_query_graph
 from monitor.snapshot.commit import (
     ASIDE_ENV,
@@ -189,11 +189,7 @@ def test_crash_during_aside_commit_leaves_old_snapshot_and_no_events(
 
     proc = run_sync(redis_url, redis_prefix, None, ASIDE_ENV_ON if rerun == "aside" else {})
     assert proc.returncode == 0, proc.stderr
-    events = stored_events(redis_client, redis_prefix)[1:]
-    assert kinds(events) == MUTATION_EVENTS
-    assert len({e["id"] for e in events}) == len(events)
-    for e in events:
-        assert e["id"] == event_id(TENANT, e["subject"], e["type"], 2)
+    assert_mutation_once(redis_client, redis_prefix)
     assert store.generation(TENANT) == 2
     assert not redis_client.exists(store.key(TENANT, "aside"))
     left = versioned(redis_client, store)

@@ -14,6 +14,7 @@ import redis
 from detect_helpers import (
     MUTATION_EVENTS,
     TENANT,
+    assert_mutation_once,
     build_graph,
     commit,
     kinds,
@@ -21,7 +22,6 @@ from detect_helpers import (
     stored_events,
 )
 
-from monitor.events.envelope import event_id
 from monitor.snapshot.commit import CRASH_ENV
 from monitor.snapshot.lock import lock_key, read_holder
 from monitor.snapshot.store import SnapshotStore
@@ -96,11 +96,7 @@ def test_crash_before_exec_leaves_old_snapshot_and_no_events(
 
     proc = run_sync(redis_url, redis_prefix, None)
     assert proc.returncode == 0, proc.stderr
-    events = stored_events(redis_client, redis_prefix)[1:]
-    assert kinds(events) == MUTATION_EVENTS
-    assert len({e["id"] for e in events}) == len(events)
-    for e in events:
-        assert e["id"] == event_id(TENANT, e["subject"], e["type"], 2)
+    assert_mutation_once(redis_client, redis_prefix)
     assert store.generation(TENANT) == 2
 
 
