@@ -66,7 +66,7 @@ HDEL_BATCH_ITEMS = 5_000
 # commits of at least `detect.commit_aside_min_items` bodies (this variable wins) go aside
 ASIDE_ENV = "MDE_MONITOR_COMMIT_ASIDE_ITEMS"
 ASIDE_BATCH_ITEMS = 5_000  # bodies per HSCAN / HSET while building aside
-ASIDE_BATCH_BYTES = 32 << 20  # index chunks per write while building aside
+ASIDE_BATCH_BYTES = 8 << 20  # index parts per write while building aside (a part: ~15 MB)
 ASIDE_TTL_SECONDS = 6 * 3600  # an abandoned aside build frees itself after this
 RETIRE_SECONDS = 120  # a replaced version stays readable this long (readers mid-read)
 # and is UNLINKed (freed by a Redis background thread) after this share of it by the process

@@ -126,7 +126,7 @@ class StreamingTransaction:
         if not self._buffer:
             return
         conn = self._conn
-        conn.send_packed_command([b"".join(_pack(args) for args in self._buffer)])
+        conn.send_packed_command([_pack(args) for args in self._buffer])
         n, self._buffer, self._bytes = len(self._buffer), [], 0
         for _ in range(n):
             reply = conn.read_response()
@@ -175,7 +175,8 @@ def send_batch(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
     conn: Any = pool.get_connection()
     replies: list[Any] = []
     try:
-        conn.send_packed_command([b"".join(_pack(args) for args in commands)])
+        # one packed piece per command, not joined: an index part is sent without a 2nd copy
+        conn.send_packed_command([_pack(args) for args in commands])
         for _ in commands:
             try:
                 replies.append(conn.read_response())
