@@ -490,7 +490,7 @@ def _write(
             _crash_point("mid_queue")
             if rewrite_index:
                 tx.queue("DEL", idx_key)
-                for name, blob in store.index_chunks(plan.index):
+                for name, blob in store.dump_index_parts(plan.index):
                     tx.queue("HSET", idx_key, name, blob)
             _queue_tail(tx, store, tenant, plan, evs, meta_doc, generation, settings)
             _execute(tx, tenant)
@@ -650,7 +650,7 @@ def _build_aside(
     _crash_point("mid_aside")
     commands: list[tuple[Any, ...]] = []
     size = 0
-    for name, blob in store.index_chunks(plan.index):
+    for name, blob in store.dump_index_parts(plan.index):
         commands.append(("HSET", idx_key, name, blob))
         size += len(blob)
         if size >= ASIDE_BATCH_BYTES:

@@ -377,7 +377,7 @@ class SnapshotStore:
             if cursor == 0:
                 break
 
-    def index_chunks(self, index: Index) -> Iterator[tuple[str, bytes]]:
+    def dump_index_parts(self, index: Index) -> Iterator[tuple[str, bytes]]:
         """The index as (field, JSON) parts of at most `index_part_keys` keys each, made one at
         a time; every scope (empty ones too) is in some part."""
         step = self.index_part_keys

@@ -1,0 +1,93 @@
+"""The graph's compact storage: relationship rows and scopes stored only where they differ
+from the type's default read back exactly what was stored."""
+
+from __future__ import annotations
+
+import orjson
+
+from monitor.detect import diff
+from monitor.model import schema
+from monitor.model.graph import Graph, Relationships, canonical_print, default_scope
+from monitor.model.vulnerabilities import machine_vulnerability_relationship
+
+MACHINE = schema.MACHINE.key("m1")
+CVE = schema.VULNERABILITY.key("CVE-2024-1")
+
+
+def pair(products: list[str] | None = None) -> dict[str, object]:
+    return machine_vulnerability_relationship(MACHINE, CVE, products or ["contoso app 1.0"])
+
+
+def mapped() -> dict[str, object]:
+    return {
+        "_key": f"{CVE}|is|cve-2024-1",
+        "_type": "microsoft_defender_vulnerability_is_cve",
+        "_class": "IS",
+        "_mapping": {"sourceEntityKey": CVE, "targetEntity": {"_key": "cve-2024-1"}},
+    }
+
+
+def test_rows_read_back_what_was_stored() -> None:
+    rels = Relationships()
+    rel, other = pair(), mapped()
+    rels[rel["_key"]] = rel
+    rels[other["_key"]] = other
+    assert rels[rel["_key"]] == rel
+    assert list(rels[rel["_key"]]) == list(rel)  # field order kept
+    assert rels[other["_key"]] is other  # nested values: kept as they are
+    assert rels.endpoints(rel["_key"]) == (MACHINE, CVE)
+    assert rels.ends([rel["_key"], "nope"]) == [(MACHINE, CVE), None]
+    assert rels.type_of(rel["_key"]) == rel["_type"]
+    assert [r["_key"] for r in rels.of_type(str(rel["_type"]))] == [rel["_key"]]
+    assert len(rels) == 2 and set(rels) == {rel["_key"], other["_key"]}
+
+
+def test_a_row_carries_the_print_the_diff_would_make() -> None:
+    rels = Relationships()
+    rel = pair()
+    key = str(rel["_key"])
+    rels[key] = rel
+    (row,) = rels.rows([key])
+    assert row is not None
+    typ, fp, fields = row
+    assert typ == rel["_type"] and set(fields) == set(rel)
+    assert fp == canonical_print(rel) == diff.fingerprint(rel)[0]
+    rels[key] = pair(["other app 2.0"])  # replaced: a new print
+    assert rels.rows([key])[0][1] != fp
+
+
+def test_a_read_relationship_is_a_copy() -> None:
+    rels = Relationships()
+    rel = pair()
+    key = str(rel["_key"])
+    rels[key] = rel
+    got = rels[key]
+    got["products"] = "changed"
+    assert rels[key]["products"] == "contoso app 1.0"
+    rels[key] = got  # assigning it back stores it
+    assert rels[key]["products"] == "changed"
+
+
+def test_absorb_and_copy() -> None:
+    a, b = Relationships(), Relationships()
+    rel, other = pair(), mapped()
+    b[str(rel["_key"])] = rel
+    b[str(other["_key"])] = other
+    c = b.copy()
+    a.absorb(b)
+    assert len(b) == 0 and len(a) == 2 and dict(a.items()) == dict(c.items())
+
+
+def test_scopes_other_than_the_default_are_kept() -> None:
+    g = Graph()
+    rel = pair()
+    key = str(rel["_key"])
+    g.add_relationship(rel, schema.SCOPE_VULNERABILITIES)  # the type's own scope
+    g.add_relationship(mapped(), "elsewhere")
+    assert default_scope(rel["_type"]) == schema.SCOPE_VULNERABILITIES
+    assert g.scope_of.explicit == {mapped()["_key"]: "elsewhere"}
+    assert g.scope_of[key] == schema.SCOPE_VULNERABILITIES
+    assert dict(g.scope_of) == {key: schema.SCOPE_VULNERABILITIES, mapped()["_key"]: "elsewhere"}
+    copied = Graph(relationships=g.relationships.copy(), scope_of=g.scope_of)
+    assert dict(copied.scope_of) == dict(g.scope_of)
+    assert orjson.dumps(dict(copied.scope_of))  # a plain mapping once copied
