@@ -91,3 +91,16 @@ def test_scopes_other_than_the_default_are_kept() -> None:
     copied = Graph(relationships=g.relationships.copy(), scope_of=g.scope_of)
     assert dict(copied.scope_of) == dict(g.scope_of)
     assert orjson.dumps(dict(copied.scope_of))  # a plain mapping once copied
+
+
+def test_a_relationship_json_cannot_hold_is_named_by_the_diff() -> None:
+    g = Graph()
+    rel = {**pair(), "count": 2**70}  # beyond orjson's 64-bit integers
+    g.add_relationship(rel, schema.SCOPE_VULNERABILITIES)
+    assert g.relationships[str(rel["_key"])] is rel  # kept as given, not as a row
+    try:
+        diff.compare(g, None, diff.ignored_fields(None))
+    except ValueError as exc:
+        assert str(rel["_key"]) in str(exc)
+    else:
+        raise AssertionError("the diff accepted an item JSON cannot hold")

@@ -148,25 +148,27 @@ class Comparison:
 
 
 def _check_items(keys: list[str], items: list[Item]) -> None:
-    """Every item is a dict with a string `_type` and its own `_key` (else: ValueError)."""
-    bad = [
-        i
-        for i, it in enumerate(items)
-        if not isinstance(it, dict)
-        or not isinstance(it.get("_type"), str)
-        or it.get("_key") != keys[i]
-    ]
+    """Every item is a dict with a string `_type` and its own `_key` that JSON can hold (else:
+    ValueError naming the first bad one)."""
+    bad = [(i, w) for i, it in enumerate(items) if (w := _wrong(keys[i], it)) is not None]
     if bad:
-        i = bad[0]
-        it = items[i]
-        what = (
-            f"is a {type(it).__name__}, not an object"
-            if not isinstance(it, dict)
-            else "has no string _type"
-            if not isinstance(it.get("_type"), str)
-            else f"has _key {it.get('_key')!r}"
-        )
+        i, what = bad[0]
         raise ValueError(f"graph item {keys[i]!r} {what} ({len(bad)} bad item(s))")
+
+
+def _wrong(key: str, it: object) -> str | None:
+    """What is wrong with one item (None: nothing)."""
+    if not isinstance(it, dict):
+        return f"is a {type(it).__name__}, not an object"
+    if not isinstance(it.get("_type"), str):
+        return "has no string _type"
+    if it.get("_key") != key:
+        return f"has _key {it.get('_key')!r}"
+    try:
+        orjson.dumps(it, option=_SORT)
+    except TypeError as exc:  # orjson.JSONEncodeError: e.g. an integer beyond 64 bits
+        return f"cannot be stored as JSON: {exc}"
+    return None
 
 
 def _fingerprints(items: list[Item]) -> list[str]:

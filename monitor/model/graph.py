@@ -61,10 +61,16 @@ class Relationships(MutableMapping[str, Item]):
     def __setitem__(self, key: str, rel: Item) -> None:
         intern = sys.intern
         if type(rel) is dict and "_type" in rel and all(type(v) in _SCALARS for v in rel.values()):
+            try:
+                fp = canonical_print(rel)
+            except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the diff names it
+                self._other[key] = rel
+                self._flat.pop(key, None)
+                return
             shape = _shape(tuple(rel))
             self._flat[key] = (
                 shape,
-                canonical_print(rel),
+                fp,
                 *(
                     (key if v == key else v) if n == "_key" else intern(v) if type(v) is str else v
                     for n, v in rel.items()
