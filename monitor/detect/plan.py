@@ -291,9 +291,10 @@ def _drop_dangling(w: _Merge) -> None:
             if typ not in _DIRECT_REL_TYPES:
                 continue
             both = typ != LOGON_REL_TYPE  # a logon user exists through its HAS
+            ends_of = dict(zip(items, rels.ends(items), strict=True))  # read once, used twice
             bad = [
                 k
-                for k, ends in zip(items, rels.ends(items), strict=True)
+                for k, ends in ends_of.items()
                 if ends is not None
                 and (ends[0] not in entity_keys or (both and ends[1] not in entity_keys))
             ]
@@ -302,9 +303,9 @@ def _drop_dangling(w: _Merge) -> None:
                 w.write.pop(key, None)
                 if key not in w.cmp.added:  # it was stored
                     w.dropped.add(key)
-            if typ == LOGON_REL_TYPE:
+            if not both:
                 w.referenced.update(
-                    ends[1] or "" for k in items if (ends := rels.endpoints(k)) is not None
+                    ends[1] or "" for k in items if (ends := ends_of[k]) is not None
                 )
     for key, (_scope, typ) in w.kept_items.items():
         if typ == LOGON_REL_TYPE:
