@@ -28,11 +28,11 @@ import signal
 import threading
 import time as time_mod
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import redis
@@ -55,6 +55,7 @@ from monitor.snapshot.store import (
     SnapshotStore,
     StoreError,
     StreamingTransaction,
+    batched,
     send_batch,
 )
 
@@ -82,8 +83,6 @@ for _, k in ipairs(KEYS) do
 end
 return n
 """
-
-_T = TypeVar("_T")
 
 
 class CommitError(Exception):
@@ -638,14 +637,14 @@ def _build_aside(
 
     rewritten = plan.write
     deleted = set(plan.delete)
-    for part in _batched(store.scan_bodies(tenant, source), ASIDE_BATCH_ITEMS):
+    for part in batched(store.scan_bodies(tenant, source), ASIDE_BATCH_ITEMS):
         args: list[Any] = []
         for k, raw in part:
             if k not in rewritten and k not in deleted:
                 args += (k, raw)
         if args:
             put([("HSET", body_key, *args)], body_key)
-    for part in _batched(iter(rewritten.items()), ASIDE_BATCH_ITEMS):
+    for part in batched(rewritten.items(), ASIDE_BATCH_ITEMS):
         put([("HSET", body_key, *(a for kv in part for a in kv))], body_key)
     _crash_point("mid_aside")
     commands: list[tuple[Any, ...]] = []
@@ -675,18 +674,6 @@ def _abandon_aside(store: SnapshotStore, tenant: str, new: int) -> None:
                 pipe.execute()
     except (redis.RedisError, OSError, ValueError):
         log.warning("could not remove an abandoned aside build", extra={"tenant": tenant})
-
-
-def _batched(items: Iterator[_T], n: int) -> Iterator[list[_T]]:
-    """`items` in lists of up to `n`."""
-    batch: list[_T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def record_failed_sync(

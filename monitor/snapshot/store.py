@@ -36,13 +36,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis
 
 from monitor.events.stream import entry_event, stream_key
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
+
+_T = TypeVar("_T")
 
 Index = dict[str, dict[str, dict[str, str]]]  # scope -> _type -> _key -> fingerprint
 
@@ -125,11 +127,10 @@ class StreamingTransaction:
     def flush(self) -> None:
         if not self._buffer:
             return
-        conn = self._conn
-        conn.send_packed_command([_pack(args) for args in self._buffer])
-        n, self._buffer, self._bytes = len(self._buffer), [], 0
-        for _ in range(n):
-            reply = conn.read_response()
+        buffer, self._buffer, self._bytes = self._buffer, [], 0
+        for reply in _round_trip(self._conn, buffer):
+            if isinstance(reply, Exception):
+                raise reply
             if reply not in (b"QUEUED", "QUEUED"):
                 raise StoreError(f"command not queued: {reply!r}")
 
@@ -173,15 +174,8 @@ def send_batch(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
         return []
     pool = client.connection_pool
     conn: Any = pool.get_connection()
-    replies: list[Any] = []
     try:
-        # one packed piece per command, not joined: an index part is sent without a 2nd copy
-        conn.send_packed_command([_pack(args) for args in commands])
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except redis.ResponseError as exc:
-                replies.append(exc)
+        replies = _round_trip(conn, commands)
     except BaseException:
         conn.disconnect()
         raise
@@ -209,9 +203,24 @@ def _pack(args: tuple[Any, ...]) -> bytes:
     return b"".join(parts)
 
 
-def _chunks(seq: list[str], n: int) -> Iterator[list[str]]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
+def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send `commands` packed on `conn` and read their replies (an error reply as its
+    exception). One packed piece per command, not joined: an index part is not copied again."""
+    conn.send_packed_command([_pack(args) for args in commands])
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def batched(items: Iterable[_T], n: int) -> Iterator[list[_T]]:
+    """`items` in lists of up to `n` (itertools.batched from Python 3.12)."""
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
 
 
 class SnapshotStore:
@@ -295,7 +304,7 @@ class SnapshotStore:
             return out
         hkey = self.body_key(tenant)
         pipe = self.client.pipeline(transaction=False)
-        batches = list(_chunks(wanted, BODY_BATCH))
+        batches = list(batched(wanted, BODY_BATCH))
         for batch in batches:
             pipe.hmget(hkey, batch)
         for batch, values in zip(batches, pipe.execute(), strict=True):
