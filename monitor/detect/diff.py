@@ -28,7 +28,7 @@ from deepdiff import DeepDiff
 
 from monitor.config import DetectSettings
 from monitor.model import schema
-from monitor.model.graph import Graph, Item, Relationships, default_scope
+from monitor.model.graph import Graph, Item, Relationships, canonical_print, default_scope
 from monitor.snapshot.store import Index
 
 RAW_DATA = "_rawData"
@@ -173,8 +173,7 @@ def _wrong(key: str, it: object) -> str | None:
 
 def _fingerprints(items: list[Item]) -> list[str]:
     """Full-body fingerprints (the JSON is not kept: bodies are made again when written)."""
-    blake, dumps = hashlib.blake2b, orjson.dumps
-    return [blake(dumps(it, option=_SORT), digest_size=8).hexdigest() for it in items]
+    return list(map(canonical_print, items))
 
 
 def _index_fresh(

@@ -87,12 +87,6 @@ class Relationships(MutableMapping[str, Item]):
             return self._other[key]
         return dict(zip(row[0][0], row[_VALUES:], strict=True))
 
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def __delitem__(self, key: str) -> None:
         if self._flat.pop(key, None) is None:
             del self._other[key]
@@ -146,7 +140,8 @@ class Relationships(MutableMapping[str, Item]):
         return typ
 
     def ends(self, keys: Iterable[str]) -> list[tuple[Any, Any] | None]:
-        """`endpoints` of each of `keys`, in bulk."""
+        """(`_fromEntityKey`, `_toEntityKey`) of each of `keys` without building them (None
+        when absent)."""
         flat, other = self._flat, self._other
         out: list[tuple[Any, Any] | None] = []
         for key in keys:
@@ -163,12 +158,7 @@ class Relationships(MutableMapping[str, Item]):
     def endpoints(self, key: str) -> tuple[Any, Any] | None:
         """(`_fromEntityKey`, `_toEntityKey`) of a stored relationship without building it
         (None when absent)."""
-        row = self._flat.get(key)
-        if row is None:
-            rel = self._other.get(key)
-            return None if rel is None else (rel.get("_fromEntityKey"), rel.get("_toEntityKey"))
-        _names, src, dst, _typ = row[0]
-        return (row[src] if src else None, row[dst] if dst else None)
+        return self.ends((key,))[0]
 
     def of_type(self, typ: str) -> Iterator[Item]:
         """The relationships of one `_type` (only those are built)."""
@@ -240,10 +230,20 @@ class ScopeOf(MutableMapping[str, str]):
         return default
 
     def __setitem__(self, key: str, scope: str) -> None:
-        if scope == self._default(key):
+        self._put(key, scope, self._default(key))
+
+    def _put(self, key: str, scope: str, default: str | None) -> None:
+        if scope == default:
             self.explicit.pop(key, None)
         else:
             self.explicit[key] = sys.intern(scope)
+
+    def assign(self, keys_and_types: Iterable[tuple[str, str | None]], scope: str) -> None:
+        """`scope` for many items at once, given their `_type`s (a default per type)."""
+        defaults: dict[str | None, str] = {}
+        for key, typ in keys_and_types:
+            default = defaults.get(typ) or defaults.setdefault(typ, default_scope(typ))
+            self._put(key, scope, default)
 
     def __delitem__(self, key: str) -> None:
         """Forget an explicit scope (an item in its type's scope has nothing to forget)."""
@@ -294,16 +294,7 @@ class Graph:
 
     def absorb(self, relationships: Relationships, scope: str) -> None:
         """Add every relationship of `relationships` (emptied) to `scope`."""
-        scope = sys.intern(scope)
-        explicit = self.scope_of.explicit
-        defaults: dict[str | None, str] = {}
-        for key in relationships:
-            typ = relationships.type_of(key)
-            default = defaults.get(typ) or defaults.setdefault(typ, default_scope(typ))
-            if default != scope:
-                explicit[key] = scope
-            else:
-                explicit.pop(key, None)
+        self.scope_of.assign(((k, relationships.type_of(k)) for k in relationships), scope)
         self.relationships.absorb(relationships)
 
     def count_by_type(self) -> dict[str, int]:
