@@ -589,6 +589,22 @@ class _Demo:
             self.note(
                 f"cycle {i + 1} alerts delivered: " + ", ".join(f"{r} ({s})" for r, s in cs.expects)
             )
+        self.wait("the delivery records", self.deliveries_recorded, deadline, live)
+
+    def sent_records(self) -> list[dict[str, Any]]:
+        """The delivery queue's records of deliveries sent."""
+        from monitor.alerts.deliver import DeliveryQueue
+
+        assert self.client is not None
+        records = DeliveryQueue(self.client, self.prefix).records(limit=10_000)
+        return [r for r in records if r.get("status") == "sent"]
+
+    def deliveries_recorded(self) -> bool:
+        """Every webhook the receiver verified is recorded as sent (a worker records a delivery
+        just after the receiver answered it)."""
+        assert self.rx is not None
+        sent = sum(1 for r in self.sent_records() if r.get("sink") == WEBHOOK_SINK)
+        return sent >= len(self.rx.unique_verified())
 
     def collect(self) -> None:
         """Fill the summary from Redis and the receiver."""
@@ -600,12 +616,8 @@ class _Demo:
             events.update(r.get("events") or {})
         s.events = dict(sorted(events.items()))
         if self.client is not None:
-            from monitor.alerts.deliver import DeliveryQueue
-
             with contextlib.suppress(redis.RedisError):
-                for rec in DeliveryQueue(self.client, self.prefix).records(limit=10_000):
-                    if rec.get("status") != "sent":
-                        continue
+                for rec in self.sent_records():
                     by_sink = s.alerts.setdefault(rec.get("rule", "?"), {})
                     states = by_sink.setdefault(rec.get("sink", "?"), {})
                     state = rec.get("state", "firing")
