@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from monitor.detect import diff
 from monitor.model import schema
-from monitor.model.graph import Graph, Relationships, canonical_print, default_scope
+from monitor.model.graph import (
+    Graph,
+    Relationships,
+    canonical_print,
+    default_scope,
+    entry_class,
+    entry_ends,
+    entry_item,
+)
 from monitor.model.vulnerabilities import machine_vulnerability_relationship
 
 MACHINE = schema.MACHINE.key("m1")
@@ -74,6 +82,25 @@ def test_absorb_and_copy() -> None:
     c = b.copy()
     a.absorb(b)
     assert len(b) == 0 and len(a) == 2 and dict(a.items()) == dict(c.items())
+
+
+def test_entries_are_the_stored_objects() -> None:
+    """What the query graph's adjacency lists hold: the stored row or dict itself, the same
+    object on every read, read without building it."""
+    rels = Relationships(prints=False)
+    rel, other = pair(), mapped()
+    key, other_key = str(rel["_key"]), str(other["_key"])
+    row = rels.put(key, rel)
+    assert rels.entry(key) is row and rels.entry(other_key) is None
+    assert rels.put(other_key, other) is other and rels.entry(other_key) is other
+    assert entry_item(row) == rel and entry_item(other) is other
+    assert entry_ends(row) == (MACHINE, CVE) and entry_class(row) == rel["_class"]
+    assert entry_ends(other) == (None, None) and entry_class(other) == "IS"
+    assert rels.rows([key]) == [(rel["_type"], "", tuple(rel))]  # no print made
+    copy = Relationships()
+    for k, entry in rels.entries():
+        copy.put_entry(k, entry)
+    assert copy.entry(key) is row and copy.entry(other_key) is other
 
 
 def test_scopes_other_than_the_default_are_kept() -> None:

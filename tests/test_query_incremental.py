@@ -107,8 +107,10 @@ def test_whole_build_after_a_degraded_sync_reads_the_carried_items(
         states={schema.SCOPE_VULNERABILITIES: ScopeStatus(ScopeState.FAILED, 0, "HTTP 500")},
     )
     result = commit(store, degraded)
+    fetched_rels = degraded.relationships
     built, delta = graph_after_commit(store, "contoso", result, degraded)
     assert delta is None and result.carried_over  # a whole build, with carried-over items
+    assert built.relationships is fetched_rels  # the fetched rows, taken over, not copied
     clear_cache()
     fresh = load_query_graph(redis_client, redis_prefix, "contoso")
     assert fresh is not None
@@ -118,3 +120,34 @@ def test_whole_build_after_a_degraded_sync_reads_the_carried_items(
     got = execute(plan, [built], max_rows=None)["data"]
     want = execute(plan, [fresh], max_rows=None)["data"]
     assert got and [e["_key"] for e in got] == [e["_key"] for e in want]
+
+
+def test_whole_build_leaves_out_what_the_commit_did_not_store(
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """A fetched relationship missing from the committed index is not in the query graph (its
+    rows are copied instead of taken over), and the graph answers like a fresh load."""
+    from detect_helpers import build_graph, commit, standard_tenant
+
+    from monitor.model import schema
+
+    clear_cache()
+    store = SnapshotStore(redis_client, redis_prefix)
+    graph = build_graph(standard_tenant())
+    result = commit(store, graph)
+    extra = dict(next(iter(graph.relationships.values())), _key="not-committed")
+    graph.add_relationship(extra, schema.SCOPE_VULNERABILITIES)
+    clear_cache()
+    built, _delta = graph_after_commit(store, "contoso", result, graph)
+    assert "not-committed" not in built.relationships
+    assert built.relationships is not graph.relationships
+    assert "not-committed" in graph.relationships  # the caller's graph is left as it was
+    clear_cache()
+    fresh = load_query_graph(redis_client, redis_prefix, "contoso")
+    assert fresh is not None
+    assert built.entities.keys() == fresh.entities.keys()
+    assert built.relationships.keys() == fresh.relationships.keys()
+    plan = compile_query("FIND HostAgent AS m THAT IDENTIFIED AS r Finding RETURN m._key, r._key")
+    got = execute(plan, [built], max_rows=None)["data"]
+    want = execute(plan, [fresh], max_rows=None)["data"]
+    assert got and sorted(map(str, got)) == sorted(map(str, want))

@@ -23,7 +23,7 @@ import orjson
 import redis
 
 from monitor.memory import gc_paused
-from monitor.model.graph import Graph, Item
+from monitor.model.graph import Graph, Item, Relationships
 from monitor.query import QueryError
 from monitor.query.graph import (
     RAW_DATA,
@@ -35,7 +35,7 @@ from monitor.query.graph import (
     store_query_graph,
 )
 from monitor.query.incremental import GraphDelta
-from monitor.snapshot.store import SnapshotStore
+from monitor.snapshot.store import Index, SnapshotStore
 
 if TYPE_CHECKING:
     from monitor.snapshot.commit import CommitResult
@@ -338,34 +338,63 @@ def after_commit(
     cached = cached_query_graph(store.client, store.prefix, tenant)
     if cached is not None and reads_stale(types, cached.stale_types):
         cached = None
-    cs = ChangeSet(
-        previous=result.previous_generation,
-        generation=result.generation,
-        written=set(result.written_keys),
-        deleted=set(result.deleted_keys),
-        quiet=set(result.quiet_keys),
-        ignored=dict(result.ignored),
-        facts=[f for f in map(_fact, result.events) if f is not None],
-    )
     if (
         cached is not None
         and result.previous_generation
         and cached.generation == result.previous_generation
-        and _small(cs, cached)
     ):
-        return _advance(store, cached, cs, _bodies(store, tenant, result.written_keys, fetched))
-    stored = {k for types in index.values() for by_key in types.values() for k in by_key}
-    ents, rels = fetched.entities, fetched.relationships
-    entities = [e for k, e in ents.items() if k in stored]
-    relationships = [r for k, r in rels.items() if k in stored]
-    carried = stored.difference(ents.keys()).difference(rels.keys())  # kept, not fetched
-    if carried:
-        more_ents, more_rels = split_items(store.load_bodies(tenant, list(carried)).values())
-        entities += more_ents
-        relationships += more_rels
+        cs = ChangeSet(
+            previous=result.previous_generation,
+            generation=result.generation,
+            written=set(result.written_keys),
+            deleted=set(result.deleted_keys),
+            quiet=set(result.quiet_keys),
+            ignored=dict(result.ignored),
+            facts=[f for f in map(_fact, result.events) if f is not None],
+        )
+        if _small(cs, cached):
+            return _advance(store, cached, cs, _bodies(store, tenant, result.written_keys, fetched))
+        del cs  # (a big tenant's baseline writes every key: not held while the graph is built)
+    entities, relationships = _committed(store, tenant, index, fetched)
     qg = QueryGraph.from_items(tenant, result.generation, entities, relationships)
     store_query_graph(store.client, store.prefix, qg)
     return qg, None
+
+
+def _committed(
+    store: SnapshotStore, tenant: str, index: Index, fetched: Graph
+) -> tuple[list[Item], Relationships]:
+    """The committed items: the fetched ones the index holds, and the ones it kept without
+    fetching them read from Redis. The fetched graph's relationships are taken over (see
+    `QueryGraph.from_items`) when the index holds them all - the usual case - so a big tenant's
+    rows are not copied; otherwise the held ones are copied."""
+    ents, rels = fetched.entities, fetched.relationships
+    by_type: dict[str, list[dict[str, str]]] = {}  # _type -> the index's keys, scope by scope
+    total = 0
+    carried: list[str] = []  # kept, not fetched
+    for types in index.values():
+        for typ, by_key in types.items():
+            by_type.setdefault(typ, []).append(by_key)
+            total += len(by_key)
+            carried += [k for k in by_key if k not in ents and k not in rels]
+
+    def held(key: str, typ: Any) -> bool:
+        return any(key in by_key for by_key in by_type.get(typ, ()))
+
+    entities = [e for k, e in ents.items() if held(k, e.get("_type"))]
+    if total - len(carried) - len(entities) == len(rels):
+        relationships = rels
+    else:
+        relationships = Relationships(prints=False)
+        for k, entry in rels.entries():
+            if held(k, rels.type_of(k)):
+                relationships.put_entry(k, entry)
+    if carried:
+        more_ents, more_rels = split_items(store.load_bodies(tenant, carried).values())
+        entities += more_ents
+        for r in more_rels:
+            relationships[r["_key"]] = r
+    return entities, relationships
 
 
 @gc_paused()

@@ -16,9 +16,13 @@ from monitor.model import schema
 Item = dict[str, Any]
 
 _SCALARS = (str, int, float, bool, type(None))
-# field-name tuples shared by every relationship of the same shape -> (from, to, _type) positions
-_SHAPES: dict[tuple[str, ...], tuple[tuple[str, ...], int, int, int]] = {}
+# field-name tuples shared by every relationship of the same shape -> (names, from, to, _type,
+# _class) positions in a row (0: the field is absent)
+Shape = tuple[tuple[str, ...], int, int, int, int]
+_SHAPES: dict[tuple[str, ...], Shape] = {}
 _VALUES = 2  # a row: (shape, print, *values)
+# a stored relationship as `Relationships` holds it: a row (a tuple), or the dict as given
+Entry = tuple[Any, ...] | Item
 
 
 def canonical_print(item: Item) -> str:
@@ -28,13 +32,42 @@ def canonical_print(item: Item) -> str:
     return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
-def _shape(names: tuple[str, ...]) -> tuple[tuple[str, ...], int, int, int]:
+def _shape(names: tuple[str, ...]) -> Shape:
     found = _SHAPES.get(names)
     if found is None:
         pos = {n: i + _VALUES for i, n in enumerate(names)}
-        found = (names, pos.get("_fromEntityKey", 0), pos.get("_toEntityKey", 0), pos["_type"])
+        found = (
+            names,
+            pos.get("_fromEntityKey", 0),
+            pos.get("_toEntityKey", 0),
+            pos["_type"],
+            pos.get("_class", 0),
+        )
         _SHAPES[names] = found
     return found
+
+
+def entry_item(entry: Entry) -> Item:
+    """The relationship an entry holds, as a dict (a row builds a new one)."""
+    if isinstance(entry, tuple):
+        return dict(zip(entry[0][0], entry[_VALUES:], strict=True))
+    return entry
+
+
+def entry_ends(entry: Entry) -> tuple[Any, Any]:
+    """(`_fromEntityKey`, `_toEntityKey`) of an entry, without building it."""
+    if isinstance(entry, tuple):
+        _names, src, dst, _typ, _cls = entry[0]
+        return (entry[src] if src else None, entry[dst] if dst else None)
+    return entry.get("_fromEntityKey"), entry.get("_toEntityKey")
+
+
+def entry_class(entry: Entry) -> Any:
+    """The `_class` of an entry, without building it."""
+    if isinstance(entry, tuple):
+        pos = entry[0][4]
+        return entry[pos] if pos else None
+    return entry.get("_class")
 
 
 class Relationships(MutableMapping[str, Item]):
@@ -50,25 +83,32 @@ class Relationships(MutableMapping[str, Item]):
     tenant's graph.
     """
 
-    __slots__ = ("_flat", "_other")
+    __slots__ = ("_flat", "_other", "_prints")
 
-    def __init__(self, items: Mapping[str, Item] | None = None) -> None:
+    def __init__(self, items: Mapping[str, Item] | None = None, *, prints: bool = True) -> None:
+        """`prints=False`: rows leave the canonical print out ("") - for readers that never
+        diff, like the query graph."""
         self._flat: dict[str, tuple[Any, ...]] = {}
         self._other: dict[str, Item] = {}
+        self._prints = prints
         if items:
             self.update(items)
 
     def __setitem__(self, key: str, rel: Item) -> None:
+        self.put(key, rel)
+
+    def put(self, key: str, rel: Item) -> Entry:
+        """Store `rel` under `key`; the stored entry (see `entry`)."""
         intern = sys.intern
         if type(rel) is dict and "_type" in rel and all(type(v) in _SCALARS for v in rel.values()):
             try:
-                fp = canonical_print(rel)
+                fp = canonical_print(rel) if self._prints else ""
             except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the diff names it
                 self._other[key] = rel
                 self._flat.pop(key, None)
-                return
+                return rel
             shape = _shape(tuple(rel))
-            self._flat[key] = (
+            row = self._flat[key] = (
                 shape,
                 fp,
                 *(
@@ -77,9 +117,10 @@ class Relationships(MutableMapping[str, Item]):
                 ),
             )
             self._other.pop(key, None)
-        else:
-            self._other[key] = rel
-            self._flat.pop(key, None)
+            return row
+        self._other[key] = rel
+        self._flat.pop(key, None)
+        return rel
 
     def __getitem__(self, key: str) -> Item:
         row = self._flat.get(key)
@@ -106,9 +147,28 @@ class Relationships(MutableMapping[str, Item]):
 
     def copy(self) -> Relationships:
         """A shallow copy (the stored rows are immutable)."""
-        out = Relationships()
+        out = Relationships(prints=self._prints)
         out._flat, out._other = dict(self._flat), dict(self._other)
         return out
+
+    def entry(self, key: str) -> Entry | None:
+        """The stored row or dict of `key` (None when absent), not a copy: the same object
+        every time, so lists of entries can be searched by identity."""
+        row = self._flat.get(key)
+        return row if row is not None else self._other.get(key)
+
+    def entries(self) -> Iterator[tuple[str, Entry]]:
+        yield from self._flat.items()
+        yield from self._other.items()
+
+    def put_entry(self, key: str, entry: Entry) -> None:
+        """Store an entry taken from another `Relationships` as it is."""
+        if isinstance(entry, tuple):
+            self._flat[key] = entry
+            self._other.pop(key, None)
+        else:
+            self._other[key] = entry
+            self._flat.pop(key, None)
 
     def absorb(self, other: Relationships) -> None:
         """Move every relationship of `other` in (replacing equal keys); `other` is emptied."""
@@ -147,7 +207,7 @@ class Relationships(MutableMapping[str, Item]):
         for key in keys:
             row = flat.get(key)
             if row is not None:
-                _names, src, dst, _typ = row[0]
+                _names, src, dst, _typ, _cls = row[0]
                 out.append((row[src] if src else None, row[dst] if dst else None))
             elif (rel := other.get(key)) is not None:
                 out.append((rel.get("_fromEntityKey"), rel.get("_toEntityKey")))

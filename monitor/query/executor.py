@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.model.graph import Item
+from monitor.model.graph import Entry, Item, entry_item
 from monitor.query import ast
 from monitor.query.errors import QueryError
 from monitor.query.graph import QueryGraph, get_prop
@@ -81,10 +81,10 @@ def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
     return {e["_key"]: e for e in base if pred(e)}
 
 
-_NO_EDGES: dict[str, list[Item]] = {}
+_NO_EDGES: dict[str, list[Entry]] = {}
 
 
-def _lists(adj: dict[str, list[Item]], verbs: frozenset[str] | None) -> Iterator[list[Item]]:
+def _lists(adj: dict[str, list[Entry]], verbs: frozenset[str] | None) -> Iterator[list[Entry]]:
     if verbs is None:
         yield from adj.values()
     else:
@@ -100,19 +100,20 @@ def neighbours(
     edge: EdgePlan,
     ok: Callable[[Item], bool] | None,
     forward: bool,
-) -> Iterator[tuple[Item, str]]:
-    """(relationship, other end) of `key` along `edge`, walked forward (node i -> i+1) or back."""
+) -> Iterator[tuple[Entry, str]]:
+    """(relationship entry, other end) of `key` along `edge`, walked forward (node i -> i+1)
+    or back. The entry is the graph's stored one (`entry_item` builds the relationship)."""
     d = edge.direction
     if d is None or (d == ">>") == forward:
         for lst in _lists(graph.out.get(key, _NO_EDGES), edge.verbs):
             for r in lst:
-                if ok is None or ok(r):
-                    yield r, r["_toEntityKey"]
+                if ok is None or ok(entry_item(r)):
+                    yield r, r[r[0][2]] if isinstance(r, tuple) else r["_toEntityKey"]
     if d is None or (d == "<<") == forward:
         for lst in _lists(graph.inn.get(key, _NO_EDGES), edge.verbs):
             for r in lst:
-                if ok is None or ok(r):
-                    yield r, r["_fromEntityKey"]
+                if ok is None or ok(entry_item(r)):
+                    yield r, r[r[0][1]] if isinstance(r, tuple) else r["_fromEntityKey"]
 
 
 def _member_test(node: NodePlan, graph: QueryGraph) -> Callable[[str], bool]:
@@ -238,10 +239,10 @@ def match(
     exists_only = not plan.table  # list mode: one complete path per start entity is enough
     paths: list[Path] = []
 
-    def walk(i: int, key: str, nodes_so_far: list[Item], rels: list[Item]) -> int:
+    def walk(i: int, key: str, nodes_so_far: list[Item], rels: list[Entry]) -> int:
         """0: stop everything (cap), 1: go on, 2: this start entity is proven (list mode)."""
         if i == len(edges):
-            path = tuple(nodes_so_far) + tuple(rels)
+            path = tuple(nodes_so_far) + tuple(map(entry_item, rels))
             if all(p(path) for p in residual):
                 if len(paths) >= max_paths:
                     return 0

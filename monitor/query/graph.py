@@ -17,7 +17,14 @@ from typing import Any
 import redis
 
 from monitor.events import stream
-from monitor.model.graph import Item
+from monitor.model.graph import (
+    Entry,
+    Item,
+    Relationships,
+    entry_class,
+    entry_ends,
+    entry_item,
+)
 from monitor.model.schema import epoch_ms
 from monitor.snapshot.store import Index, SnapshotStore
 
@@ -44,7 +51,11 @@ def get_prop(item: Item, name: str) -> Any:
 
 
 def rel_class(rel: Item) -> str:
-    c = rel.get("_class")
+    return verb_of(rel.get("_class"))
+
+
+def verb_of(c: Any) -> str:
+    """The verb (upper-case class) a relationship of `_class` `c` is indexed by."""
     if isinstance(c, list):
         return str(c[0]).upper() if c else ""
     return str(c or "").upper()
@@ -127,6 +138,10 @@ def read_change_facts(client: redis.Redis, prefix: str, tenant: str) -> ChangeFa
 class QueryGraph:
     """One tenant's entities and relationships, indexed for J1QL.
 
+    Relationships are held compactly (`Relationships` rows, no prints); the adjacency lists
+    hold the same entries, so a traversal reads the other end without building the
+    relationship (`monitor.model.graph.entry_item` builds it when a filter or a path needs it).
+
     Treat a built graph as read-only: `updated()` derives the next generation's graph by
     copy-on-write, so readers of the previous one are never disturbed.
     """
@@ -135,13 +150,13 @@ class QueryGraph:
         self.tenant = tenant
         self.generation = generation
         self.entities: dict[str, Item] = {}
-        self.relationships: dict[str, Item] = {}
+        self.relationships = Relationships(prints=False)
         self.by_type: dict[str, dict[str, Item]] = {}
         self.by_class: dict[str, dict[str, Item]] = {}
         # adjacency by entity key, then by relationship class (verb): a traversal reads only
         # the lists of its verbs
-        self.out: dict[str, dict[str, list[Item]]] = {}
-        self.inn: dict[str, dict[str, list[Item]]] = {}
+        self.out: dict[str, dict[str, list[Entry]]] = {}
+        self.inn: dict[str, dict[str, list[Entry]]] = {}
         self.changes: ChangeFacts | None = None
         # types whose volatile-only changes were not applied (no rule of the process that keeps
         # this graph reads them): a reader of these types needs the graph read whole
@@ -160,47 +175,65 @@ class QueryGraph:
         tenant: str,
         generation: int,
         entities: Iterable[Item],
-        relationships: Iterable[Item],
+        relationships: Iterable[Item] | Relationships,
     ) -> QueryGraph:
+        """A graph of these items. Given as `Relationships`, the relationships are taken over
+        as they are (the object becomes the graph's: mapped ones get their ends set, and ones
+        without two entity keys are dropped), so a caller's rows are not copied."""
         g = cls(tenant, generation)
         for e in entities:
             g._add_entity(e)
-        g._add_relationships(relationships)
+        if isinstance(relationships, Relationships):
+            g.relationships = relationships
+            others = g._index_rows(relationships.entries())
+        else:
+            store = g.relationships
+            others = g._index_rows((r["_key"], store.put(r["_key"], r)) for r in relationships)
+        for key in others:  # mapped ones, and any without two entity keys
+            entry = g.relationships.entry(key)
+            if entry is not None:
+                del g.relationships[key]
+                g._add_relationship(entry_item(entry))
         return g
 
-    def _add_relationships(self, rels: Iterable[Item]) -> None:
-        """`_add_relationship` for a fresh graph, with its common case inlined (a direct
-        relationship with string ends): building the index is mostly this loop."""
-        out, inn, store = self.out, self.inn, self.relationships
+    def _index_rows(self, entries: Iterable[tuple[str, Entry]]) -> list[str]:
+        """Index stored relationships for a fresh graph: the rows with two entity keys and a
+        class (building the index is mostly this loop); the keys of the others, left for
+        `_add_relationship`."""
+        out, inn = self.out, self.inn
         verbs: dict[str, str] = {}  # _class -> verb
-        for r in rels:
-            src, dst, c = r.get("_fromEntityKey"), r.get("_toEntityKey"), r.get("_class")
-            if (
-                "_mapping" in r
-                or src.__class__ is not str
-                or dst.__class__ is not str
-                or c.__class__ is not str
-            ):
-                self._add_relationship(r)
+        others: list[str] = []
+        for key, entry in entries:
+            if entry.__class__ is not tuple:
+                others.append(key)
+                continue
+            _names, s, d, _t, cls = entry[0]
+            src, dst, c = (
+                entry[s] if s else None,
+                entry[d] if d else None,
+                entry[cls] if cls else None,
+            )
+            if src.__class__ is not str or dst.__class__ is not str or c.__class__ is not str:
+                others.append(key)
                 continue
             verb = verbs.get(c)
             if verb is None:
-                verb = verbs[c] = rel_class(r)
-            store[r["_key"]] = r
+                verb = verbs[c] = verb_of(c)
             adj = out.get(src)
             if adj is None:
-                out[src] = {verb: [r]}
+                out[src] = {verb: [entry]}
             elif (lst := adj.get(verb)) is None:
-                adj[verb] = [r]
+                adj[verb] = [entry]
             else:
-                lst.append(r)
+                lst.append(entry)
             adj = inn.get(dst)
             if adj is None:
-                inn[dst] = {verb: [r]}
+                inn[dst] = {verb: [entry]}
             elif (lst := adj.get(verb)) is None:
-                adj[verb] = [r]
+                adj[verb] = [entry]
             else:
-                lst.append(r)
+                lst.append(entry)
+        return others
 
     def _add_entity(self, e: Item) -> None:
         e[TENANT_PROP] = self.tenant
@@ -248,19 +281,21 @@ class QueryGraph:
         src, dst = r.get("_fromEntityKey"), r.get("_toEntityKey")
         if not isinstance(src, str) or not isinstance(dst, str):
             return
-        self.relationships[r["_key"]] = r
+        entry = self.relationships.put(r["_key"], r)
         verb = rel_class(r)
         for side, end in ((self.out, src), (self.inn, dst)):
             adj = self._adjacency(side, end)
             lst = adj.get(verb)
             if lst is None:
-                adj[verb] = [r]
+                adj[verb] = [entry]
             elif self._touched is None:
-                lst.append(r)
+                lst.append(entry)
             else:  # the list may be shared with the previous generation's graph
-                adj[verb] = [*lst, r]
+                adj[verb] = [*lst, entry]
 
-    def _adjacency(self, side: dict[str, dict[str, list[Item]]], key: str) -> dict[str, list[Item]]:
+    def _adjacency(
+        self, side: dict[str, dict[str, list[Entry]]], key: str
+    ) -> dict[str, list[Entry]]:
         """The verb map of `key`; during `updated()`, a private copy (copy-on-write)."""
         adj = side.get(key)
         if self._touched is None:
@@ -274,16 +309,18 @@ class QueryGraph:
         return side[key]
 
     def _remove_relationship(self, key: str) -> None:
-        r = self.relationships.pop(key, None)
+        r = self.relationships.entry(key)
         if r is None:
             return
-        verb = rel_class(r)
-        for side, end in ((self.out, r.get("_fromEntityKey")), (self.inn, r.get("_toEntityKey"))):
+        del self.relationships[key]
+        verb = verb_of(entry_class(r))
+        ends = entry_ends(r)
+        for side, end in ((self.out, ends[0]), (self.inn, ends[1])):
             if isinstance(end, str) and end in side:
                 adj = self._adjacency(side, end)
                 adj[verb] = [x for x in adj.get(verb, ()) if x is not r]
-        for end in (r.get("_fromEntityKey"), r.get("_toEntityKey")):  # a mapped target's
-            e = self.entities.get(end) if isinstance(end, str) else None  # placeholder goes
+        for end in ends:  # a mapped target's placeholder goes with its last relationship
+            e = self.entities.get(end) if isinstance(end, str) else None
             if e is not None and e.get("_placeholder") and not self._linked(e["_key"]):
                 self._remove_entity(e["_key"])
 
@@ -307,7 +344,7 @@ class QueryGraph:
         other fields keep their entries without looking at them."""
         g = QueryGraph(self.tenant, generation)
         g.entities = dict(self.entities)
-        g.relationships = dict(self.relationships)
+        g.relationships = self.relationships.copy()
         g.by_type = {t: dict(v) for t, v in self.by_type.items()}
         g.by_class = {c: dict(v) for c, v in self.by_class.items()}
         g.out, g.inn = dict(self.out), dict(self.inn)
@@ -509,22 +546,25 @@ _CACHE_LOCK = threading.Lock()
 
 def _read(
     store: SnapshotStore, tenant: str, keep_raw: bool = True
-) -> tuple[list[Item], list[Item]] | None:
-    """Every item of the tenant's committed index: (entities, relationships); without
-    `_rawData` unless `keep_raw`."""
+) -> tuple[list[Item], Relationships] | None:
+    """Every item of the tenant's committed index: (entities, relationships held as rows as
+    they are read); without `_rawData` unless `keep_raw`."""
     version, index = store.load_versioned_index(tenant)  # index and bodies of one version
     if index is None:
         return None
     fps = index_fingerprints(index)
     entities: list[Item] = []
-    rels: list[Item] = []
+    rels = Relationships(prints=False)
     for key, raw in store.scan_bodies(tenant, version):
         if key not in fps:
             continue
         item = store.decode_body(raw)
         if not keep_raw:
             item.pop(RAW_DATA, None)
-        (rels if is_relationship(item) else entities).append(item)
+        if is_relationship(item):
+            rels[item["_key"]] = item
+        else:
+            entities.append(item)
     return entities, rels
 
 
