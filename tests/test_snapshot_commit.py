@@ -468,3 +468,24 @@ def test_result_and_meta_counts(store: SnapshotStore) -> None:
     meta = store.meta(TENANT)
     assert meta is not None and meta["counts"] == graph.count_by_type()
     assert set(res.timings) >= {"fingerprint_compare", "merge", "commit"}
+
+
+def test_bodies_are_read_a_few_batches_per_round_trip(
+    store: SnapshotStore, redis_client: redis.Redis
+) -> None:
+    """iter_bodies reads more bodies than one round trip carries, skips missing keys and
+    keeps the order asked for; load_bodies gives the same."""
+    from monitor.snapshot.store import BODY_BATCH, BODY_BATCHES_PER_TRIP
+
+    n = BODY_BATCH * BODY_BATCHES_PER_TRIP + 7  # one round trip and a bit
+    keys = [f"k{i:06d}" for i in range(n)]
+    stored = keys[::2]
+    pipe = redis_client.pipeline(transaction=False)
+    for k in stored:
+        pipe.hset(store.body_key(TENANT), k, store.encode_body(orjson.dumps({"_key": k})))
+    pipe.execute()
+    asked = [*reversed(keys), "missing"]
+    got = list(store.iter_bodies(TENANT, asked))
+    assert [k for k, _ in got] == [k for k in asked if k in set(stored)]
+    assert all(body == {"_key": k} for k, body in got)
+    assert store.load_bodies(TENANT, asked) == dict(got)

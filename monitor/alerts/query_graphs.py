@@ -368,18 +368,16 @@ def _committed(
     fetching them read from Redis. The fetched graph's relationships are taken over (see
     `QueryGraph.from_items`) when the index holds them all - the usual case - so a big tenant's
     rows are not copied; otherwise the held ones are copied."""
-    ents, rels = fetched.entities, fetched.relationships
-    by_type: dict[str, list[dict[str, str]]] = {}  # _type -> the index's keys, scope by scope
+    ents, rels, scope_of = fetched.entities, fetched.relationships, fetched.scope_of
     total = 0
     carried: list[str] = []  # kept, not fetched
     for types in index.values():
-        for typ, by_key in types.items():
-            by_type.setdefault(typ, []).append(by_key)
+        for by_key in types.values():
             total += len(by_key)
             carried += [k for k in by_key if k not in ents and k not in rels]
 
-    def held(key: str, typ: Any) -> bool:
-        return any(key in by_key for by_key in by_type.get(typ, ()))
+    def held(key: str, typ: Any) -> bool:  # (a tenant has a logon-user scope per machine)
+        return key in index.get(scope_of.get(key, ""), {}).get(typ, {})
 
     entities = [e for k, e in ents.items() if held(k, e.get("_type"))]
     if total - len(carried) - len(entities) == len(rels):

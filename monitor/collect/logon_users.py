@@ -289,13 +289,17 @@ def stored_account_details(
     def load(ids: list[str]) -> dict[str, Json]:
         if client is None or not ids:
             return {}
-        keys = {lid: LOGON_USER.key(lid) for lid in ids}
-        bodies = SnapshotStore(client, prefix).load_bodies(tenant, keys.values())
+        lid_of = {LOGON_USER.key(lid): lid for lid in ids}
         out: dict[str, Json] = {}
-        for lid, key in keys.items():
-            body = bodies.get(key)
-            if body is not None and "isDomainAdmin" in body:
-                out[lid] = {k: body[k] for k in DETAIL_FIELDS if k in body}
+        shared: dict[tuple[tuple[str, Any], ...], Json] = {}  # most accounts' facts are alike
+        for key, body in SnapshotStore(client, prefix).iter_bodies(tenant, lid_of):
+            if "isDomainAdmin" not in body:
+                continue
+            facts = tuple((k, body[k]) for k in DETAIL_FIELDS if k in body)
+            try:
+                out[lid_of[key]] = shared.setdefault(facts, dict(facts))
+            except TypeError:  # an unhashable value: its own dict
+                out[lid_of[key]] = dict(facts)
         return out
 
     return load

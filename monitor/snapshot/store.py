@@ -54,6 +54,7 @@ HISTORY_LENGTH = 50
 DEFAULT_COMPRESS_MIN_BYTES = 256
 INDEX_PART_KEYS = 100_000  # keys per index part: ~15 MB of JSON for machine-CVE pairs
 BODY_BATCH = 5_000
+BODY_BATCHES_PER_TRIP = 4  # HMGET batches sent per round trip by iter_bodies
 _COMPRESSED = b"z"
 
 
@@ -298,20 +299,22 @@ class SnapshotStore:
 
     def load_bodies(self, tenant: str, keys: Iterable[str]) -> dict[str, Item]:
         """Stored bodies of `keys` (missing ones are left out), read with batched HMGET."""
+        return dict(self.iter_bodies(tenant, keys))
+
+    def iter_bodies(self, tenant: str, keys: Iterable[str]) -> Iterator[tuple[str, Item]]:
+        """(key, stored body) of `keys` (missing ones left out), a few HMGET batches per round
+        trip: the stored bytes of only those batches are held at once (a caller keeping a few
+        fields of 300,000 bodies never holds them all)."""
         wanted = list(dict.fromkeys(keys))
-        out: dict[str, Item] = {}
-        if not wanted:
-            return out
         hkey = self.body_key(tenant)
-        pipe = self.client.pipeline(transaction=False)
-        batches = list(batched(wanted, BODY_BATCH))
-        for batch in batches:
-            pipe.hmget(hkey, batch)
-        for batch, values in zip(batches, pipe.execute(), strict=True):
-            for k, raw in zip(batch, values, strict=True):
-                if raw is not None:
-                    out[k] = self.decode_body(raw)
-        return out
+        for trip in batched(batched(wanted, BODY_BATCH), BODY_BATCHES_PER_TRIP):
+            pipe = self.client.pipeline(transaction=False)
+            for batch in trip:
+                pipe.hmget(hkey, batch)
+            for batch, values in zip(trip, pipe.execute(), strict=True):
+                for k, raw in zip(batch, values, strict=True):
+                    if raw is not None:
+                        yield k, self.decode_body(raw)
 
     # -- index -------------------------------------------------------------------------------
     def load_index(self, tenant: str, version: int | None = None) -> Index | None:
