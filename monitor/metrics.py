@@ -30,13 +30,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from monitor.model.schema import LANE_FULL
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "mde"
 
 # Redis-held counters: metric name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "syncs": ("Syncs run by workers, by outcome", ("tenant", "status")),
+    "syncs": ("Syncs run by workers, by outcome and lane", ("tenant", "status", "lane")),
     "api_requests": ("Requests sent to Microsoft APIs", ("tenant", "endpoint")),
     "api_retries": ("Retried requests to Microsoft APIs", ("tenant", "endpoint")),
     "api_throttled": ("429 answers from Microsoft APIs", ("tenant", "endpoint")),
@@ -49,13 +51,19 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# labels added to a counter after series were stored: the value an older series had (a sync
+# before lanes was a full sync)
+ADDED_LABELS: dict[str, tuple[str, ...]] = {"syncs": (LANE_FULL,)}
+
+
 def counter_key(prefix: str, metric: str) -> str:
     """Redis hash holding one counter's series (field = JSON list of label values)."""
     return f"{prefix}:metrics:{metric}"
 
 
 def duration_key(prefix: str) -> str:
-    """Redis hash of per-tenant sync duration sums and counts (`<tenant>:sum|count`)."""
+    """Redis hash of sync duration sums and counts per tenant and lane
+    (`["<tenant>","<lane>"]:sum|count`; `<tenant>:sum|count` before lanes)."""
     return f"{prefix}:metrics:sync_duration"
 
 
@@ -67,12 +75,14 @@ def record_sync(client: redis.Redis, prefix: str, summary: Mapping[str, Any]) ->
     """Count one sync (a `SyncSummary.to_dict()`, or {tenant, status} for busy/error) in Redis."""
     tenant = str(summary["tenant"])
     status = str(summary["status"])
+    lane = str(summary.get("lane") or LANE_FULL)
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(counter_key(prefix, "syncs"), _field(tenant, status), 1)
+    pipe.hincrby(counter_key(prefix, "syncs"), _field(tenant, status, lane), 1)
     duration = summary.get("duration_seconds")
     if status in ("ok", "degraded", "failed") and isinstance(duration, int | float):
-        pipe.hincrbyfloat(duration_key(prefix), f"{tenant}:sum", float(duration))
-        pipe.hincrby(duration_key(prefix), f"{tenant}:count", 1)
+        series = _field(tenant, lane)
+        pipe.hincrbyfloat(duration_key(prefix), f"{series}:sum", float(duration))
+        pipe.hincrby(duration_key(prefix), f"{series}:count", 1)
     requests = summary.get("requests") or {}
     for stat, metric in (
         ("requests", "api_requests"),
@@ -232,23 +242,47 @@ class RedisStateCollector(Collector):
                     values = json.loads(field)
                 except ValueError:
                     continue
-                if isinstance(values, list) and len(values) == len(labels):
+                if not isinstance(values, list):
+                    continue
+                added = ADDED_LABELS.get(metric, ())
+                if len(values) + len(added) == len(labels):  # stored before those labels
+                    values = [*values, *added]
+                if len(values) == len(labels):
                     fam.add_metric([str(v) for v in values], float(value))
             yield fam
-        durations: dict[str, dict[str, float]] = {}
+        durations: dict[tuple[str, str], dict[str, float]] = {}
         for k, v in results[-1].items():
-            tenant, _, part = _s(k).rpartition(":")
-            durations.setdefault(tenant, {})[part] = float(_s(v))
+            head, _, part = _s(k).rpartition(":")
+            series = _duration_series(head)
+            if series is not None:
+                into = durations.setdefault(series, {})
+                into[part] = into.get(part, 0.0) + float(_s(v))
         summary = SummaryMetricFamily(
             f"{NAMESPACE}_sync_duration_seconds",
-            "Duration of syncs run by workers",
-            labels=["tenant"],
+            "Duration of syncs run by workers, by lane",
+            labels=["tenant", "lane"],
         )
-        for tenant, parts in sorted(durations.items()):
+        for (tenant, lane), parts in sorted(durations.items()):
             summary.add_metric(
-                [tenant], count_value=int(parts.get("count", 0)), sum_value=parts.get("sum", 0)
+                [tenant, lane],
+                count_value=int(parts.get("count", 0)),
+                sum_value=parts.get("sum", 0),
             )
         yield summary
+
+
+def _duration_series(head: str) -> tuple[str, str] | None:
+    """(tenant, lane) of a duration field's head: `["t","lane"]`, or a plain tenant name as
+    stored before lanes (a full sync)."""
+    if not head.startswith("["):
+        return (head, LANE_FULL) if head else None
+    try:
+        values = json.loads(head)
+    except ValueError:
+        return None
+    if isinstance(values, list) and len(values) == 2:
+        return str(values[0]), str(values[1])
+    return None
 
 
 # kombu's Redis transport keeps one list per queue and priority step: `<queue>`, `<queue>\x06\x163`...

@@ -197,7 +197,7 @@ def sync_tenant(
             record["events_total"] = sum((result.get("events") or {}).values())
             try:
                 record_run(client, settings.redis_prefix, record)
-                record_sync(client, settings.redis_prefix, result)
+                record_sync(client, settings.redis_prefix, {"lane": lane, **result})
             except redis.RedisError as exc:
                 log.warning("could not record the sync", extra={"error": str(exc)})
             return result

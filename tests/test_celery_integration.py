@@ -108,7 +108,7 @@ def test_scheduled_syncs_events_and_deliveries(
 
             # metrics from the worker's main process, computed from Redis
             text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-            assert 'mde_syncs_total{status="ok",tenant="alpha"}' in text
+            assert 'mde_syncs_total{lane="full",status="ok",tenant="alpha"}' in text
             assert 'mde_events_total{tenant="alpha",type="mde.machine.created"}' in text
             assert 'mde_deliveries_total{outcome="sent",sink="hook"}' in text
 

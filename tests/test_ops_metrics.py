@@ -88,10 +88,10 @@ def test_cli_sync_is_counted_like_a_task(sim_config: Path, monkeypatch: pytest.M
     done = runner.invoke(app, ["--config", str(sim_config), "sync", "--tenant", "sim", "--json"])
     assert done.exit_code == 0, done.output
     text = runner.invoke(app, ["--config", str(sim_config), "metrics"]).stdout
-    assert 'mde_syncs_total{status="ok",tenant="sim"} 1.0' in text
+    assert 'mde_syncs_total{lane="full",status="ok",tenant="sim"} 1.0' in text
     assert re.search(r'mde_api_requests_total\{endpoint="[^"]+",tenant="sim"\} [1-9]', text)
     assert 'mde_events_total{tenant="sim",type="mde.sync.baseline"} 1.0' in text
-    assert 'mde_sync_duration_seconds_count{tenant="sim"} 1.0' in text
+    assert 'mde_sync_duration_seconds_count{lane="full",tenant="sim"} 1.0' in text
 
 
 def _promtool() -> str | None:

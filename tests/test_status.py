@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from monitor.alerts.deliver import DeliveryQueue
 from monitor.cli import app
 from monitor.events import stream
-from monitor.metrics import record_delivery, record_sync
+from monitor.metrics import counter_key, duration_key, record_delivery, record_sync
 from monitor.schedule import schedule_key, sync_entry_key
 from monitor.status import any_failed, read_state, record_run
 
@@ -78,6 +78,11 @@ def _seed(client: redis.Redis, prefix: str) -> None:
     )
     record_sync(client, prefix, ok)
     record_sync(client, prefix, {"tenant": "gamma", "status": "failed", "duration_seconds": 0.5})
+    identity = {"tenant": "alpha", "status": "ok", "lane": "identity", "duration_seconds": 0.25}
+    record_sync(client, prefix, identity)
+    # series stored before syncs had a lane: full syncs
+    client.hset(counter_key(prefix, "syncs"), '["beta","ok"]', 5)
+    client.hset(duration_key(prefix), mapping={"beta:sum": 10.0, "beta:count": 5})
     record_delivery(client, prefix, "hook", "sent")
     record_delivery(client, prefix, "hook", "retrying")
     client.zadd(schedule_key(prefix), {sync_entry_key(prefix, "alpha"): 1_900_000_000})
@@ -166,10 +171,15 @@ def test_metrics_cli_exposition(
         for s in fam.samples
     }
     assert samples[("mde_redis_up", ())] == 1
-    assert samples[("mde_syncs_total", (("status", "ok"), ("tenant", "alpha")))] == 1
-    assert samples[("mde_syncs_total", (("status", "failed"), ("tenant", "gamma")))] == 1
-    assert samples[("mde_sync_duration_seconds_sum", (("tenant", "alpha"),))] == 2.0
-    assert samples[("mde_sync_duration_seconds_count", (("tenant", "alpha"),))] == 1
+    full, identity = ("lane", "full"), ("lane", "identity")
+    assert samples[("mde_syncs_total", (full, ("status", "ok"), ("tenant", "alpha")))] == 1
+    assert samples[("mde_syncs_total", (identity, ("status", "ok"), ("tenant", "alpha")))] == 1
+    assert samples[("mde_syncs_total", (full, ("status", "failed"), ("tenant", "gamma")))] == 1
+    assert samples[("mde_syncs_total", (full, ("status", "ok"), ("tenant", "beta")))] == 5
+    assert samples[("mde_sync_duration_seconds_sum", (full, ("tenant", "alpha")))] == 2.0
+    assert samples[("mde_sync_duration_seconds_count", (full, ("tenant", "alpha")))] == 1
+    assert samples[("mde_sync_duration_seconds_sum", (identity, ("tenant", "alpha")))] == 0.25
+    assert samples[("mde_sync_duration_seconds_count", (full, ("tenant", "beta")))] == 5
     assert (
         samples[
             (

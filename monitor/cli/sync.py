@@ -197,7 +197,9 @@ def sync(
             _count_sync(client, settings.redis_prefix, {"tenant": t.name, "status": "busy"})
             console.print(f"[yellow]{t.name}: busy[/yellow]: {exc}", highlight=False)
             if as_json:
-                summaries.append(SyncSummary(t.name, "busy", None, 0.0, error=str(exc)))
+                summaries.append(
+                    SyncSummary(t.name, "busy", None, 0.0, error=str(exc), lane=lane.value)
+                )
             continue
         _count_sync(client, settings.redis_prefix, summaries[-1].to_dict())
         if not as_json:
