@@ -81,15 +81,20 @@ def _candidates(node: NodePlan, graph: QueryGraph) -> dict[str, Item]:
     return {e["_key"]: e for e in base if pred(e)}
 
 
-_NO_EDGES: dict[str, list[Entry]] = {}
-
-
-def _lists(adj: dict[str, list[Entry]], verbs: frozenset[str] | None) -> Iterator[list[Entry]]:
+def _lists(
+    side: dict[str, dict[str, list[Entry]]], key: str, verbs: frozenset[str] | None
+) -> Iterator[list[Entry]]:
+    """`key`'s relationship lists on one side (`QueryGraph.out` or `.inn`) of these verbs (None:
+    every verb)."""
     if verbs is None:
-        yield from adj.values()
+        for by_end in side.values():
+            lst = by_end.get(key)
+            if lst:
+                yield lst
     else:
         for v in verbs:
-            lst = adj.get(v)
+            of_verb = side.get(v)
+            lst = of_verb.get(key) if of_verb is not None else None
             if lst:
                 yield lst
 
@@ -105,12 +110,12 @@ def neighbours(
     or back. The entry is the graph's stored one (`entry_item` builds the relationship)."""
     d = edge.direction
     if d is None or (d == ">>") == forward:
-        for lst in _lists(graph.out.get(key, _NO_EDGES), edge.verbs):
+        for lst in _lists(graph.out, key, edge.verbs):
             for r in lst:
                 if ok is None or ok(entry_item(r)):
                     yield r, r[r[0][2]] if isinstance(r, tuple) else r["_toEntityKey"]
     if d is None or (d == "<<") == forward:
-        for lst in _lists(graph.inn.get(key, _NO_EDGES), edge.verbs):
+        for lst in _lists(graph.inn, key, edge.verbs):
             for r in lst:
                 if ok is None or ok(entry_item(r)):
                     yield r, r[r[0][1]] if isinstance(r, tuple) else r["_fromEntityKey"]

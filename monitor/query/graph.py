@@ -153,8 +153,8 @@ class QueryGraph:
         self.relationships = Relationships(prints=False)
         self.by_type: dict[str, dict[str, Item]] = {}
         self.by_class: dict[str, dict[str, Item]] = {}
-        # adjacency by entity key, then by relationship class (verb): a traversal reads only
-        # the lists of its verbs
+        # adjacency by relationship class (verb), then by entity key: a traversal reads only
+        # the lists of its verbs (verb first: one map per verb, not one per entity)
         self.out: dict[str, dict[str, list[Entry]]] = {}
         self.inn: dict[str, dict[str, list[Entry]]] = {}
         self.changes: ChangeFacts | None = None
@@ -219,18 +219,16 @@ class QueryGraph:
             verb = verbs.get(c)
             if verb is None:
                 verb = verbs[c] = verb_of(c)
-            adj = out.get(src)
-            if adj is None:
-                out[src] = {verb: [entry]}
-            elif (lst := adj.get(verb)) is None:
-                adj[verb] = [entry]
+                out.setdefault(verb, {})
+                inn.setdefault(verb, {})
+            ends = out[verb]
+            if (lst := ends.get(src)) is None:
+                ends[src] = [entry]
             else:
                 lst.append(entry)
-            adj = inn.get(dst)
-            if adj is None:
-                inn[dst] = {verb: [entry]}
-            elif (lst := adj.get(verb)) is None:
-                adj[verb] = [entry]
+            ends = inn[verb]
+            if (lst := ends.get(dst)) is None:
+                ends[dst] = [entry]
             else:
                 lst.append(entry)
         return others
@@ -284,29 +282,28 @@ class QueryGraph:
         entry = self.relationships.put(r["_key"], r)
         verb = rel_class(r)
         for side, end in ((self.out, src), (self.inn, dst)):
-            adj = self._adjacency(side, end)
-            lst = adj.get(verb)
+            ends = self._ends(side, verb)
+            lst = ends.get(end)
             if lst is None:
-                adj[verb] = [entry]
+                ends[end] = [entry]
             elif self._touched is None:
                 lst.append(entry)
             else:  # the list may be shared with the previous generation's graph
-                adj[verb] = [*lst, entry]
+                ends[end] = [*lst, entry]
 
-    def _adjacency(
-        self, side: dict[str, dict[str, list[Entry]]], key: str
-    ) -> dict[str, list[Entry]]:
-        """The verb map of `key`; during `updated()`, a private copy (copy-on-write)."""
-        adj = side.get(key)
+    def _ends(self, side: dict[str, dict[str, list[Entry]]], verb: str) -> dict[str, list[Entry]]:
+        """The entity -> relationships map of `verb`; during `updated()`, a private copy
+        (copy-on-write)."""
+        ends = side.get(verb)
         if self._touched is None:
-            if adj is None:
-                adj = side[key] = {}
-            return adj
-        mark = (id(side), key)
+            if ends is None:
+                ends = side[verb] = {}
+            return ends
+        mark = (id(side), verb)
         if mark not in self._touched:
-            side[key] = dict(adj) if adj is not None else {}
+            side[verb] = dict(ends) if ends is not None else {}
             self._touched.add(mark)
-        return side[key]
+        return side[verb]
 
     def _remove_relationship(self, key: str) -> None:
         r = self.relationships.entry(key)
@@ -316,16 +313,20 @@ class QueryGraph:
         verb = verb_of(entry_class(r))
         ends = entry_ends(r)
         for side, end in ((self.out, ends[0]), (self.inn, ends[1])):
-            if isinstance(end, str) and end in side:
-                adj = self._adjacency(side, end)
-                adj[verb] = [x for x in adj.get(verb, ()) if x is not r]
+            if isinstance(end, str) and end in side.get(verb, ()):
+                by_end = self._ends(side, verb)
+                rest = [x for x in by_end[end] if x is not r]
+                if rest:
+                    by_end[end] = rest
+                else:
+                    del by_end[end]
         for end in ends:  # a mapped target's placeholder goes with its last relationship
             e = self.entities.get(end) if isinstance(end, str) else None
             if e is not None and e.get("_placeholder") and not self._linked(e["_key"]):
                 self._remove_entity(e["_key"])
 
     def _linked(self, key: str) -> bool:
-        return any(any(adj.get(key, {}).values()) for adj in (self.out, self.inn))
+        return any(by_end.get(key) for side in (self.out, self.inn) for by_end in side.values())
 
     def updated(
         self,
