@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -127,18 +127,34 @@ def _merge(old: Json, new: Json) -> Json:
     }
 
 
-def with_details(item: Json, details: Mapping[str, Any] | None) -> Json:
-    """The item with the account facts only the per-machine API knows, when known."""
-    if not details:
-        return item
-    return {**item, **{k: details[k] for k in DETAIL_FIELDS if k in details}}
+class HuntedLogon(NamedTuple):
+    """One account on one machine as the summary rows tell it: the `/logonusers` item's fields,
+    held as a tuple until it is converted (a big tenant has hundreds of thousands)."""
+
+    id: str
+    accountName: str  # (the API's field names)
+    accountDomain: str | None
+    accountSid: str | None
+    firstSeen: Any
+    lastSeen: Any
+    logonTypes: str | None
+
+
+def with_details(item: HuntedLogon, details: Mapping[str, Any] | None) -> Json:
+    """The `/logonusers`-shaped item, with the account facts only the per-machine API knows
+    when known."""
+    out = item._asdict()
+    if details:
+        out.update((k, details[k]) for k in DETAIL_FIELDS if k in details)
+    return out
 
 
 @dataclass
 class HuntOutcome:
     """What the hunting queries gave: items per covered machine, and what they could not cover."""
 
-    items: dict[str, list[Json]] = field(default_factory=dict)  # covered machine -> its items
+    # covered machine -> its accounts
+    items: dict[str, list[HuntedLogon]] = field(default_factory=dict)
     uncovered: list[str] = field(default_factory=list)  # machines no query answered for
     calls: int = 0
     splits: int = 0
@@ -231,7 +247,7 @@ def _halves(chunk: list[str]) -> list[list[str]]:
     return [chunk[half:], chunk[:half]]
 
 
-def _items(rows: list[Json], chunk: list[str]) -> dict[str, list[Json]]:
+def _items(rows: list[Json], chunk: list[str]) -> dict[str, list[HuntedLogon]]:
     """Rows -> items per machine of the chunk (every chunk machine present, maybe empty)."""
     per: dict[str, dict[str, Json]] = {m: {} for m in chunk}
     by_lower = {m.lower(): m for m in chunk}
@@ -246,7 +262,7 @@ def _items(rows: list[Json], chunk: list[str]) -> dict[str, list[Json]]:
             continue
         prev = mine.get(item["id"])
         mine[item["id"]] = item if prev is None else _merge(prev, item)
-    return {m: list(v.values()) for m, v in per.items()}
+    return {m: [HuntedLogon(**item) for item in v.values()] for m, v in per.items()}
 
 
 class RowsHint:

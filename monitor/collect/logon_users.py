@@ -26,7 +26,7 @@ from monitor.collect.budget import BudgetExhausted
 from monitor.collect.defender_api import DefenderClient
 from monitor.collect.errors import CollectError, NotFound, PermissionMissing, Throttled
 from monitor.collect.http import Json
-from monitor.collect.hunting import DETAIL_FIELDS, hunt_logon_users, with_details
+from monitor.collect.hunting import DETAIL_FIELDS, HuntedLogon, hunt_logon_users, with_details
 from monitor.collect.progress import Progress
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import ScopeState, ScopeStatus
@@ -305,11 +305,13 @@ def stored_account_details(
     return load
 
 
-def _cover(unknown: set[str], items: dict[str, list[Json]], limit: int) -> list[str]:
+def _cover(unknown: set[str], items: dict[str, list[HuntedLogon]], limit: int) -> list[str]:
     """At most `limit` machines whose /logonusers tell the facts of as many `unknown` accounts
     as possible (greedy: each pick is the machine with the most accounts still unknown)."""
+    if limit <= 0 or not unknown:
+        return []
     unknown_on = {
-        mid: {i["id"] for i in machine_items if i["id"] in unknown}
+        mid: {i.id for i in machine_items if i.id in unknown}
         for mid, machine_items in items.items()
     }
     heap = [(-len(accounts), mid) for mid, accounts in unknown_on.items() if accounts]
@@ -374,7 +376,7 @@ def collect_logon_users_hunting(
             "logon users: not covered by hunting, rotation instead", len(uncovered), len(targets)
         )
 
-    accounts = {item["id"] for items in hunt.items.values() for item in items}
+    accounts = {item.id for items in hunt.items.values() for item in items}
     details = known_details(sorted(accounts))
     order = plan_refresh(last_seen, ledger, len(targets), onboarded)
     plan = list(
@@ -406,7 +408,7 @@ def collect_logon_users_hunting(
     report.details_pending = len(accounts - set(details))
 
     for mid, items in hunt.items.items():
-        count = builder.add_logon_users(mid, [with_details(i, details.get(i["id"])) for i in items])
+        count = builder.add_logon_users(mid, [with_details(i, details.get(i.id)) for i in items])
         builder.set_scope(logon_users_scope(mid), ScopeStatus(ScopeState.COMPLETE, count=count))
     planned = set(plan)
     for mid in last_seen:
