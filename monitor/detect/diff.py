@@ -9,7 +9,6 @@ reported. Field-level changes use DeepDiff with list order ignored.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import (
     Callable,
     Collection,
@@ -28,7 +27,14 @@ from deepdiff import DeepDiff
 
 from monitor.config import DetectSettings
 from monitor.model import schema
-from monitor.model.graph import Graph, Item, Relationships, canonical_print, default_scope
+from monitor.model.graph import (
+    Graph,
+    Item,
+    Relationships,
+    canonical_print,
+    default_scope,
+    print_of,
+)
 from monitor.snapshot.store import Index
 
 RAW_DATA = "_rawData"
@@ -58,7 +64,7 @@ def _significant(item: Item, ignored: Collection[str]) -> str:
     kept = item.copy()
     for name in ignored:
         kept.pop(name, None)
-    return hashlib.blake2b(orjson.dumps(kept, option=_SORT), digest_size=8).hexdigest()
+    return print_of(orjson.dumps(kept, option=_SORT))
 
 
 def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, bytes]:
@@ -66,7 +72,7 @@ def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, 
 
     `compare` computes the same prints in bulk."""
     body = orjson.dumps(item, option=_SORT)
-    full = hashlib.blake2b(body, digest_size=8).hexdigest()
+    full = print_of(body)
     if any(name in item for name in ignored):
         return _significant(item, ignored) + full, body
     return full, body

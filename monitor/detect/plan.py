@@ -283,7 +283,7 @@ def _drop_dangling(w: _Merge) -> None:
             ):
                 del w.kept_items[key]
                 w.dropped.add(key)
-    rels = w.graph.relationships
+    endpoints = w.graph.relationships.endpoints
     w.entity_keys = fetched_entities.keys() | kept_entities
     entity_keys = w.entity_keys
     for types in w.index.values():
@@ -291,22 +291,20 @@ def _drop_dangling(w: _Merge) -> None:
             if typ not in _DIRECT_REL_TYPES:
                 continue
             both = typ != LOGON_REL_TYPE  # a logon user exists through its HAS
-            ends_of = dict(zip(items, rels.ends(items), strict=True))  # read once, used twice
-            bad = [
-                k
-                for k, ends in ends_of.items()
-                if ends is not None
-                and (ends[0] not in entity_keys or (both and ends[1] not in entity_keys))
-            ]
+            bad: list[str] = []
+            for key in items:  # endpoints read once each, none held (pairs: millions)
+                ends = endpoints(key)
+                if ends is None:
+                    continue
+                if ends[0] not in entity_keys or (both and ends[1] not in entity_keys):
+                    bad.append(key)
+                elif not both:
+                    w.referenced.add(ends[1] or "")
             for key in bad:  # a relationship to nothing: not stored
                 del items[key]
                 w.write.pop(key, None)
                 if key not in w.cmp.added:  # it was stored
                     w.dropped.add(key)
-            if not both:
-                w.referenced.update(
-                    ends[1] or "" for k in items if (ends := ends_of[k]) is not None
-                )
     for key, (_scope, typ) in w.kept_items.items():
         if typ == LOGON_REL_TYPE:
             dst = rel_endpoints(key, typ)[1]

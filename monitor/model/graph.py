@@ -25,11 +25,15 @@ _VALUES = 2  # a row: (shape, print, *values)
 Entry = tuple[Any, ...] | Item
 
 
-def canonical_print(item: Item) -> str:
-    """blake2b-64 (hex) of the item's canonical JSON (orjson, sorted keys): the full-body
-    fingerprint the snapshot index stores (see monitor.detect.diff)."""
-    body = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+def print_of(body: bytes) -> str:
+    """blake2b-64 (hex) of a canonical JSON body: the fingerprint the snapshot index stores."""
     return hashlib.blake2b(body, digest_size=8).hexdigest()
+
+
+def canonical_print(item: Item) -> str:
+    """`print_of` the item's canonical JSON (orjson, sorted keys): its full-body fingerprint
+    (see monitor.detect.diff)."""
+    return print_of(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
 
 
 def _shape(names: tuple[str, ...]) -> Shape:
@@ -104,29 +108,26 @@ class Relationships(MutableMapping[str, Item]):
             try:
                 fp = canonical_print(rel) if self._prints else ""
             except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the diff names it
-                self._other[key] = rel
-                self._flat.pop(key, None)
+                self.put_entry(key, rel)
                 return rel
-            shape = _shape(tuple(rel))
-            row = self._flat[key] = (
-                shape,
+            row = (
+                _shape(tuple(rel)),
                 fp,
                 *(
                     (key if v == key else v) if n == "_key" else intern(v) if type(v) is str else v
                     for n, v in rel.items()
                 ),
             )
-            self._other.pop(key, None)
+            self.put_entry(key, row)
             return row
-        self._other[key] = rel
-        self._flat.pop(key, None)
+        self.put_entry(key, rel)
         return rel
 
     def __getitem__(self, key: str) -> Item:
-        row = self._flat.get(key)
-        if row is None:
-            return self._other[key]
-        return dict(zip(row[0][0], row[_VALUES:], strict=True))
+        entry = self.entry(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry_item(entry)
 
     def __delitem__(self, key: str) -> None:
         if self._flat.pop(key, None) is None:
@@ -162,7 +163,8 @@ class Relationships(MutableMapping[str, Item]):
         yield from self._other.items()
 
     def put_entry(self, key: str, entry: Entry) -> None:
-        """Store an entry taken from another `Relationships` as it is."""
+        """Store an entry as it is (a row made by `put`, or taken from another
+        `Relationships`)."""
         if isinstance(entry, tuple):
             self._flat[key] = entry
             self._other.pop(key, None)
@@ -199,26 +201,11 @@ class Relationships(MutableMapping[str, Item]):
         typ: str = row[row[0][3]]
         return typ
 
-    def ends(self, keys: Iterable[str]) -> list[tuple[Any, Any] | None]:
-        """(`_fromEntityKey`, `_toEntityKey`) of each of `keys` without building them (None
-        when absent)."""
-        flat, other = self._flat, self._other
-        out: list[tuple[Any, Any] | None] = []
-        for key in keys:
-            row = flat.get(key)
-            if row is not None:
-                _names, src, dst, _typ, _cls = row[0]
-                out.append((row[src] if src else None, row[dst] if dst else None))
-            elif (rel := other.get(key)) is not None:
-                out.append((rel.get("_fromEntityKey"), rel.get("_toEntityKey")))
-            else:
-                out.append(None)
-        return out
-
     def endpoints(self, key: str) -> tuple[Any, Any] | None:
         """(`_fromEntityKey`, `_toEntityKey`) of a stored relationship without building it
         (None when absent)."""
-        return self.ends((key,))[0]
+        entry = self.entry(key)
+        return None if entry is None else entry_ends(entry)
 
     def of_type(self, typ: str) -> Iterator[Item]:
         """The relationships of one `_type` (only those are built)."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.model.graph import Entry, Item, entry_item
+from monitor.model.graph import Entry, Item, entry_ends, entry_item
 from monitor.query import ast
 from monitor.query.errors import QueryError
 from monitor.query.graph import QueryGraph, get_prop
@@ -113,12 +113,12 @@ def neighbours(
         for lst in _lists(graph.out, key, edge.verbs):
             for r in lst:
                 if ok is None or ok(entry_item(r)):
-                    yield r, r[r[0][2]] if isinstance(r, tuple) else r["_toEntityKey"]
+                    yield r, entry_ends(r)[1]
     if d is None or (d == "<<") == forward:
         for lst in _lists(graph.inn, key, edge.verbs):
             for r in lst:
                 if ok is None or ok(entry_item(r)):
-                    yield r, r[r[0][1]] if isinstance(r, tuple) else r["_fromEntityKey"]
+                    yield r, entry_ends(r)[0]
 
 
 def _member_test(node: NodePlan, graph: QueryGraph) -> Callable[[str], bool]:

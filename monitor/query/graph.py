@@ -207,12 +207,8 @@ class QueryGraph:
             if entry.__class__ is not tuple:
                 others.append(key)
                 continue
-            _names, s, d, _t, cls = entry[0]
-            src, dst, c = (
-                entry[s] if s else None,
-                entry[d] if d else None,
-                entry[cls] if cls else None,
-            )
+            src, dst = entry_ends(entry)
+            c = entry_class(entry)
             if src.__class__ is not str or dst.__class__ is not str or c.__class__ is not str:
                 others.append(key)
                 continue
