@@ -16,6 +16,7 @@ import yaml
 
 from monitor.cli.app import ExitCode
 from monitor.events.stream import read_range
+from monitor.metrics import counter_key
 from monitor.simulator import SimTenant, Simulator, generate_tenant, load_recorded_tenant
 from monitor.snapshot.commit import CRASH_ENV
 from monitor.snapshot.lock import TenantLock
@@ -99,10 +100,20 @@ def test_busy_tenant_exit_code(
     recorded: tuple[Simulator, SimTenant, Path], redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     _, _, config = recorded
+    first = run_cli(config, "sync", "-t", "sim")  # an identity lane waits for a full sync
+    assert first.returncode == 0, first.stdout + first.stderr
     with TenantLock(redis_client, redis_prefix, "sim", ttl_seconds=60):
         done = run_cli(config, "sync", "-t", "sim")
+        lane = run_cli(config, "sync", "-t", "sim", "--lane", "identity", "--json")
     assert done.returncode == ExitCode.BUSY
     assert "busy" in done.stderr
+    assert lane.returncode == ExitCode.BUSY and json.loads(lane.stdout)["lane"] == "identity"
+    syncs = redis_client.hgetall(counter_key(redis_prefix, "syncs"))
+    assert syncs == {
+        b'["sim","ok","full"]': b"1",
+        b'["sim","busy","full"]': b"1",
+        b'["sim","busy","identity"]': b"1",  # counted in its lane
+    }
 
 
 def test_check_prints_each_permission(recorded: tuple[Simulator, SimTenant, Path]) -> None:

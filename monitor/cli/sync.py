@@ -194,12 +194,11 @@ def sync(
                 )
         except TenantBusy as exc:
             busy = True
-            _count_sync(client, settings.redis_prefix, {"tenant": t.name, "status": "busy"})
+            refused = SyncSummary(t.name, "busy", None, 0.0, error=str(exc), lane=lane.value)
+            _count_sync(client, settings.redis_prefix, refused.to_dict())
             console.print(f"[yellow]{t.name}: busy[/yellow]: {exc}", highlight=False)
             if as_json:
-                summaries.append(
-                    SyncSummary(t.name, "busy", None, 0.0, error=str(exc), lane=lane.value)
-                )
+                summaries.append(refused)
             continue
         _count_sync(client, settings.redis_prefix, summaries[-1].to_dict())
         if not as_json:
