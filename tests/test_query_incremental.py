@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import redis
 from query_helpers import TENANT, build, commit_graph, mutable_tenant, mutate, paired_rules
@@ -23,7 +24,7 @@ from monitor.alerts.query_rules import (
     state_key,
 )
 from monitor.query import compile_query, execute
-from monitor.query.graph import clear_cache, load_query_graph, store_query_graph
+from monitor.query.graph import QueryGraph, clear_cache, load_query_graph, store_query_graph
 from monitor.query.incremental import is_incremental
 from monitor.snapshot.store import SnapshotStore
 
@@ -111,14 +112,9 @@ def test_whole_build_after_a_degraded_sync_reads_the_carried_items(
     built, delta = graph_after_commit(store, "contoso", result, degraded)
     assert delta is None and result.carried_over  # a whole build, with carried-over items
     assert built.relationships is fetched_rels  # the fetched rows, taken over, not copied
-    clear_cache()
-    fresh = load_query_graph(redis_client, redis_prefix, "contoso")
-    assert fresh is not None
-    assert built.entities.keys() == fresh.entities.keys()
-    assert built.relationships.keys() == fresh.relationships.keys()
-    plan = compile_query("FIND HostAgent THAT IDENTIFIED Finding")
-    got = execute(plan, [built], max_rows=None)["data"]
-    want = execute(plan, [fresh], max_rows=None)["data"]
+    got, want = _built_and_fresh(
+        redis_client, redis_prefix, built, "FIND HostAgent THAT IDENTIFIED Finding"
+    )
     assert got and [e["_key"] for e in got] == [e["_key"] for e in want]
 
 
@@ -142,12 +138,21 @@ def test_whole_build_leaves_out_what_the_commit_did_not_store(
     assert "not-committed" not in built.relationships
     assert built.relationships is not graph.relationships
     assert "not-committed" in graph.relationships  # the caller's graph is left as it was
+    query = "FIND HostAgent AS m THAT IDENTIFIED AS r Finding RETURN m._key, r._key"
+    got, want = _built_and_fresh(redis_client, redis_prefix, built, query)
+    assert got and sorted(map(str, got)) == sorted(map(str, want))
+
+
+def _built_and_fresh(
+    client: redis.Redis, prefix: str, built: QueryGraph, query: str
+) -> tuple[list[Any], list[Any]]:
+    """`query`'s rows on `built` and on the tenant's graph read fresh from Redis, which must
+    hold the same entities and relationships."""
     clear_cache()
-    fresh = load_query_graph(redis_client, redis_prefix, "contoso")
+    fresh = load_query_graph(client, prefix, "contoso")
     assert fresh is not None
     assert built.entities.keys() == fresh.entities.keys()
     assert built.relationships.keys() == fresh.relationships.keys()
-    plan = compile_query("FIND HostAgent AS m THAT IDENTIFIED AS r Finding RETURN m._key, r._key")
+    plan = compile_query(query)
     got = execute(plan, [built], max_rows=None)["data"]
-    want = execute(plan, [fresh], max_rows=None)["data"]
-    assert got and sorted(map(str, got)) == sorted(map(str, want))
+    return got, execute(plan, [fresh], max_rows=None)["data"]

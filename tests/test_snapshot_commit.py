@@ -470,11 +470,11 @@ def test_result_and_meta_counts(store: SnapshotStore) -> None:
     assert set(res.timings) >= {"fingerprint_compare", "merge", "commit"}
 
 
-def test_bodies_are_read_a_few_batches_per_round_trip(
+def test_bodies_read_over_several_round_trips_are_each_stored_one_once(
     store: SnapshotStore, redis_client: redis.Redis
 ) -> None:
-    """iter_bodies reads more bodies than one round trip carries, skips missing keys and
-    keeps the order asked for; load_bodies gives the same."""
+    """iter_bodies over more keys than one round trip asks for gives every stored body once,
+    in the order asked, and skips missing keys; load_bodies gives the same."""
     from monitor.snapshot.store import BODY_BATCH, BODY_BATCHES_PER_TRIP
 
     n = BODY_BATCH * BODY_BATCHES_PER_TRIP + 7  # one round trip and a bit
