@@ -34,6 +34,7 @@ from monitor.config import (
     load_settings,
     redis_url_with_tls,
 )
+from monitor.memory import pin_mmap_threshold
 from monitor.redis_conn import tls_options, with_password_file
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,7 @@ class SettingsCache:
 
 settings_cache = SettingsCache()
 
+pin_mmap_threshold()  # before the pool forks: its processes inherit it
 app = build_app(_startup_settings())
 
 

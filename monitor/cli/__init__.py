@@ -18,8 +18,10 @@ from monitor.config import ConfigError
 
 def main() -> None:
     """Entry point of the `mde-monitor` console script."""
+    from monitor.memory import pin_mmap_threshold
     from monitor.redis_conn import describe_error, is_redis_error
 
+    pin_mmap_threshold()
     try:
         app()
     except ConfigError as exc:
