@@ -3,8 +3,14 @@ from the type's default read back exactly what was stored."""
 
 from __future__ import annotations
 
+import json
+
+from pydantic import SecretStr
+
+from monitor.config import TenantConfig
 from monitor.detect import diff
 from monitor.model import schema
+from monitor.model.builder import GraphBuilder
 from monitor.model.graph import (
     Graph,
     Relationships,
@@ -14,7 +20,9 @@ from monitor.model.graph import (
     entry_ends,
     entry_item,
 )
+from monitor.model.raw import RawData
 from monitor.model.vulnerabilities import machine_vulnerability_relationship
+from monitor.query.result import public
 
 MACHINE = schema.MACHINE.key("m1")
 CVE = schema.VULNERABILITY.key("CVE-2024-1")
@@ -128,3 +136,67 @@ def test_a_relationship_json_cannot_hold_is_named_by_the_diff() -> None:
         assert str(rel["_key"]) in str(exc)
     else:
         raise AssertionError("the diff accepted an item JSON cannot hold")
+
+
+def machine_source(mid: str = "m1") -> dict[str, object]:
+    return {"id": mid, "computerDnsName": "host1", "riskScore": "High", "vmMetadata": None}
+
+
+def test_raw_data_is_held_as_the_json_the_snapshot_stores() -> None:
+    source = machine_source()
+    entity = schema.MACHINE.entity("m1", "host1", {"riskScore": "High"}, raw=source)
+    raw = entity["_rawData"]
+    assert isinstance(raw, RawData)
+    plain = {**entity, "_rawData": [{"name": "default", "rawData": source}]}
+    # the same canonical JSON, so the same print and the same stored body as the plain dicts
+    assert canonical_print(entity) == canonical_print(plain)
+    assert diff.fingerprint(entity, diff.ignored_fields(None)[schema.MACHINE.type]) == (
+        diff.fingerprint(plain, diff.ignored_fields(None)[schema.MACHINE.type])
+    )
+    # it reads back as the list it stands for
+    assert raw == plain["_rawData"] and raw[0]["rawData"] == source and len(raw) == 1
+    assert raw != [{"name": "default", "rawData": {**source, "riskScore": "Low"}}]
+    assert "bytes" in repr(raw) and "host1" not in repr(raw)
+
+
+def test_export_and_query_results_carry_plain_raw_data() -> None:
+    g = Graph()
+    source = machine_source()
+    g.add_entity(schema.MACHINE.entity("m1", "host1", {}, raw=source), schema.SCOPE_MACHINES)
+    exported = g.export()["entities"][0]
+    assert exported["_rawData"] == [{"name": "default", "rawData": source}]
+    assert type(exported["_rawData"]) is list
+    json.dumps(exported)  # other serialisers than orjson can write it
+    assert type(public(g.entities[MACHINE], include_raw=True)["_rawData"]) is list
+    assert "_rawData" not in public(g.entities[MACHINE])
+
+
+def test_a_machine_and_its_device_hold_one_raw_data() -> None:
+    builder = GraphBuilder(
+        TenantConfig(
+            name="t",
+            tenant_id="22222222-2222-2222-2222-222222222222",
+            client_id="11111111-1111-1111-1111-111111111111",
+            client_secret=SecretStr("not-a-real-secret"),
+        )
+    )
+    builder.add_machines([machine_source()])
+    g = builder.graph()
+    device = g.entities[schema.DEVICE.key("m1")]
+    assert device["_rawData"] is g.entities[MACHINE]["_rawData"]
+
+
+def test_raw_data_json_cannot_hold_rejects_the_item_by_name() -> None:
+    builder = GraphBuilder(
+        TenantConfig(
+            name="t",
+            tenant_id="22222222-2222-2222-2222-222222222222",
+            client_id="11111111-1111-1111-1111-111111111111",
+            client_secret=SecretStr("not-a-real-secret"),
+        )
+    )
+    builder.add_machines([{**machine_source("m1"), "huge": 2**70}, machine_source("m2")])
+    g = builder.graph()
+    assert schema.MACHINE.key("m2") in g.entities and MACHINE not in g.entities
+    (rejected,) = builder.rejected_in(schema.SCOPE_MACHINES)
+    assert rejected.index == 0

@@ -15,6 +15,7 @@ from monitor.config import TenantConfig
 from monitor.model.builder import GraphBuilder
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.machines import format_mac, machine_ip_addresses, machine_mac_addresses
+from monitor.model.raw import json_default
 from monitor.model.schema import (
     ACCOUNT,
     ENTITY_BY_TYPE,
@@ -458,7 +459,9 @@ def test_logon_users_one_entity_per_account() -> None:
             builder.add_logon_users(machine_id, reports[machine_id])
         g = builder.graph()
         body = orjson.dumps(
-            [g.entities, dict(g.relationships), dict(g.scope_of)], option=orjson.OPT_SORT_KEYS
+            [g.entities, dict(g.relationships), dict(g.scope_of)],
+            option=orjson.OPT_SORT_KEYS,
+            default=json_default,
         )
         return builder, body
 

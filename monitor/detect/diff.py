@@ -35,6 +35,7 @@ from monitor.model.graph import (
     default_scope,
     print_of,
 )
+from monitor.model.raw import json_default
 from monitor.snapshot.store import Index
 
 RAW_DATA = "_rawData"
@@ -64,14 +65,14 @@ def _significant(item: Item, ignored: Collection[str]) -> str:
     kept = item.copy()
     for name in ignored:
         kept.pop(name, None)
-    return print_of(orjson.dumps(kept, option=_SORT))
+    return print_of(orjson.dumps(kept, option=_SORT, default=json_default))
 
 
 def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, bytes]:
     """(fingerprint, canonical JSON) of one item; see monitor.snapshot.store for the format.
 
     `compare` computes the same prints in bulk."""
-    body = orjson.dumps(item, option=_SORT)
+    body = orjson.dumps(item, option=_SORT, default=json_default)
     full = print_of(body)
     if any(name in item for name in ignored):
         return _significant(item, ignored) + full, body
@@ -109,7 +110,9 @@ class Bodies(MutableMapping[str, bytes]):
             raise KeyError(key)
         g = self._graph
         item = g.entities.get(key)
-        body = orjson.dumps(item if item is not None else g.relationships[key], option=_SORT)
+        body = orjson.dumps(
+            item if item is not None else g.relationships[key], option=_SORT, default=json_default
+        )
         return self._encode(body) if self._encode is not None else body
 
     def __setitem__(self, key: str, body: bytes) -> None:
@@ -171,7 +174,7 @@ def _wrong(key: str, it: object) -> str | None:
     if it.get("_key") != key:
         return f"has _key {it.get('_key')!r}"
     try:
-        orjson.dumps(it, option=_SORT)
+        orjson.dumps(it, option=_SORT, default=json_default)
     except TypeError as exc:  # orjson.JSONEncodeError: e.g. an integer beyond 64 bits
         return f"cannot be stored as JSON: {exc}"
     return None

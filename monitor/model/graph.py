@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from monitor.model import schema
+from monitor.model.raw import export_value, json_default
 
 Item = dict[str, Any]
 
@@ -33,7 +34,7 @@ def print_of(body: bytes) -> str:
 def canonical_print(item: Item) -> str:
     """`print_of` the item's canonical JSON (orjson, sorted keys): its full-body fingerprint
     (see monitor.detect.diff)."""
-    return print_of(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
+    return print_of(orjson.dumps(item, option=orjson.OPT_SORT_KEYS, default=json_default))
 
 
 def _shape(names: tuple[str, ...]) -> Shape:
@@ -358,7 +359,7 @@ class Graph:
         direct = [r for r in ordered if "_mapping" not in r]
         mapped = [r for r in ordered if "_mapping" in r]
         return {
-            "entities": list(self.entities.values()),
+            "entities": [export_value(e) for e in self.entities.values()],
             "relationships": direct,
             "mappedRelationships": mapped,
         }

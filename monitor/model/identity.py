@@ -36,6 +36,7 @@ from monitor.model.employees import (
     lower_text,
 )
 from monitor.model.graph import Graph, Item
+from monitor.model.raw import RawData
 from monitor.model.schema import (
     EMPLOYEE_MANAGES_EMPLOYEE,
     LOGON_USER,
@@ -71,6 +72,8 @@ class EmployeesOutcome:
 
 def _raw(entity: Mapping[str, Any]) -> Mapping[str, Any]:
     raw = entity.get("_rawData")
+    if isinstance(raw, RawData):
+        raw = raw.value
     if isinstance(raw, list) and raw and isinstance(raw[0], Mapping):
         inner = raw[0].get("rawData")
         if isinstance(inner, Mapping):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from monitor.model.raw import RawData
+
 
 @dataclass(frozen=True)
 class EntityType:
@@ -52,7 +54,7 @@ class EntityType:
         item.update((k, v) for k, v in properties.items() if v is not None or k in keep)
         if account_tag is not None:
             item[TAG_ACCOUNT_NAME] = account_tag
-        item["_rawData"] = [{"name": "default", "rawData": raw}]
+        item["_rawData"] = raw if isinstance(raw, RawData) else RawData.default(raw)
         return item
 
 

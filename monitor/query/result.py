@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from monitor.model.graph import Item
+from monitor.model.raw import export_value
 from monitor.query import ast
 from monitor.query.errors import QueryError
 from monitor.query.executor import DEFAULT_MAX_ROWS, Matched, Path
@@ -20,7 +21,7 @@ HIDDEN = ("_rawData",)
 def public(item: Item, include_raw: bool = False) -> Item:
     """An entity or relationship as a result carries it (without `_rawData` unless asked)."""
     if include_raw:
-        return dict(item)
+        return dict(export_value(item))  # a fetched item's RawData decoded
     return {k: v for k, v in item.items() if k not in HIDDEN}
 
 
