@@ -32,6 +32,7 @@ from monitor.config import DetectSettings, EventSettings
 from monitor.detect import diff as snapdiff
 from monitor.model import schema
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
+from monitor.model.raw import RawData, json_default
 from monitor.model.vulnerabilities import machine_vulnerability_relationship
 from monitor.redis_conn import delete_prefix
 from monitor.snapshot.commit import detect_and_commit
@@ -77,7 +78,7 @@ def _machine(i: int, rnd: random.Random) -> Item:
         "firstSeenOn": T0 - 86_400_000,
         "lastSeenOn": T0,
         "rbacGroupName": "Servers",
-        "_rawData": [{"name": "default", "rawData": raw}],
+        "_rawData": RawData.default(raw),  # as the model holds it
     }
 
 
@@ -96,7 +97,7 @@ def _user(i: int) -> Item:
         "active": True,
         "jobTitle": "Engineer",
         "department": "R&D",
-        "_rawData": [{"name": "default", "rawData": {"id": uid, "accountEnabled": True}}],
+        "_rawData": RawData.default({"id": uid, "accountEnabled": True}),
     }
 
 
@@ -271,7 +272,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         del r1, r2
 
         # the floor: merely parse the new graph's items as JSON
-        blob = orjson.dumps(_items(g2))
+        blob = orjson.dumps(_items(g2), default=json_default)
         out["json_bytes"] = len(blob)
         t = time.perf_counter()
         parsed = orjson.loads(blob)
