@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monitor.config import DetectSettings, EventSettings
 from monitor.detect import diff as snapdiff
+from monitor.memory import pin_mmap_threshold
 from monitor.model import schema
 from monitor.model.graph import Graph, Item, ScopeState, ScopeStatus
 from monitor.model.raw import RawData, json_default
@@ -328,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ns = p.parse_args(argv)
+    pin_mmap_threshold()  # as the CLI and the Celery workers run
     out = run(ns)
     if ns.json:
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")

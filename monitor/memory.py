@@ -9,9 +9,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# glibc's mallopt parameter and the threshold it is pinned at (glibc's own starting value)
+# glibc's mallopt parameter and the threshold it is pinned at. Not glibc's starting 128 KiB: the
+# commit's many 128 KiB - 1 MiB buffers, each mapped and unmapped, made it 1.5 - 4x slower.
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 
 
 def pin_mmap_threshold() -> bool:
@@ -19,9 +20,10 @@ def pin_mmap_threshold() -> bool:
 
     glibc raises the threshold to the size of each large block freed (up to 32 MiB), after
     which the API pages a sync reads and drops (several MB each) come from the heap between
-    the graph's long-lived objects, and their freed space stays in RSS. Pinned, a large block
-    is mapped and unmapped on its own: a sync's peak RSS drops by about 8%
-    (bench/sync_memory.py). Nothing is done on other C libraries (musl, macOS)."""
+    the graph's long-lived objects, and their freed space stays in RSS. Pinned at 1 MiB, such a
+    block is mapped and unmapped on its own: a sync's peak RSS drops by about 8%
+    (bench/sync_memory.py) and diff-and-commit keeps its speed (bench/diff.py). Nothing is done
+    on other C libraries (musl, macOS)."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")

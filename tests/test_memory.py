@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 # In a fresh interpreter: free a 16 MiB block (glibc then raises its mmap threshold to 16 MiB
-# unless it is pinned), then allocate 1 MiB and report whether that block was mapped on its
+# unless it is pinned), then allocate 2 MiB and report whether that block was mapped on its
 # own (mallinfo2's hblkhd: bytes in mmapped blocks).
 PROBE = textwrap.dedent(
     """
@@ -26,8 +26,8 @@ PROBE = textwrap.dedent(
     big = bytearray(16 * 2**20)
     del big
     before = libc.mallinfo2().hblkhd
-    block = bytearray(2**20)
-    print(libc.mallinfo2().hblkhd - before >= 2**20)
+    block = bytearray(2 * 2**20)
+    print(libc.mallinfo2().hblkhd - before >= 2 * 2**20)
     """
 )
 
@@ -40,7 +40,7 @@ def _mapped_after_big_free(setup: str) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_pinned_threshold_keeps_large_blocks_mapped() -> None:
-    # unpinned, glibc's dynamic threshold puts the 1 MiB block on the heap after the big free
+    # unpinned, glibc's dynamic threshold puts the 2 MiB block on the heap after the big free
     assert not _mapped_after_big_free("")
     assert _mapped_after_big_free(
         "from monitor.memory import pin_mmap_threshold; assert pin_mmap_threshold()"
