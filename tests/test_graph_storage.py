@@ -138,6 +138,17 @@ def test_a_relationship_json_cannot_hold_is_named_by_the_diff() -> None:
         raise AssertionError("the diff accepted an item JSON cannot hold")
 
 
+def builder_for_tests() -> GraphBuilder:
+    return GraphBuilder(
+        TenantConfig(
+            name="t",
+            tenant_id="22222222-2222-2222-2222-222222222222",
+            client_id="11111111-1111-1111-1111-111111111111",
+            client_secret=SecretStr("not-a-real-secret"),
+        )
+    )
+
+
 def machine_source(mid: str = "m1") -> dict[str, object]:
     return {"id": mid, "computerDnsName": "host1", "riskScore": "High", "vmMetadata": None}
 
@@ -172,14 +183,7 @@ def test_export_and_query_results_carry_plain_raw_data() -> None:
 
 
 def test_a_machine_and_its_device_hold_one_raw_data() -> None:
-    builder = GraphBuilder(
-        TenantConfig(
-            name="t",
-            tenant_id="22222222-2222-2222-2222-222222222222",
-            client_id="11111111-1111-1111-1111-111111111111",
-            client_secret=SecretStr("not-a-real-secret"),
-        )
-    )
+    builder = builder_for_tests()
     builder.add_machines([machine_source()])
     g = builder.graph()
     device = g.entities[schema.DEVICE.key("m1")]
@@ -187,14 +191,7 @@ def test_a_machine_and_its_device_hold_one_raw_data() -> None:
 
 
 def test_raw_data_json_cannot_hold_rejects_the_item_by_name() -> None:
-    builder = GraphBuilder(
-        TenantConfig(
-            name="t",
-            tenant_id="22222222-2222-2222-2222-222222222222",
-            client_id="11111111-1111-1111-1111-111111111111",
-            client_secret=SecretStr("not-a-real-secret"),
-        )
-    )
+    builder = builder_for_tests()
     builder.add_machines([{**machine_source("m1"), "huge": 2**70}, machine_source("m2")])
     g = builder.graph()
     assert schema.MACHINE.key("m2") in g.entities and MACHINE not in g.entities

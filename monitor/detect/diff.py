@@ -35,11 +35,10 @@ from monitor.model.graph import (
     default_scope,
     print_of,
 )
-from monitor.model.raw import json_default
+from monitor.model.raw import canonical_json
 from monitor.snapshot.store import Index
 
 RAW_DATA = "_rawData"
-_SORT = orjson.OPT_SORT_KEYS
 _RAW_ONLY: frozenset[str] = frozenset({RAW_DATA})
 COMPARE_CHUNK = 50_000  # items fingerprinted at a time
 
@@ -65,14 +64,14 @@ def _significant(item: Item, ignored: Collection[str]) -> str:
     kept = item.copy()
     for name in ignored:
         kept.pop(name, None)
-    return print_of(orjson.dumps(kept, option=_SORT, default=json_default))
+    return print_of(canonical_json(kept))
 
 
 def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, bytes]:
     """(fingerprint, canonical JSON) of one item; see monitor.snapshot.store for the format.
 
     `compare` computes the same prints in bulk."""
-    body = orjson.dumps(item, option=_SORT, default=json_default)
+    body = canonical_json(item)
     full = print_of(body)
     if any(name in item for name in ignored):
         return _significant(item, ignored) + full, body
@@ -110,9 +109,7 @@ class Bodies(MutableMapping[str, bytes]):
             raise KeyError(key)
         g = self._graph
         item = g.entities.get(key)
-        body = orjson.dumps(
-            item if item is not None else g.relationships[key], option=_SORT, default=json_default
-        )
+        body = canonical_json(item if item is not None else g.relationships[key])
         return self._encode(body) if self._encode is not None else body
 
     def __setitem__(self, key: str, body: bytes) -> None:
@@ -174,7 +171,7 @@ def _wrong(key: str, it: object) -> str | None:
     if it.get("_key") != key:
         return f"has _key {it.get('_key')!r}"
     try:
-        orjson.dumps(it, option=_SORT, default=json_default)
+        canonical_json(it)
     except TypeError as exc:  # orjson.JSONEncodeError: e.g. an integer beyond 64 bits
         return f"cannot be stored as JSON: {exc}"
     return None

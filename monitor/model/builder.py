@@ -162,8 +162,7 @@ class GraphBuilder:
             try:
                 machine = _item(raw)
                 agent = machine_entity(machine, account_tag=self._tag)
-                device = device_entity(machine, account_tag=self._tag)
-                device["_rawData"] = agent["_rawData"]  # the same source object: held once
+                device = device_entity(machine, account_tag=self._tag, raw=agent["_rawData"])
             except Exception as exc:  # any unconvertible item: rejected, not a crash
                 self._reject(SCOPE_MACHINES, "machines", i, exc)
                 continue

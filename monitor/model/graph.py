@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from monitor.model import schema
-from monitor.model.raw import export_value, json_default
+from monitor.model.raw import canonical_json, export_value
 
 Item = dict[str, Any]
 
@@ -34,7 +34,7 @@ def print_of(body: bytes) -> str:
 def canonical_print(item: Item) -> str:
     """`print_of` the item's canonical JSON (orjson, sorted keys): its full-body fingerprint
     (see monitor.detect.diff)."""
-    return print_of(orjson.dumps(item, option=orjson.OPT_SORT_KEYS, default=json_default))
+    return print_of(canonical_json(item))
 
 
 def _shape(names: tuple[str, ...]) -> Shape:

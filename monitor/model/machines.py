@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from monitor.model.raw import RawData
 from monitor.model.schema import (
     ACCOUNT_HAS_MACHINE,
     DEVICE,
@@ -182,8 +183,11 @@ def machine_entity(machine: Mapping[str, Any], *, account_tag: str | None = None
     return MACHINE.entity(machine_id, name, properties, raw=machine, account_tag=account_tag)
 
 
-def device_entity(machine: Mapping[str, Any], *, account_tag: str | None = None) -> Item:
-    """The `user_endpoint` (Device) entity of one Defender machine (JupiterOne's endpoint)."""
+def device_entity(
+    machine: Mapping[str, Any], *, account_tag: str | None = None, raw: RawData | None = None
+) -> Item:
+    """The `user_endpoint` (Device) entity of one Defender machine (JupiterOne's endpoint).
+    `raw`: the machine's `_rawData` when its HostAgent entity is built too (held once)."""
     machine_id = require_str(machine, "machine")
     get = machine.get
     vm = get("vmMetadata")
@@ -235,7 +239,13 @@ def device_entity(machine: Mapping[str, Any], *, account_tag: str | None = None)
         "serial": None,
     }
     name = machine_display_name(machine)
-    return DEVICE.entity(machine_id, name, properties, raw=machine, account_tag=account_tag)
+    return DEVICE.entity(
+        machine_id,
+        name,
+        properties,
+        raw=raw if raw is not None else machine,
+        account_tag=account_tag,
+    )
 
 
 def account_machine_relationship(account_key: str, machine_key: str) -> Item:

@@ -6,8 +6,8 @@ ask for it), it only writes it to the snapshot. Held as the bytes it is written 
 sorted keys, what the snapshot stores - it costs a third, and writing or fingerprinting the
 entity inlines those bytes instead of walking the nested dicts again.
 
-orjson serialises it through `json_default` (every `orjson.dumps` of a fetched item passes it);
-`export_value` turns an item into plain JSON values for other serialisers.
+`canonical_json` writes an item with it (orjson, through `json_default`); `export_value` turns
+an item into plain JSON values for other serialisers.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class RawData:
 
     def __repr__(self) -> str:
         return f"RawData({len(self.json)} bytes)"
+
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical JSON of an item (orjson, sorted keys; a RawData inlined as it is): what
+    the snapshot stores and fingerprints."""
+    return orjson.dumps(value, option=_SORT, default=json_default)
 
 
 def json_default(obj: Any) -> Any:
