@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from identity_helpers import Env, identity_env, of_type
 from simulator_helpers import token
 
 from monitor.collect.check import check_tenant
 from monitor.collect.collector import collect_tenant
-from monitor.collect.users import USERS_DELTA, UsersStateStore
+from monitor.collect.users import USERS_DELTA, UsersState, UsersStateStore
 from monitor.events.stream import read_range
 from monitor.simulator.faults import Fault
 from monitor.snapshot.commit import CRASH_ENV
@@ -336,3 +337,23 @@ def test_simulated_delta_pages_and_tokens_behave_like_graph(
             assert gone.status_code == 410
             assert gone.json()["error"]["code"] == "syncStateNotFound"
             assert get(latest["@odata.deltaLink"]).status_code == 410
+
+
+def test_the_users_state_is_packed_once_the_graph_has_the_users(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """A big tenant's users are not held twice through the sync: once the builder has them,
+    the state keeps only the packed value it will save (when it changed)."""
+    with identity_env(tmp_path, redis_url, redis_prefix, users=450) as env:
+        tenant = env.settings.tenants[0]
+        first = collect_tenant(env.settings, tenant, redis_client=env.client)
+        assert first.users is not None and first.users.state is not None
+        state = first.users.state
+        assert state.users == {} and state.sealed
+        assert len(UsersState.loads(state.dumps()).users) == 450
+        env.sync()  # commits and saves a state of its own
+        quiet = collect_tenant(env.settings, tenant, redis_client=env.client)
+        assert quiet.users is not None and quiet.users.state is not None
+        assert not quiet.users.state.changed and quiet.users.state.users == {}
+        with pytest.raises(ValueError, match="unchanged"):
+            quiet.users.state.dumps()  # nothing to write: save() writes only the link

@@ -56,9 +56,23 @@ class UsersState:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)  # the manager as "manager"
     changed: bool = True  # users differ from what was saved (not saved itself)
     unkeyed: list[Json] = field(default_factory=list)  # this round's items without an id
+    packed: bytes | None = field(default=None, repr=False)  # `dumps()` once `seal`ed
+    sealed: bool = False
 
     def dumps(self) -> bytes:
+        if self.sealed:
+            if self.packed is None:
+                raise ValueError("an unchanged users state was sealed without being packed")
+            return self.packed
         return pack_state({"link": self.delta_link, "select": self.select, "users": self.users})
+
+    def seal(self) -> None:
+        """Once the builder has the users: keep only what `dumps` will write (when it changed),
+        and let the users' records go. A big tenant's users would otherwise be held twice
+        through the rest of the sync (here and in the graph), and packed at its peak."""
+        if self.changed:
+            self.packed = self.dumps()
+        self.users, self.unkeyed, self.sealed = {}, [], True
 
     @classmethod
     def loads(cls, blob: bytes) -> UsersState:
@@ -161,6 +175,8 @@ def collect_users(
     builder.set_scope(SCOPE_USERS, ScopeStatus(ScopeState.COMPLETE, count=n))
     status = builder.graph().scopes[SCOPE_USERS]  # FAILED if the builder rejected an item
     complete = status.state is ScopeState.COMPLETE
+    if complete:
+        state.seal()
     return UsersResult(status, state if complete else None, previous is None or resynced)
 
 
