@@ -18,7 +18,7 @@ from detect_helpers import (
 )
 
 from monitor.snapshot.lock import LockLost, TenantBusy, TenantLock
-from monitor.snapshot.store import SnapshotStore, StreamingTransaction
+from monitor.snapshot.store import BIG_ARGUMENT, SnapshotStore, StreamingTransaction, send_batch
 
 
 def wait_for(predicate: object, timeout: float = 10.0) -> None:
@@ -121,3 +121,28 @@ def test_watch_aborts_when_a_watched_key_changes(
         redis_client.set(key, "b")  # someone else writes between WATCH and EXEC
         assert tx.execute() is None
     assert not redis_client.exists(f"{redis_prefix}:other")
+
+
+def test_big_arguments_are_sent_whole_beside_small_commands(
+    redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """An index part (an argument of BIG_ARGUMENT bytes or more) goes as a piece of its own,
+    between small commands packed as usual: every value arrives byte for byte."""
+    big = bytes(range(256)) * (BIG_ARGUMENT // 256 + 7)
+    view = memoryview(bytearray(big[:BIG_ARGUMENT]))
+    with StreamingTransaction(redis_client, []) as tx:
+        tx.multi()
+        tx.queue("SET", f"{redis_prefix}:small", "x")
+        tx.queue("HSET", f"{redis_prefix}:idx", "p0", big, "p1", view, "n", 7)
+        tx.queue("SET", f"{redis_prefix}:after", b"\r\n")
+        assert tx.execute() is not None
+    replies = send_batch(redis_client, [("SET", f"{redis_prefix}:batched", big), ("GET", "x")])
+    assert replies[0] in (b"OK", "OK", True)
+    assert redis_client.hgetall(f"{redis_prefix}:idx") == {
+        b"p0": big,
+        b"p1": bytes(view),
+        b"n": b"7",
+    }
+    assert redis_client.get(f"{redis_prefix}:small") == b"x"
+    assert redis_client.get(f"{redis_prefix}:after") == b"\r\n"
+    assert redis_client.get(f"{redis_prefix}:batched") == big

@@ -188,8 +188,14 @@ def send_batch(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
     return replies
 
 
-def _pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP (what redis-py's packer does, without its per-argument overhead)."""
+BIG_ARGUMENT = 1 << 20  # sent as a piece of its own, not copied into its command's bytes
+
+
+def _pack(args: tuple[Any, ...]) -> list[bytes]:
+    """One command in RESP (what redis-py's packer does, without its per-argument overhead),
+    as pieces to send in order: one, unless an argument of BIG_ARGUMENT bytes or more (an
+    index part) goes as it is rather than being copied."""
+    pieces: list[bytes] = []
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, str):
@@ -199,15 +205,21 @@ def _pack(args: tuple[Any, ...]) -> bytes:
         elif not isinstance(a, bytes | bytearray | memoryview):
             raise StoreError(f"cannot send a {type(a).__name__} to Redis")
         parts.append(b"$%d\r\n" % len(a))
-        parts.append(a)
+        if len(a) >= BIG_ARGUMENT:
+            pieces += (b"".join(parts), bytes(a) if not isinstance(a, bytes) else a)
+            parts = []
+        else:
+            parts.append(a)
         parts.append(b"\r\n")
-    return b"".join(parts)
+    pieces.append(b"".join(parts))
+    return pieces
 
 
 def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Send `commands` packed on `conn` and read their replies (an error reply as its
-    exception). One packed piece per command, not joined: an index part is not copied again."""
-    conn.send_packed_command([_pack(args) for args in commands])
+    exception). Pieces are not joined across commands, nor around a big argument: an index
+    part is not copied again."""
+    conn.send_packed_command([piece for args in commands for piece in _pack(args)])
     replies: list[Any] = []
     for _ in commands:
         try:
