@@ -70,6 +70,36 @@ def test_a_row_carries_the_print_the_diff_would_make() -> None:
     assert rels.rows([key])[0][1] != fp
 
 
+def test_a_row_holds_only_what_its_shape_does_not() -> None:
+    """A converter's relationship keeps its values in the row and its `_type`, `_class`,
+    `displayName` (the class) and derivable `_key` in the shared shape; any other relationship
+    keeps what it does not share, and every one reads back field for field, in order."""
+    rels = Relationships()
+    rel = pair()
+    key = str(rel["_key"])
+    row = rels.put(key, rel)
+    assert isinstance(row, tuple)
+    assert row[2:] == (MACHINE, CVE, "contoso app 1.0")  # ends and products only
+    other = machine_vulnerability_relationship(MACHINE, schema.VULNERABILITY.key("CVE-2"), ["x"])
+    assert rels.put(str(other["_key"]), other)[0] is row[0]  # one shape for both
+    odd_key = {**rel, "_key": "pair-1"}  # a key of its own
+    named = {**rel, "_key": "pair-2", "displayName": "found on"}  # a label of its own
+    mixed = {**rel, "_key": "pair-3", "_class": 7}  # not a string class
+    for item in (odd_key, named, mixed):
+        stored = rels.put(str(item["_key"]), item)
+        assert isinstance(stored, tuple)
+        got = rels[str(item["_key"])]
+        assert got == item and list(got) == list(item)
+        assert entry_class(stored) == item["_class"] and entry_ends(stored) == (MACHINE, CVE)
+        assert rels.rows([str(item["_key"])]) == [
+            (item["_type"], canonical_print(item), tuple(item))
+        ]
+    assert "pair-1" in rels.put("pair-1", odd_key)  # the key is held when not derivable
+    assert "found on" in rels.put("pair-2", named)
+    assert rels[key] == rel and list(rels[key]) == list(rel)
+    assert rels.put("other-key", rel)[2] == key  # stored under another key: its own kept
+
+
 def test_a_read_relationship_is_a_copy() -> None:
     rels = Relationships()
     rel = pair()

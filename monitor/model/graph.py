@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -17,11 +18,67 @@ from monitor.model.raw import canonical_json, export_value
 Item = dict[str, Any]
 
 _SCALARS = (str, int, float, bool, type(None))
-# field-name tuples shared by every relationship of the same shape -> (names, from, to, _type,
-# _class) positions in a row (0: the field is absent)
-Shape = tuple[tuple[str, ...], int, int, int, int]
-_SHAPES: dict[tuple[str, ...], Shape] = {}
 _VALUES = 2  # a row: (shape, print, *values)
+
+
+class Shape:
+    """The layout every relationship row written the same way shares: its field names, its
+    `_type` and `_class` (and a `displayName` equal to the class, as converters write it),
+    held here rather than in each row, and where the other values sit in the row. A row whose
+    `_key` is `{from}|{class, lower case}|{to}` (every converter's) does not hold it either: it
+    is made again when the relationship is built."""
+
+    __slots__ = (
+        "_consts",
+        "_pick",
+        "cls",
+        "dst",
+        "keyless",
+        "names",
+        "src",
+        "stored",
+        "typ",
+        "verb",
+    )
+
+    def __init__(
+        self, names: tuple[str, ...], typ: Any, cls: Any, display: bool, keyless: bool
+    ) -> None:
+        self.names, self.typ, self.cls, self.keyless = names, typ, cls, keyless
+        self.verb = cls.lower() if isinstance(cls, str) else ""
+        consts: dict[str, Any] = {"_type": typ}
+        if "_class" in names:
+            consts["_class"] = cls
+        if display:
+            consts["displayName"] = cls
+        # the names of the values a row holds, in order
+        self.stored = tuple(n for n in names if n not in consts and not (keyless and n == "_key"))
+        pos = {n: i + _VALUES for i, n in enumerate(self.stored)}
+        self.src = pos.get("_fromEntityKey", 0)
+        self.dst = pos.get("_toEntityKey", 0)
+        # building: the fields picked, in order, from (key, *constants, *row)
+        const_names = list(consts)
+        base = 1 + len(const_names)
+        self._consts = tuple(consts.values())
+        self._pick = itemgetter(
+            *(
+                0
+                if keyless and n == "_key"
+                else 1 + const_names.index(n)
+                if n in consts
+                else base + pos[n]
+                for n in names
+            )
+        )
+
+    def item(self, row: tuple[Any, ...]) -> Item:
+        """The relationship a row holds, as a new dict (fields in their stored order)."""
+        key = f"{row[self.src]}|{self.verb}|{row[self.dst]}" if self.keyless else None
+        return dict(zip(self.names, self._pick((key, *self._consts, *row)), strict=True))
+
+
+# (names, _type, _class, displayName is the class, keyless) -> the shape, made once
+_SHAPES: dict[tuple[Any, ...], Shape] = {}
 # a stored relationship as `Relationships` holds it: a row (a tuple), or the dict as given
 Entry = tuple[Any, ...] | Item
 
@@ -37,32 +94,36 @@ def canonical_print(item: Item) -> str:
     return print_of(canonical_json(item))
 
 
-def _shape(names: tuple[str, ...]) -> Shape:
-    found = _SHAPES.get(names)
+def _shape_of(key: str, rel: Item) -> Shape:
+    typ, cls = rel["_type"], rel.get("_class")
+    src, dst = rel.get("_fromEntityKey"), rel.get("_toEntityKey")
+    keyless = (
+        type(cls) is str
+        and type(src) is str
+        and type(dst) is str
+        and rel.get("_key") == key == f"{src}|{cls.lower()}|{dst}"
+    )
+    display = type(cls) is str and rel.get("displayName", None) == cls
+    names = tuple(rel)
+    sig = (names, typ, cls, display, keyless)
+    found = _SHAPES.get(sig)
     if found is None:
-        pos = {n: i + _VALUES for i, n in enumerate(names)}
-        found = (
-            names,
-            pos.get("_fromEntityKey", 0),
-            pos.get("_toEntityKey", 0),
-            pos["_type"],
-            pos.get("_class", 0),
-        )
-        _SHAPES[names] = found
+        found = _SHAPES[sig] = Shape(names, typ, cls, display, keyless)
     return found
 
 
 def entry_item(entry: Entry) -> Item:
     """The relationship an entry holds, as a dict (a row builds a new one)."""
     if isinstance(entry, tuple):
-        return dict(zip(entry[0][0], entry[_VALUES:], strict=True))
+        return entry[0].item(entry)
     return entry
 
 
 def entry_ends(entry: Entry) -> tuple[Any, Any]:
     """(`_fromEntityKey`, `_toEntityKey`) of an entry, without building it."""
     if isinstance(entry, tuple):
-        _names, src, dst, _typ, _cls = entry[0]
+        shape: Shape = entry[0]
+        src, dst = shape.src, shape.dst
         return (entry[src] if src else None, entry[dst] if dst else None)
     return entry.get("_fromEntityKey"), entry.get("_toEntityKey")
 
@@ -70,22 +131,21 @@ def entry_ends(entry: Entry) -> tuple[Any, Any]:
 def entry_class(entry: Entry) -> Any:
     """The `_class` of an entry, without building it."""
     if isinstance(entry, tuple):
-        pos = entry[0][4]
-        return entry[pos] if pos else None
+        return entry[0].cls
     return entry.get("_class")
 
 
 class Relationships(MutableMapping[str, Item]):
     """Relationships by `_key`, held compactly: a relationship of scalar fields only (a
-    machine-CVE pair, a HAS) is one tuple - its shape (field names, shared by every
-    relationship written the same way) and its values, strings interned so the endpoint keys,
-    types and products repeated across millions of pairs are stored once - with its canonical
-    print, made as it is stored (the diff reads it without building the relationship). Reading
-    one builds a new dict (a change to it is not stored: assign it back); other relationships
-    (mapped ones with their nested `_mapping`) are kept as they are.
+    machine-CVE pair, a HAS) is one tuple - its `Shape` (field names, `_type`, `_class`,
+    shared by every relationship written the same way) and its other values, strings interned
+    so the endpoint keys and products repeated across millions of pairs are stored once - with
+    its canonical print, made as it is stored (the diff reads it without building the
+    relationship). Reading one builds a new dict (a change to it is not stored: assign it
+    back); other relationships (mapped ones with their nested `_mapping`) are kept as they are.
 
-    A pair costs about 330 bytes this way instead of 750 as a dict: pairs are most of a big
-    tenant's graph.
+    A pair costs about 340 bytes this way (its key string 175, its row 80, its print 72)
+    instead of 750 as a dict: pairs are most of a big tenant's graph.
     """
 
     __slots__ = ("_flat", "_other", "_prints")
@@ -104,19 +164,22 @@ class Relationships(MutableMapping[str, Item]):
 
     def put(self, key: str, rel: Item) -> Entry:
         """Store `rel` under `key`; the stored entry (see `entry`)."""
-        intern = sys.intern
         if type(rel) is dict and "_type" in rel and all(type(v) in _SCALARS for v in rel.values()):
             try:
                 fp = canonical_print(rel) if self._prints else ""
             except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the diff names it
                 self.put_entry(key, rel)
                 return rel
+            shape = _shape_of(key, rel)
+            intern = sys.intern
+            get = rel.get
             row = (
-                _shape(tuple(rel)),
+                shape,
                 fp,
                 *(
                     (key if v == key else v) if n == "_key" else intern(v) if type(v) is str else v
-                    for n, v in rel.items()
+                    for n in shape.stored
+                    for v in (get(n),)
                 ),
             )
             self.put_entry(key, row)
@@ -190,7 +253,7 @@ class Relationships(MutableMapping[str, Item]):
         out: list[tuple[str, str, tuple[str, ...]] | None] = []
         for key in keys:
             row = get(key)
-            out.append(None if row is None else (row[row[0][3]], row[1], row[0][0]))
+            out.append(None if row is None else (row[0].typ, row[1], row[0].names))
         return out
 
     def type_of(self, key: str) -> str | None:
@@ -199,7 +262,7 @@ class Relationships(MutableMapping[str, Item]):
         if row is None:
             rel = self._other.get(key)
             return rel.get("_type") if isinstance(rel, dict) else None
-        typ: str = row[row[0][3]]
+        typ: str = row[0].typ
         return typ
 
     def endpoints(self, key: str) -> tuple[Any, Any] | None:
@@ -210,9 +273,9 @@ class Relationships(MutableMapping[str, Item]):
 
     def of_type(self, typ: str) -> Iterator[Item]:
         """The relationships of one `_type` (only those are built)."""
-        for key, row in self._flat.items():
-            if row[row[0][3]] == typ:
-                yield self[key]
+        for row in self._flat.values():
+            if row[0].typ == typ:
+                yield row[0].item(row)
         for rel in self._other.values():
             if rel.get("_type") == typ:
                 yield rel
