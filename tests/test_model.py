@@ -17,10 +17,12 @@ from monitor.model.graph import Graph, ScopeState, ScopeStatus
 from monitor.model.machines import format_mac, machine_ip_addresses, machine_mac_addresses
 from monitor.model.raw import json_default
 from monitor.model.schema import (
+    _SHARED,
     ACCOUNT,
     ENTITY_BY_TYPE,
     MACHINE,
     RELATIONSHIP_BY_TYPE,
+    SHARED_VALUES_PER_FIELD,
     TAG_ACCOUNT_NAME,
     USER,
     VULNERABILITY,
@@ -594,3 +596,27 @@ def test_vulnerability_maps_epss_when_defender_sends_it() -> None:
     assert vulnerability_entity(cve)["epss"] == 0.00123
     assert "epss" not in vulnerability_entity({**cve, "epss": None})
     assert "epss" not in vulnerability_entity({**cve, "epss": "high"})  # not a number: left out
+
+
+def test_few_valued_properties_share_one_string_per_value() -> None:
+    """Users parsed from separate JSON hold one object per department, not one each; a
+    property seen with more than SHARED_VALUES_PER_FIELD values (a UPN) stops being tracked;
+    every value reads back as given either way."""
+    many = SHARED_VALUES_PER_FIELD + 5
+
+    def user(i: int) -> dict[str, Any]:
+        doc = {"id": f"share-{i}", "userPrincipalName": f"share{i}@contoso.com"}
+        doc["department"] = "Shared Finance" if i % 2 else "Shared Sales"
+        return dict(orjson.loads(orjson.dumps(doc)))  # its own strings, as a page gives them
+
+    builder = GraphBuilder(tenant())
+    assert builder.add_users([user(i) for i in range(many)]) == many
+    users = [builder.graph().entities[USER.key(f"share-{i}")] for i in range(many)]
+    finance = [u["department"] for u in users[1::2]]
+    assert finance == ["Shared Finance"] * len(finance)
+    assert len({id(v) for v in finance}) == 1  # one object for all of them
+    assert [u["userPrincipalName"] for u in users] == [f"share{i}@contoso.com" for i in range(many)]
+    tables = _SHARED[USER.type]
+    assert tables["userPrincipalName"] is None  # too many values: no longer tracked
+    department = tables["department"]
+    assert department is not None and "Shared Sales" in department

@@ -13,6 +13,15 @@ from typing import Any
 
 from monitor.model.raw import RawData
 
+# A property with few values (a platform, a status, a department) holds one string object per
+# value, shared by every entity that has it: parsing the API's JSON makes a new string for each
+# occurrence, and a big tenant's machines and users repeat them by the hundred thousand. A field
+# seen with more than SHARED_VALUES_PER_FIELD distinct values (names, times, ids) is not tracked
+# from then on, so the table stays small for the life of the process.
+SHARED_VALUES_PER_FIELD = 256
+_SHARED: dict[str, dict[str, dict[str, str] | None]] = {}  # _type -> field -> value -> value
+_UNSEEN: dict[str, str] = {}
+
 
 @dataclass(frozen=True)
 class EntityType:
@@ -51,7 +60,19 @@ class EntityType:
             "name": display_name,
         }
         keep = self.keep_null
-        item.update((k, v) for k, v in properties.items() if v is not None or k in keep)
+        shared = _SHARED.setdefault(self.type, {})
+        for k, v in properties.items():
+            if type(v) is str:
+                values = shared.get(k, _UNSEEN)
+                if values is _UNSEEN:
+                    values = shared[k] = {}
+                if values is not None:
+                    v = values.setdefault(v, v)
+                    if len(values) > SHARED_VALUES_PER_FIELD:
+                        shared[k] = None  # many values (names, times, ids): not tracked
+            elif v is None and k not in keep:
+                continue
+            item[k] = v
         if account_tag is not None:
             item[TAG_ACCOUNT_NAME] = account_tag
         item["_rawData"] = raw if isinstance(raw, RawData) else RawData.default(raw)
