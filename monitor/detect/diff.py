@@ -19,7 +19,7 @@ from collections.abc import (
 )
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import groupby, islice
 from typing import Any
 
 import orjson
@@ -278,9 +278,8 @@ def compare(
     fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
     scope_of = graph.scope_of.explicit  # the rest are in their type's scope
     for collection in (graph.entities, graph.relationships):
-        all_keys = list(collection)
-        for start in range(0, len(all_keys), COMPARE_CHUNK):
-            keys = all_keys[start : start + COMPARE_CHUNK]
+        pending = iter(collection)  # a chunk of keys at a time, not a list of them all
+        while keys := list(islice(pending, COMPARE_CHUNK)):
             fps = _chunk(collection, keys, fresh, scope_of, ignored)
             fresh_fp.update(zip(keys, fps, strict=True))
     # a first sync writes every fetched item: its keys serve as `added` and the bodies' keys
