@@ -73,6 +73,43 @@ def test_fingerprint_significant_part_ignores_volatile_and_raw() -> None:
     assert fresh["x"]["r"] == diff.fingerprint(rel)[0]
 
 
+def test_a_later_sync_indexes_every_item_as_a_first_sync_does() -> None:
+    """A later sync builds the new index after meeting the stored one (its key -> print table
+    is gone by then): every item lands in the same scope, type and print as in a first sync -
+    entity prints with their significant half, mapped relationships, rows with a volatile field
+    set for their type, items outside their type's scope - and only unmet items are `added`."""
+    pair_type = "microsoft_defender_machine_identified_vulnerability"
+    ign = diff.ignored_fields(DetectSettings(volatile_fields={pair_type: ["products"]}))
+    machine = {"_key": "m", "_type": schema.MACHINE.type, "riskScore": "Low", "lastSeenOn": 1}
+    pair = {
+        "_key": "m|identified|v",
+        "_type": pair_type,
+        "_class": "IDENTIFIED",
+        "_fromEntityKey": "m",
+        "_toEntityKey": "v",
+        "products": "contoso 1.0",
+    }
+    has = {"_key": "a|has|m", "_type": "x_has", "_class": "HAS", "_fromEntityKey": "a"}
+    mapped = {"_key": "v|is|c", "_type": "x_is", "_class": "IS", "_mapping": {"a": [1]}}
+    g = Graph()
+    g.add_entity(machine, schema.SCOPE_MACHINES)
+    g.add_relationship(pair, schema.SCOPE_VULNERABILITIES)
+    g.add_relationship(has, "elsewhere")
+    g.add_relationship(mapped, schema.SCOPE_VULNERABILITIES)
+    first = diff.compare(g, None, ign)
+    assert len(first.fresh[schema.SCOPE_VULNERABILITIES][pair_type]["m|identified|v"]) == 32
+    stored = {s: {t: dict(items) for t, items in types.items()} for s, types in first.fresh.items()}
+    del stored["elsewhere"]  # not stored yet: new in this sync
+    stored[schema.SCOPE_MACHINES]["gone"] = {"g": "0" * 16}
+    later = diff.compare(g, [stored], ign)
+    assert later.fresh == first.fresh
+    assert set(later.added) == {"a|has|m"} and set(first.added) == set(g.entities) | set(
+        g.relationships
+    )
+    assert later.missing == [("g", schema.SCOPE_MACHINES, "gone")] and not later.changed
+    assert set(later.bodies) == {"a|has|m"} and len(first.bodies) == 4
+
+
 def test_volatile_override_from_settings() -> None:
     ign = diff.ignored_fields(DetectSettings(volatile_fields={schema.USER.type: ["jobTitle"]}))
     assert ign[schema.USER.type] == {"jobTitle", "_rawData"}

@@ -186,15 +186,16 @@ def _index_fresh(
     keys: list[str],
     types: list[str],
     fps: list[str],
-    fresh: Index,
+    fresh: Index | None,
     scope_of: Mapping[str, str],
     ignored: Mapping[str, frozenset[str]],
     fields: Callable[[int], Collection[str]],
     item: Callable[[int], Item],
 ) -> None:
-    """Put each item in `fresh[scope][_type]`, prefixing its significant fingerprint when it
-    carries ignored fields (`fps` is updated in place). `fields(i)` names item i's fields,
-    `item(i)` is the item (built only when its significant print is needed).
+    """Prefix each item's significant fingerprint when it carries ignored fields (`fps` is
+    updated in place) and put it in `fresh[scope][_type]` (unless `fresh` is None).
+    `fields(i)` names item i's fields, `item(i)` is the item (built only when its significant
+    print is needed).
 
     Items come in runs of one scope and type (collectors add them resource by resource), so
     the work is done per run with C-level groupby/update rather than item by item.
@@ -213,21 +214,23 @@ def _index_fresh(
             need.update(i for i in range(start, end) if name in fields(i))
         for i in need:  # significant hash first, then the full one
             fps[i] = _significant(item(i), ign) + fps[i]
-        bucket = fresh.setdefault(scope, {}).setdefault(typ, {})  # type: ignore[arg-type]
-        bucket.update(zip(keys[start:end], fps[start:end], strict=True))
+        if fresh is not None:
+            bucket = fresh.setdefault(scope, {}).setdefault(typ, {})  # type: ignore[arg-type]
+            bucket.update(zip(keys[start:end], fps[start:end], strict=True))
         start = end
 
 
 def _chunk(
     collection: Mapping[str, Item],
     keys: list[str],
-    fresh: Index,
+    fresh: Index | None,
     scope_of: Mapping[str, str],
     ignored: Mapping[str, frozenset[str]],
-) -> list[str]:
-    """Index one chunk of a collection into `fresh`; its prints. Relationships kept as rows
-    give their type, print and fields without being built; other items are built and
-    fingerprinted (a malformed one raises ValueError naming it)."""
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Index one chunk of a collection into `fresh` (None: only the prints); its prints, and
+    (key, print) of those whose print is not their row's. Relationships kept as rows give their
+    type, print and fields without being built; other items are built and fingerprinted (a
+    malformed one raises ValueError naming it)."""
     rows = collection.rows(keys) if isinstance(collection, Relationships) else None
     built = {i: collection[keys[i]] for i in range(len(keys)) if rows is None or rows[i] is None}
     items = list(built.values())
@@ -252,7 +255,60 @@ def _chunk(
         return built[i] if i in built else collection[keys[i]]
 
     _index_fresh(keys, types, fps, fresh, scope_of, ignored, fields, item)
-    return fps
+    if rows is None:
+        return fps, list(zip(keys, fps, strict=True))
+    return fps, [
+        (k, fp)
+        for k, fp, row in zip(keys, fps, rows, strict=True)
+        if row is None or fp is not row[1]
+    ]
+
+
+def _index_all(graph: Graph, own: Mapping[str, str], fresh: Index) -> None:
+    """`fresh[scope][_type][_key]` = print of every fetched item: the print in `own`, else its
+    row's. In graph order, a run of one scope and type at a time."""
+    explicit = graph.scope_of.explicit
+    defaults: dict[Any, str] = {}
+
+    def entries() -> Iterator[tuple[str, Any, str]]:
+        for key, ent in graph.entities.items():
+            yield key, ent["_type"], own[key]
+        for key, entry in graph.relationships.entries():
+            if isinstance(entry, tuple):
+                yield key, entry[0].typ, own.get(key) or entry[1]
+            else:
+                yield key, entry["_type"], own[key]
+
+    def run(entry: tuple[str, Any, str]) -> tuple[str, Any]:
+        key, typ, _fp = entry
+        scope = explicit.get(key)
+        if scope is None:
+            scope = defaults.get(typ)
+            if scope is None:
+                scope = defaults[typ] = default_scope(typ)
+        return scope, typ
+
+    for (scope, typ), items in groupby(entries(), key=run):
+        bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
+        bucket.update((key, fp) for key, _typ, fp in items)
+
+
+class _Fetched(AbstractSet[str]):
+    """The key of every fetched item, read from the graph: a first sync's `added`, and the
+    bodies its commit writes (all of them, with no table of their own)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self._graph = graph
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._graph.entities or key in self._graph.relationships
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._graph.entities
+        yield from self._graph.relationships
+
+    def __len__(self) -> int:
+        return len(self._graph.entities) + len(self._graph.relationships)
 
 
 def compare(
@@ -273,25 +329,36 @@ def compare(
     of items and its per-item cost is the diff's cost. A malformed item (no `_type`, not an
     object) raises ValueError naming it.
     """
-    first = previous is None
     fresh: Index = {}
-    fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
     scope_of = graph.scope_of.explicit  # the rest are in their type's scope
+    if previous is None:  # a first sync: every fetched item is new, and written
+        for collection in (graph.entities, graph.relationships):
+            pending = iter(collection)  # a chunk of keys at a time, not a list of them all
+            while keys := list(islice(pending, COMPARE_CHUNK)):
+                _chunk(collection, keys, fresh, scope_of, ignored)
+        fetched = _Fetched(graph)
+        return Comparison(fresh, Bodies(graph, encode, fetched), fetched, set(), [], None)
+    # Later syncs: every print by key, met against the stored index, then the new index. The
+    # key -> print table and the index are never both whole: the table shrinks to the items
+    # the stored index did not have before the index is built.
+    fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
+    own: dict[str, str] = {}  # prints not held by a row (entities, mapped relationships)
     for collection in (graph.entities, graph.relationships):
-        pending = iter(collection)  # a chunk of keys at a time, not a list of them all
+        pending = iter(collection)
         while keys := list(islice(pending, COMPARE_CHUNK)):
-            fps = _chunk(collection, keys, fresh, scope_of, ignored)
+            fps, not_rows = _chunk(collection, keys, None, scope_of, ignored)
             fresh_fp.update(zip(keys, fps, strict=True))
-    # a first sync writes every fetched item: its keys serve as `added` and the bodies' keys
-    every = fresh_fp.keys() if first else frozenset()
-    cmp = Comparison(fresh, Bodies(graph, encode, every), set(), set(), [], None if first else {})
+            own.update(not_rows)
+    cmp = Comparison(fresh, Bodies(graph, encode), set(), set(), [], {})
     rewrite: list[str] = []
-    for part in () if previous is None else [previous] if isinstance(previous, dict) else previous:
+    for part in [previous] if isinstance(previous, dict) else previous:
         _compare_part(graph, part, fresh_fp, cmp, rewrite)
-    cmp.added = fresh_fp.keys()  # fetched, never met in the stored index
-    if not first:
-        cmp.bodies.add(rewrite)
-        cmp.bodies.add(fresh_fp)
+    added = dict(fresh_fp)  # fetched, never met in the stored index (a table of their own)
+    del fresh_fp
+    _index_all(graph, own, fresh)
+    cmp.added = added.keys()
+    cmp.bodies.add(rewrite)
+    cmp.bodies.add(added)
     return cmp
 
 
