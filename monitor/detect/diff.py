@@ -182,6 +182,23 @@ def _fingerprints(items: list[Item]) -> list[str]:
     return list(map(canonical_print, items))
 
 
+def _runs(
+    keys: list[str], types: list[str], scope_of: Mapping[str, str]
+) -> Iterator[tuple[str, str, int, int]]:
+    """(scope, _type, start, end) of each run of `keys` in one scope and type. Items come in
+    such runs (collectors add them resource by resource), so callers work per run with
+    C-level updates rather than item by item."""
+    scopes = [scope_of.get(k) for k in keys]
+    if None in scopes:
+        defaults = {t: default_scope(t) for t in set(types)}
+        scopes = [s or defaults[t] for s, t in zip(scopes, types, strict=True)]
+    start = 0
+    for (scope, typ), group in groupby(zip(scopes, types, strict=True)):
+        end = start + sum(1 for _ in group)
+        yield scope, typ, start, end  # type: ignore[misc]
+        start = end
+
+
 def _index_fresh(
     keys: list[str],
     types: list[str],
@@ -195,19 +212,8 @@ def _index_fresh(
     """Prefix each item's significant fingerprint when it carries ignored fields (`fps` is
     updated in place) and put it in `fresh[scope][_type]` (unless `fresh` is None).
     `fields(i)` names item i's fields, `item(i)` is the item (built only when its significant
-    print is needed).
-
-    Items come in runs of one scope and type (collectors add them resource by resource), so
-    the work is done per run with C-level groupby/update rather than item by item.
-    """
-    scopes = [scope_of.get(k) for k in keys]
-    if None in scopes:
-        defaults = {t: default_scope(t) for t in set(types)}
-        scopes = [s or defaults[t] for s, t in zip(scopes, types, strict=True)]
-    runs = list(zip(scopes, types, strict=True))
-    start = 0
-    for (scope, typ), group in groupby(runs):
-        end = start + sum(1 for _ in group)
+    print is needed)."""
+    for scope, typ, start, end in _runs(keys, types, scope_of):
         ign = ignored.get(typ, _RAW_ONLY)
         need: set[int] = set()
         for name in ign:
@@ -215,9 +221,8 @@ def _index_fresh(
         for i in need:  # significant hash first, then the full one
             fps[i] = _significant(item(i), ign) + fps[i]
         if fresh is not None:
-            bucket = fresh.setdefault(scope, {}).setdefault(typ, {})  # type: ignore[arg-type]
+            bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
             bucket.update(zip(keys[start:end], fps[start:end], strict=True))
-        start = end
 
 
 def _chunk(
@@ -266,31 +271,25 @@ def _chunk(
 
 def _index_all(graph: Graph, own: Mapping[str, str], fresh: Index) -> None:
     """`fresh[scope][_type][_key]` = print of every fetched item: the print in `own`, else its
-    row's. In graph order, a run of one scope and type at a time."""
-    explicit = graph.scope_of.explicit
-    defaults: dict[Any, str] = {}
+    row's. A chunk of keys at a time, in graph order."""
+    scope_of = graph.scope_of.explicit
 
-    def entries() -> Iterator[tuple[str, Any, str]]:
-        for key, ent in graph.entities.items():
-            yield key, ent["_type"], own[key]
-        for key, entry in graph.relationships.entries():
-            if isinstance(entry, tuple):
-                yield key, entry[0].typ, own.get(key) or entry[1]
-            else:
-                yield key, entry["_type"], own[key]
+    def put(keys: list[str], types: list[str], fps: list[str]) -> None:
+        for scope, typ, start, end in _runs(keys, types, scope_of):
+            bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
+            bucket.update(zip(keys[start:end], fps[start:end], strict=True))
 
-    def run(entry: tuple[str, Any, str]) -> tuple[str, Any]:
-        key, typ, _fp = entry
-        scope = explicit.get(key)
-        if scope is None:
-            scope = defaults.get(typ)
-            if scope is None:
-                scope = defaults[typ] = default_scope(typ)
-        return scope, typ
-
-    for (scope, typ), items in groupby(entries(), key=run):
-        bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
-        bucket.update((key, fp) for key, _typ, fp in items)
+    pending_entities = iter(graph.entities.items())
+    while chunk := list(islice(pending_entities, COMPARE_CHUNK)):
+        keys = [k for k, _ in chunk]
+        put(keys, [e["_type"] for _, e in chunk], list(map(own.__getitem__, keys)))
+    pending = graph.relationships.entries()
+    get = own.get
+    while entries := list(islice(pending, COMPARE_CHUNK)):
+        keys = [k for k, _ in entries]
+        types = [e[0].typ if isinstance(e, tuple) else e["_type"] for _, e in entries]
+        fps = [get(k) or e[1] if isinstance(e, tuple) else own[k] for k, e in entries]
+        put(keys, types, fps)
 
 
 class _Fetched(AbstractSet[str]):
