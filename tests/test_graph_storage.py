@@ -98,6 +98,9 @@ def test_a_row_holds_only_what_its_shape_does_not() -> None:
     assert "found on" in rels.put("pair-2", named)
     assert rels[key] == rel and list(rels[key]) == list(rel)
     assert rels.put("other-key", rel)[2] == key  # stored under another key: its own kept
+    for lone in ({"_type": "t"}, {"_type": 7}, {"_type": "a"}):  # a shape of one field
+        rels.put("lone", lone)
+        assert rels["lone"] == lone and rels.type_of("lone") == lone["_type"]
 
 
 def test_a_read_relationship_is_a_copy() -> None:

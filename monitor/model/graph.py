@@ -60,21 +60,22 @@ class Shape:
         const_names = list(consts)
         base = 1 + len(const_names)
         self._consts = tuple(consts.values())
-        self._pick = itemgetter(
-            *(
-                0
-                if keyless and n == "_key"
-                else 1 + const_names.index(n)
-                if n in consts
-                else base + pos[n]
-                for n in names
-            )
-        )
+        picks = [
+            0
+            if keyless and n == "_key"
+            else 1 + const_names.index(n)
+            if n in consts
+            else base + pos[n]
+            for n in names
+        ]
+        # itemgetter of one index gives the value, not a 1-tuple: pick it twice, keep the first
+        self._pick = itemgetter(*picks) if len(picks) > 1 else itemgetter(picks[0], picks[0])
 
     def item(self, row: tuple[Any, ...]) -> Item:
         """The relationship a row holds, as a new dict (fields in their stored order)."""
         key = f"{row[self.src]}|{self.verb}|{row[self.dst]}" if self.keyless else None
-        return dict(zip(self.names, self._pick((key, *self._consts, *row)), strict=True))
+        picked = self._pick((key, *self._consts, *row))
+        return dict(zip(self.names, picked, strict=False))  # one name: its value picked twice
 
 
 # (names, _type, _class, displayName is the class, keyless) -> the shape, made once
