@@ -182,60 +182,35 @@ def _fingerprints(items: list[Item]) -> list[str]:
     return list(map(canonical_print, items))
 
 
-def _runs(
-    keys: list[str], types: list[str], scope_of: Mapping[str, str]
-) -> Iterator[tuple[str, str, int, int]]:
-    """(scope, _type, start, end) of each run of `keys` in one scope and type. Items come in
-    such runs (collectors add them resource by resource), so callers work per run with
-    C-level updates rather than item by item."""
-    scopes = [scope_of.get(k) for k in keys]
-    if None in scopes:
-        defaults = {t: default_scope(t) for t in set(types)}
-        scopes = [s or defaults[t] for s, t in zip(scopes, types, strict=True)]
-    start = 0
-    for (scope, typ), group in groupby(zip(scopes, types, strict=True)):
-        end = start + sum(1 for _ in group)
-        yield scope, typ, start, end  # type: ignore[misc]
-        start = end
-
-
-def _index_fresh(
-    keys: list[str],
+def _prefix_significant(
     types: list[str],
     fps: list[str],
-    fresh: Index | None,
-    scope_of: Mapping[str, str],
     ignored: Mapping[str, frozenset[str]],
     fields: Callable[[int], Collection[str]],
     item: Callable[[int], Item],
 ) -> None:
     """Prefix each item's significant fingerprint when it carries ignored fields (`fps` is
-    updated in place) and put it in `fresh[scope][_type]` (unless `fresh` is None).
-    `fields(i)` names item i's fields, `item(i)` is the item (built only when its significant
-    print is needed)."""
-    for scope, typ, start, end in _runs(keys, types, scope_of):
+    updated in place), a run of one type at a time. `fields(i)` names item i's fields,
+    `item(i)` is the item (built only when its significant print is needed)."""
+    start = 0
+    for typ, group in groupby(types):
+        end = start + sum(1 for _ in group)
         ign = ignored.get(typ, _RAW_ONLY)
         need: set[int] = set()
         for name in ign:
             need.update(i for i in range(start, end) if name in fields(i))
         for i in need:  # significant hash first, then the full one
             fps[i] = _significant(item(i), ign) + fps[i]
-        if fresh is not None:
-            bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
-            bucket.update(zip(keys[start:end], fps[start:end], strict=True))
+        start = end
 
 
 def _chunk(
-    collection: Mapping[str, Item],
-    keys: list[str],
-    fresh: Index | None,
-    scope_of: Mapping[str, str],
-    ignored: Mapping[str, frozenset[str]],
+    collection: Mapping[str, Item], keys: list[str], ignored: Mapping[str, frozenset[str]]
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Index one chunk of a collection into `fresh` (None: only the prints); its prints, and
-    (key, print) of those whose print is not their row's. Relationships kept as rows give their
-    type, print and fields without being built; other items are built and fingerprinted (a
-    malformed one raises ValueError naming it)."""
+    """The prints of one chunk of a collection, and (key, print) of those whose print is not
+    their row's. Relationships kept as rows give their type, print and fields without being
+    built; other items are built and fingerprinted (a malformed one raises ValueError naming
+    it)."""
     rows = collection.rows(keys) if isinstance(collection, Relationships) else None
     built = {i: collection[keys[i]] for i in range(len(keys)) if rows is None or rows[i] is None}
     items = list(built.values())
@@ -259,7 +234,7 @@ def _chunk(
     def item(i: int) -> Item:
         return built[i] if i in built else collection[keys[i]]
 
-    _index_fresh(keys, types, fps, fresh, scope_of, ignored, fields, item)
+    _prefix_significant(types, fps, ignored, fields, item)
     if rows is None:
         return fps, list(zip(keys, fps, strict=True))
     return fps, [
@@ -272,12 +247,21 @@ def _chunk(
 def _index_all(graph: Graph, own: Mapping[str, str], fresh: Index) -> None:
     """`fresh[scope][_type][_key]` = print of every fetched item: the print in `own`, else its
     row's. A chunk of keys at a time, in graph order."""
-    scope_of = graph.scope_of.explicit
+    explicit = graph.scope_of.explicit  # the rest are in their type's scope
+    defaults: dict[str, str] = {}
 
     def put(keys: list[str], types: list[str], fps: list[str]) -> None:
-        for scope, typ, start, end in _runs(keys, types, scope_of):
+        """Items come in runs of one scope and type (collectors add them resource by
+        resource): one C-level update per run rather than an insert per item."""
+        for t in set(types) - defaults.keys():
+            defaults[t] = default_scope(t)
+        scopes = [explicit.get(k) or defaults[t] for k, t in zip(keys, types, strict=True)]
+        start = 0
+        for (scope, typ), group in groupby(zip(scopes, types, strict=True)):
+            end = start + sum(1 for _ in group)
             bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
             bucket.update(zip(keys[start:end], fps[start:end], strict=True))
+            start = end
 
     pending_entities = iter(graph.entities.items())
     while chunk := list(islice(pending_entities, COMPARE_CHUNK)):
@@ -328,26 +312,23 @@ def compare(
     of items and its per-item cost is the diff's cost. A malformed item (no `_type`, not an
     object) raises ValueError naming it.
     """
-    fresh: Index = {}
-    scope_of = graph.scope_of.explicit  # the rest are in their type's scope
-    if previous is None:  # a first sync: every fetched item is new, and written
-        for collection in (graph.entities, graph.relationships):
-            pending = iter(collection)  # a chunk of keys at a time, not a list of them all
-            while keys := list(islice(pending, COMPARE_CHUNK)):
-                _chunk(collection, keys, fresh, scope_of, ignored)
-        fetched = _Fetched(graph)
-        return Comparison(fresh, Bodies(graph, encode, fetched), fetched, set(), [], None)
-    # Later syncs: every print by key, met against the stored index, then the new index. The
-    # key -> print table and the index are never both whole: the table shrinks to the items
-    # the stored index did not have before the index is built.
+    # Every print by key, met against the stored index, then the new index: the key -> print
+    # table and the index are never both whole (the table shrinks to the items the stored index
+    # did not have before the index is built; a first sync has no table at all).
     fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
     own: dict[str, str] = {}  # prints not held by a row (entities, mapped relationships)
     for collection in (graph.entities, graph.relationships):
-        pending = iter(collection)
+        pending = iter(collection)  # a chunk of keys at a time, not a list of them all
         while keys := list(islice(pending, COMPARE_CHUNK)):
-            fps, not_rows = _chunk(collection, keys, None, scope_of, ignored)
-            fresh_fp.update(zip(keys, fps, strict=True))
+            fps, not_rows = _chunk(collection, keys, ignored)
             own.update(not_rows)
+            if previous is not None:
+                fresh_fp.update(zip(keys, fps, strict=True))
+    fresh: Index = {}
+    if previous is None:  # a first sync: every fetched item is new, and written
+        _index_all(graph, own, fresh)
+        fetched = _Fetched(graph)
+        return Comparison(fresh, Bodies(graph, encode, fetched), fetched, set(), [], None)
     cmp = Comparison(fresh, Bodies(graph, encode), set(), set(), [], {})
     rewrite: list[str] = []
     for part in [previous] if isinstance(previous, dict) else previous:
