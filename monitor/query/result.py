@@ -21,7 +21,8 @@ HIDDEN = ("_rawData",)
 def public(item: Item, include_raw: bool = False) -> Item:
     """An entity or relationship as a result carries it (without `_rawData` unless asked)."""
     if include_raw:
-        return dict(export_value(item))  # a fetched item's RawData decoded
+        out = export_value(item)  # a new dict when a fetched item's RawData was decoded
+        return dict(item) if out is item else out
     return {k: v for k, v in item.items() if k not in HIDDEN}
 
 
