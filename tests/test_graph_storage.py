@@ -3,8 +3,18 @@ from the type's default read back exactly what was stored."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+from pathlib import Path
 
+import orjson
+import pytest
 from pydantic import SecretStr
 
 from monitor.config import TenantConfig
@@ -20,7 +30,7 @@ from monitor.model.graph import (
     entry_ends,
     entry_item,
 )
-from monitor.model.raw import RawData
+from monitor.model.raw import RawData, canonical_json
 from monitor.model.vulnerabilities import machine_vulnerability_relationship
 from monitor.query.result import public
 
@@ -230,3 +240,90 @@ def test_raw_data_json_cannot_hold_rejects_the_item_by_name() -> None:
     assert schema.MACHINE.key("m2") in g.entities and MACHINE not in g.entities
     (rejected,) = builder.rejected_in(schema.SCOPE_MACHINES)
     assert rejected.index == 0
+
+
+def _spill_files() -> int:
+    """Open unlinked temporary files of this process (spill files are; O_TMPFILE ones have no
+    name at all)."""
+    fds = Path("/proc/self/fd")
+    names = []
+    for fd in fds.iterdir():
+        try:
+            names.append(os.readlink(fd))
+        except OSError:  # the directory's own descriptor, closed by now
+            continue
+    tmp = tempfile.gettempdir()
+    return sum(1 for n in names if n.startswith(tmp) and n.endswith(" (deleted)"))
+
+
+def big_source(i: int) -> dict[str, object]:
+    return {"id": f"m{i}", "note": "x" * 10_000}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_raw_data_lives_in_a_spill_file_freed_with_the_graph() -> None:
+    gc.collect()
+    before = _spill_files()
+    tracemalloc.start()
+    try:
+        raws = [RawData.default(big_source(i)) for i in range(200)]  # 2 MB of JSON
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 200_000  # their places, not their 2 MB
+    assert _spill_files() == before + 1
+    # read back exactly, as the snapshot writes it
+    assert [r[0]["rawData"] for r in raws] == [big_source(i) for i in range(200)]
+    entity = {"_key": "k", "_rawData": raws[7]}
+    assert orjson.loads(canonical_json(entity))["_rawData"][0]["rawData"] == big_source(7)
+    # another process gets the JSON with it
+    copy = pickle.loads(pickle.dumps(raws[3]))
+    assert copy == raws[3] and copy.value == raws[3].value
+    del raws, copy, entity
+    gc.collect()
+    assert _spill_files() == before  # the file (and its disk space) went with the last one
+
+
+def test_raw_data_stays_in_memory_when_no_spill_file_can_be_made(tmp_path: Path) -> None:
+    code = (
+        "import sys, tempfile\n"
+        "tempfile.tempdir = sys.argv[1]  # a directory that is not there\n"
+        "from monitor.model.raw import RawData, canonical_json\n"
+        "r = RawData.default({'note': 'x' * 10000})\n"
+        "assert r.value == [{'name': 'default', 'rawData': {'note': 'x' * 10000}}]\n"
+        "assert canonical_json({'_rawData': r}).count(b'x') == 10000\n"
+        "print(repr(r))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "gone")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "RawData(10042 bytes)"
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_spills_to_its_own_file() -> None:
+    """A child appending to its parent's file at the parent's end would overwrite what the
+    parent appends next (a Celery prefork worker forks after loading the app)."""
+    first = RawData.default(big_source(1))
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: spill one, let the parent spill one, read both back
+        try:
+            mine = RawData.default(big_source(2))
+            os.write(to_parent_w, b"1")
+            os.read(to_child_r, 1)
+            ok = mine[0]["rawData"] == big_source(2) and first[0]["rawData"] == big_source(1)
+        finally:
+            os._exit(0 if ok else 1)
+    os.read(to_parent_r, 1)
+    theirs = RawData.default(big_source(3))  # after the child's append
+    os.write(to_child_w, b"1")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert theirs[0]["rawData"] == big_source(3) and first[0]["rawData"] == big_source(1)
