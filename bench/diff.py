@@ -299,7 +299,11 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         out["naive_deepdiff_slice"] = n
         out["naive_deepdiff_s"] = time.perf_counter() - t
         ign = snapdiff.ignored_fields(detect)
-        prev_index = snapdiff.compare(_machines_graph(old), None, ign).fresh
+        prev = snapdiff.compare(_machines_graph(old), None, ign).fresh
+        prev_index = {  # as the store holds it: prints in hex
+            s: {t: {k: fp.hex() for k, fp in items.items()} for t, items in types.items()}
+            for s, types in prev.items()
+        }
         sub = _machines_graph(new)
         t = time.perf_counter()
         cmp = snapdiff.compare(sub, prev_index, ign)

@@ -57,11 +57,11 @@ def test_fingerprint_significant_part_ignores_volatile_and_raw() -> None:
     b = {**a, "lastSeenOn": 2, "_rawData": [{"name": "default", "rawData": {}}]}
     c = {**a, "riskScore": "High"}
     fa, fb, fc = (diff.fingerprint(x, ign)[0] for x in (a, b, c))
-    assert len(fa) == 32 and fa[:16] == fb[:16] and fa != fb
-    assert fa[:16] != fc[:16]
+    assert len(fa) == 16 and fa[:8] == fb[:8] and fa != fb  # digests: significant, then full
+    assert fa[:8] != fc[:8]
     # no ignored field present: one hash, equal to the significant one
     rel = {"_key": "r", "_type": "x", "_fromEntityKey": "a", "_toEntityKey": "b"}
-    assert len(diff.fingerprint(rel)[0]) == 16
+    assert len(diff.fingerprint(rel)[0]) == 8
     # key order does not matter
     assert diff.fingerprint(dict(reversed(list(a.items()))), ign)[0] == fa
     # compare() computes the same prints in bulk
@@ -97,8 +97,11 @@ def test_a_later_sync_indexes_every_item_as_a_first_sync_does() -> None:
     g.add_relationship(has, "elsewhere")
     g.add_relationship(mapped, schema.SCOPE_VULNERABILITIES)
     first = diff.compare(g, None, ign)
-    assert len(first.fresh[schema.SCOPE_VULNERABILITIES][pair_type]["m|identified|v"]) == 32
-    stored = {s: {t: dict(items) for t, items in types.items()} for s, types in first.fresh.items()}
+    assert len(first.fresh[schema.SCOPE_VULNERABILITIES][pair_type]["m|identified|v"]) == 16
+    stored = {  # as the store holds it: prints in hex
+        s: {t: {k: fp.hex() for k, fp in items.items()} for t, items in types.items()}
+        for s, types in first.fresh.items()
+    }
     del stored["elsewhere"]  # not stored yet: new in this sync
     stored[schema.SCOPE_MACHINES]["gone"] = {"g": "0" * 16}
     later = diff.compare(g, [stored], ign)

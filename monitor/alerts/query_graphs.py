@@ -35,7 +35,7 @@ from monitor.query.graph import (
     store_query_graph,
 )
 from monitor.query.incremental import GraphDelta
-from monitor.snapshot.store import Index, SnapshotStore
+from monitor.snapshot.store import Prints, SnapshotStore
 
 if TYPE_CHECKING:
     from monitor.snapshot.commit import CommitResult
@@ -362,7 +362,7 @@ def after_commit(
 
 
 def _committed(
-    store: SnapshotStore, tenant: str, index: Index, fetched: Graph
+    store: SnapshotStore, tenant: str, index: Prints, fetched: Graph
 ) -> tuple[list[Item], Relationships]:
     """The committed items: the fetched ones the index holds, and the ones it kept without
     fetching them read from Redis. The fetched graph's relationships are taken over (see

@@ -36,7 +36,7 @@ from monitor.model.graph import (
     print_of,
 )
 from monitor.model.raw import canonical_json
-from monitor.snapshot.store import Index
+from monitor.snapshot.store import Index, Prints
 
 RAW_DATA = "_rawData"
 _RAW_ONLY: frozenset[str] = frozenset({RAW_DATA})
@@ -59,15 +59,15 @@ def ignored_fields(detect: DetectSettings | None) -> dict[str, frozenset[str]]:
     return {t: v | _RAW_ONLY for t, v in volatile_fields(detect).items()}
 
 
-def _significant(item: Item, ignored: Collection[str]) -> str:
-    """The hash of the item without its ignored fields (the first half of a 32-char print)."""
+def _significant(item: Item, ignored: Collection[str]) -> bytes:
+    """The hash of the item without its ignored fields (the first half of a 16-byte print)."""
     kept = item.copy()
     for name in ignored:
         kept.pop(name, None)
     return print_of(canonical_json(kept))
 
 
-def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[str, bytes]:
+def fingerprint(item: Item, ignored: Collection[str] = _RAW_ONLY) -> tuple[bytes, bytes]:
     """(fingerprint, canonical JSON) of one item; see monitor.snapshot.store for the format.
 
     `compare` computes the same prints in bulk."""
@@ -141,7 +141,7 @@ class Bodies(MutableMapping[str, bytes]):
 class Comparison:
     """Fresh items compared with the stored index, by `_key`."""
 
-    fresh: Index  # scope -> _type -> _key -> fingerprint, for every fetched item
+    fresh: Prints  # scope -> _type -> _key -> fingerprint, for every fetched item
     # bodies of fetched items that are new or whose body changed: canonical JSON, or its stored
     # form when compare() was given the store's encoder (made when read)
     bodies: Bodies
@@ -177,14 +177,14 @@ def _wrong(key: str, it: object) -> str | None:
     return None
 
 
-def _fingerprints(items: list[Item]) -> list[str]:
+def _fingerprints(items: list[Item]) -> list[bytes]:
     """Full-body fingerprints (the JSON is not kept: bodies are made again when written)."""
     return list(map(canonical_print, items))
 
 
 def _prefix_significant(
     types: list[str],
-    fps: list[str],
+    fps: list[bytes],
     ignored: Mapping[str, frozenset[str]],
     fields: Callable[[int], Collection[str]],
     item: Callable[[int], Item],
@@ -206,7 +206,7 @@ def _prefix_significant(
 
 def _chunk(
     collection: Mapping[str, Item], keys: list[str], ignored: Mapping[str, frozenset[str]]
-) -> tuple[list[str], list[tuple[str, str]]]:
+) -> tuple[list[bytes], list[tuple[str, bytes]]]:
     """The prints of one chunk of a collection, and (key, print) of those whose print is not
     their row's. Relationships kept as rows give their type, print and fields without being
     built; other items are built and fingerprinted (a malformed one raises ValueError naming
@@ -220,7 +220,7 @@ def _chunk(
     except (KeyError, TypeError, AttributeError, orjson.JSONEncodeError):
         _check_items([keys[i] for i in built], items)  # raises a clear ValueError naming it
         raise
-    fps: list[str] = []
+    fps: list[bytes] = []
     types: list[str] = []
     for i in range(len(keys)):
         row = None if rows is None else rows[i]
@@ -244,13 +244,13 @@ def _chunk(
     ]
 
 
-def _index_all(graph: Graph, own: Mapping[str, str], fresh: Index) -> None:
+def _index_all(graph: Graph, own: Mapping[str, bytes], fresh: Prints) -> None:
     """`fresh[scope][_type][_key]` = print of every fetched item: the print in `own`, else its
     row's. A chunk of keys at a time, in graph order."""
     explicit = graph.scope_of.explicit  # the rest are in their type's scope
     defaults: dict[str, str] = {}
 
-    def put(keys: list[str], types: list[str], fps: list[str]) -> None:
+    def put(keys: list[str], types: list[str], fps: list[bytes]) -> None:
         """Items come in runs of one scope and type (collectors add them resource by
         resource): one C-level update per run rather than an insert per item."""
         for t in set(types) - defaults.keys():
@@ -315,8 +315,8 @@ def compare(
     # Every print by key, met against the stored index, then the new index: the key -> print
     # table and the index are never both whole (the table shrinks to the items the stored index
     # did not have before the index is built; a first sync has no table at all).
-    fresh_fp: dict[str, str] = {}  # fetched _key -> print; stored ones are taken out
-    own: dict[str, str] = {}  # prints not held by a row (entities, mapped relationships)
+    fresh_fp: dict[str, bytes] = {}  # fetched _key -> print; stored ones are taken out
+    own: dict[str, bytes] = {}  # prints not held by a row (entities, mapped relationships)
     for collection in (graph.entities, graph.relationships):
         pending = iter(collection)  # a chunk of keys at a time, not a list of them all
         while keys := list(islice(pending, COMPARE_CHUNK)):
@@ -324,7 +324,7 @@ def compare(
             own.update(not_rows)
             if previous is not None:
                 fresh_fp.update(zip(keys, fps, strict=True))
-    fresh: Index = {}
+    fresh: Prints = {}
     if previous is None:  # a first sync: every fetched item is new, and written
         _index_all(graph, own, fresh)
         fetched = _Fetched(graph)
@@ -343,10 +343,11 @@ def compare(
 
 
 def _compare_part(
-    graph: Graph, part: Index, fresh_fp: dict[str, str], cmp: Comparison, rewrite: list[str]
+    graph: Graph, part: Index, fresh_fp: dict[str, bytes], cmp: Comparison, rewrite: list[str]
 ) -> None:
     """Classify one part of the stored index: changed, rewritten (any print differs), or
-    missing (stored, not fetched: kept with its print); met keys leave `fresh_fp`."""
+    missing (stored, not fetched: kept with its print); met keys leave `fresh_fp`. Stored
+    prints are hex: the first 16 characters are the significant hash when there are 32."""
     ents, rels = graph.entities, graph.relationships
     counts = cmp.previous_counts
     assert counts is not None
@@ -361,10 +362,12 @@ def _compare_part(
                     if key not in ents and key not in rels:
                         missing.append((key, scope, typ))
                         missing_fp[key] = old
-                elif new != old:
-                    rewrite.append(key)
-                    if old[:16] != new[:16]:
-                        changed.add(key)
+                else:
+                    hexed = new.hex()
+                    if hexed != old:
+                        rewrite.append(key)
+                        if old[:16] != hexed[:16]:
+                            changed.add(key)
 
 
 # -- field-level changes ---------------------------------------------------------------------

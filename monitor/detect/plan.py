@@ -31,7 +31,7 @@ from monitor.detect import guard
 from monitor.detect.diff import Comparison
 from monitor.model import schema
 from monitor.model.graph import Graph, ScopeState, ScopeStatus
-from monitor.snapshot.store import Index
+from monitor.snapshot.store import Prints
 
 LOGON_PREFIX = schema.SCOPE_LOGON_USERS + ":"
 LOGON_USER_TYPE = schema.LOGON_USER.type
@@ -63,7 +63,7 @@ def logon_scope_machine(scope: str) -> str | None:
 class MergePlan:
     """What the commit writes, and what the events are built from."""
 
-    index: Index  # the effective new index (scope -> _type -> _key -> fingerprint)
+    index: Prints  # the effective new index (scope -> _type -> _key -> fingerprint)
     write: MutableMapping[str, bytes]  # bodies to (re)write
     delete: list[str]  # keys to remove from the store
     created: list[str]  # items new in the snapshot, outside baseline scopes
@@ -110,9 +110,9 @@ class _Merge:
     first_sync: bool
     known: set[str]  # scopes known before this sync
     states: dict[str, ScopeStatus]
-    index: Index  # becomes the new index (fetched items, then the kept ones)
+    index: Prints  # becomes the new index (fetched items, then the kept ones)
     write: MutableMapping[str, bytes]
-    previous_fp: dict[str, str]  # stored prints of the items not fetched
+    previous_fp: dict[str, str]  # stored prints (hex) of the items not fetched
     candidates: dict[str, list[tuple[str, str]]] = field(
         default_factory=dict
     )  # _type -> [(key, scope)]
@@ -351,7 +351,7 @@ def _add_kept(w: _Merge) -> dict[str, dict[str, int]]:
         s: {t: len(items) for t, items in types.items() if items} for s, types in w.index.items()
     }
     for key, (scope, typ) in w.kept_items.items():
-        w.index.setdefault(scope, {}).setdefault(typ, {})[key] = w.previous_fp[key]
+        w.index.setdefault(scope, {}).setdefault(typ, {})[key] = bytes.fromhex(w.previous_fp[key])
     return fetched_counts
 
 
@@ -414,7 +414,7 @@ def _sum_types(counts: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _count_types(index: Index) -> dict[str, int]:
+def _count_types(index: Prints) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for types in index.values():
         for typ, items in types.items():

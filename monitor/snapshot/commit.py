@@ -52,6 +52,7 @@ from monitor.snapshot import aggregates
 from monitor.snapshot.lock import LockLost, TenantLock
 from monitor.snapshot.store import (
     HISTORY_LENGTH,
+    Prints,
     SnapshotStore,
     StoreError,
     StreamingTransaction,
@@ -67,7 +68,7 @@ HDEL_BATCH_ITEMS = 5_000
 # commits of at least `detect.commit_aside_min_items` bodies (this variable wins) go aside
 ASIDE_ENV = "MDE_MONITOR_COMMIT_ASIDE_ITEMS"
 ASIDE_BATCH_ITEMS = 5_000  # bodies per HSCAN / HSET while building aside
-ASIDE_BATCH_BYTES = 8 << 20  # index parts per write while building aside (a part: ~15 MB)
+ASIDE_BATCH_BYTES = 8 << 20  # index parts per write while building aside (a part: ~4 MB)
 ASIDE_TTL_SECONDS = 6 * 3600  # an abandoned aside build frees itself after this
 RETIRE_SECONDS = 120  # a replaced version stays readable this long (readers mid-read)
 # and is UNLINKed (freed by a Redis background thread) after this share of it by the process
@@ -110,7 +111,7 @@ class CommitResult:
     deleted: int = 0  # items removed from the store
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     # the committed index (scope -> _type -> _key -> fingerprint), for post-commit readers
-    index: dict[str, dict[str, dict[str, str]]] | None = field(default=None, repr=False)
+    index: Prints | None = field(default=None, repr=False)
     # the change set against `previous_generation`: keys whose bodies were (re)written or
     # removed; with the previous generation's query graph, post-commit readers update it
     previous_generation: int = 0
