@@ -113,6 +113,23 @@ def test_a_later_sync_indexes_every_item_as_a_first_sync_does() -> None:
     assert set(later.bodies) == {"a|has|m"} and len(first.bodies) == 4
 
 
+def test_an_item_fetched_as_another_type_than_stored_is_compared() -> None:
+    """The fresh prints are kept per `_type`: a key stored under one type and fetched under
+    another is still met (changed and rewritten), neither new nor missing."""
+    ign = diff.ignored_fields(None)
+    g = Graph()
+    g.add_entity({"_key": "k", "_type": "x_new", "name": "a"}, "s")
+    g.add_entity({"_key": "same", "_type": "x_new", "name": "b"}, "s")
+    first = diff.compare(g, None, ign)
+    stored = {
+        "s": {"x_old": {"k": "0" * 16}, "x_new": {"same": first.fresh["s"]["x_new"]["same"].hex()}}
+    }
+    later = diff.compare(g, [stored], ign)
+    assert set(later.changed) == {"k"} and set(later.bodies) == {"k"}
+    assert not later.added and not later.missing
+    assert later.previous_counts == {"s": {"x_old": 1, "x_new": 1}}
+
+
 def test_volatile_override_from_settings() -> None:
     ign = diff.ignored_fields(DetectSettings(volatile_fields={schema.USER.type: ["jobTitle"]}))
     assert ign[schema.USER.type] == {"jobTitle", "_rawData"}
