@@ -111,7 +111,10 @@ def simulate(
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    # SIGINT too, explicitly: started as a background job, a process inherits SIGINT ignored and
+    # Python then raises no KeyboardInterrupt for it
     previous = signal.signal(signal.SIGTERM, _on_signal)
+    previous_int = signal.signal(signal.SIGINT, _on_signal)
     try:
         config_path = sim.write_config(config_out or state_dir / "config.yaml")
         info: dict[str, Any] = {
@@ -130,6 +133,7 @@ def simulate(
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         sim.stop()
         console.print("simulator stopped")
 
