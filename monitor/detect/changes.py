@@ -117,28 +117,44 @@ def build_events(
     time: str,
     ignored: Mapping[str, frozenset[str]],
 ) -> list[Event]:
-    """All events of one sync, in a stable order: sync events, entities, relationships."""
+    """All events of one sync, in a stable order: sync events, entities (created, updated,
+    inactive-account logons, deleted), relationships."""
     ctx = _Ctx(tenant, generation, time)
+    events: list[Event] = list(sync_events(plan, ctx))
+    made, created = _created_entities(ctx, plan, graph)
+    events.extend(made)
+    events.extend(_updated_entities(ctx, plan, graph, stored, ignored))
+    events.extend(_inactive_account_logons(ctx, plan, graph, stored))
+    gone, deleted = _deleted_entities(ctx, plan, stored)
+    events.extend(gone)
+    events.extend(_relationship_events(ctx, plan, graph, stored, created, deleted))
+    return events
+
+
+def _created_entities(ctx: _Ctx, plan: MergePlan, graph: Graph) -> tuple[list[Event], set[str]]:
+    """The events of the created entities, and their keys."""
     events: list[Event] = []
-    events.extend(sync_events(plan, ctx))
-
-    def lookup(key: str | None) -> Item | None:
-        if key is None:
-            return None
-        return graph.entities.get(key) or stored.get(key)
-
-    created_entities: set[str] = set()
-    deleted_entities: set[str] = set()
-    created_keys = set(plan.created)
-    # entities
+    created: set[str] = set()
     for key in plan.created:
         item = graph.entities.get(key)
         if item is None:
             continue
-        created_entities.add(key)
+        created.add(key)
         short = entity_short(item["_type"])
         if short is not None:
             events.extend(_entity_events(ctx, short, "created", key, None, item, {}))
+    return events, created
+
+
+def _updated_entities(
+    ctx: _Ctx,
+    plan: MergePlan,
+    graph: Graph,
+    stored: Mapping[str, Item],
+    ignored: Mapping[str, frozenset[str]],
+) -> list[Event]:
+    """Events of the entities whose significant fields changed (field by field)."""
+    events: list[Event] = []
     for key in plan.updated:
         item = graph.entities.get(key)
         old = stored.get(key)
@@ -152,16 +168,44 @@ def build_events(
         )
         if changes:
             events.extend(_entity_events(ctx, short, "updated", key, old, item, changes))
-    events.extend(_inactive_account_logons(ctx, plan, graph, stored))
+    return events
+
+
+def _deleted_entities(
+    ctx: _Ctx, plan: MergePlan, stored: Mapping[str, Item]
+) -> tuple[list[Event], set[str]]:
+    """The events of the deleted entities (with their last known state), and their keys."""
+    events: list[Event] = []
+    deleted: set[str] = set()
     for key, typ in plan.deleted:
         if typ in schema.RELATIONSHIP_BY_TYPE:
             continue
-        deleted_entities.add(key)
+        deleted.add(key)
         short = entity_short(typ)
         old = stored.get(key)
         if short is not None:
             events.extend(_entity_events(ctx, short, "deleted", key, old, old, {}))
-    # relationships
+    return events, deleted
+
+
+def _relationship_events(
+    ctx: _Ctx,
+    plan: MergePlan,
+    graph: Graph,
+    stored: Mapping[str, Item],
+    created_entities: set[str],
+    deleted_entities: set[str],
+) -> list[Event]:
+    """Events of created and deleted relationships, except those their source entity's own
+    event implies."""
+
+    def lookup(key: str | None) -> Item | None:
+        if key is None:
+            return None
+        return graph.entities.get(key) or stored.get(key)
+
+    events: list[Event] = []
+    created_keys = set(plan.created)
     for key, typ in _rel_changes(plan, graph):
         short, on_create, on_delete = REL_EVENTS[typ]
         rel = graph.relationships.get(key)

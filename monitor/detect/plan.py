@@ -137,22 +137,8 @@ def plan(
 
     Consumes `cmp`: its fresh index becomes the new index.
     """
-    previous = cmp.previous_counts or {}
-    first_sync = cmp.previous_counts is None
-    w = _Merge(
-        graph=graph,
-        cmp=cmp,
-        previous=previous,
-        first_sync=first_sync,
-        known=set() if first_sync else known_scopes,
-        states={
-            s: scope_state(graph, cmp, s)
-            for s in set(previous) | set(cmp.fresh) | set(graph.scopes)
-        },
-        index=cmp.fresh,
-        write=cmp.bodies,
-        previous_fp=cmp.previous_fp,
-    )
+    w = _start(graph, cmp, known_scopes)
+    first_sync = w.first_sync
     _sort_missing(w)
     drops, new_guard = _guard_deletions(w, guard_counts, detect, accept_drop)
     _drop_dangling(w)
@@ -164,13 +150,6 @@ def plan(
     baseline_counts: Counter[str] = Counter()
     for s in baseline_scopes:
         baseline_counts.update(fetched_counts[s])
-    incomplete = {  # budget skips (SKIPPED without error) are normal
-        s: st
-        for s, st in sorted(w.states.items())
-        if st.state is not ScopeState.COMPLETE
-        and not machine_gone(s)
-        and not (st.state is ScopeState.SKIPPED and st.error is None)
-    }
     kept = Counter(t for _s, t in w.kept_items.values())
     return MergePlan(
         index=w.index,
@@ -184,7 +163,7 @@ def plan(
             if not first_sync and (t == LOGON_USER_TYPE or s in w.known)
         ),
         kept=dict(sorted(kept.items())),
-        incomplete=incomplete,
+        incomplete=_incomplete(w, machine_gone),
         baseline=first_sync,
         baseline_scopes=baseline_scopes,
         baseline_counts=dict(sorted(baseline_counts.items())),
@@ -193,6 +172,38 @@ def plan(
         guard_counts=new_guard,
         scope_states=w.states,
     )
+
+
+def _start(graph: Graph, cmp: Comparison, known_scopes: set[str]) -> _Merge:
+    """The merge's working state: the fresh index as the new one, every scope's status."""
+    previous = cmp.previous_counts or {}
+    first_sync = cmp.previous_counts is None
+    return _Merge(
+        graph=graph,
+        cmp=cmp,
+        previous=previous,
+        first_sync=first_sync,
+        known=set() if first_sync else known_scopes,
+        states={
+            s: scope_state(graph, cmp, s)
+            for s in set(previous) | set(cmp.fresh) | set(graph.scopes)
+        },
+        index=cmp.fresh,
+        write=cmp.bodies,
+        previous_fp=cmp.previous_fp,
+    )
+
+
+def _incomplete(w: _Merge, machine_gone: Callable[[str], bool]) -> dict[str, ScopeStatus]:
+    """Scopes not read whole this sync, but for budget skips (SKIPPED without an error: normal)
+    and the logon-user scopes of machines that are gone."""
+    return {
+        s: st
+        for s, st in sorted(w.states.items())
+        if st.state is not ScopeState.COMPLETE
+        and not machine_gone(s)
+        and not (st.state is ScopeState.SKIPPED and st.error is None)
+    }
 
 
 def _sort_missing(w: _Merge) -> None:
