@@ -151,7 +151,7 @@ class Comparison:
     missing: list[tuple[str, str, str]]  # (key, stored scope, _type): stored, not fetched
     # the stored index's items by scope and _type (None: no snapshot yet)
     previous_counts: dict[str, dict[str, int]] | None
-    previous_fp: dict[str, str] = field(default_factory=dict)  # missing _key -> stored print
+    previous_fp: dict[str, bytes] = field(default_factory=dict)  # missing _key -> stored print
 
 
 def _check_items(keys: list[str], items: list[Item]) -> None:
@@ -183,6 +183,16 @@ def _fingerprints(items: list[Item]) -> list[bytes]:
     return list(map(canonical_print, items))
 
 
+def _runs(labels: Iterable[Any]) -> Iterator[tuple[Any, int, int]]:
+    """(label, start, end) of each run of equal labels: items come in runs of one scope and
+    type (collectors add them resource by resource), so work is done a run at a time."""
+    start = 0
+    for label, group in groupby(labels):
+        end = start + sum(1 for _ in group)
+        yield label, start, end
+        start = end
+
+
 def _prefix_significant(
     types: list[str],
     fps: list[bytes],
@@ -193,16 +203,13 @@ def _prefix_significant(
     """Prefix each item's significant fingerprint when it carries ignored fields (`fps` is
     updated in place), a run of one type at a time. `fields(i)` names item i's fields,
     `item(i)` is the item (built only when its significant print is needed)."""
-    start = 0
-    for typ, group in groupby(types):
-        end = start + sum(1 for _ in group)
+    for typ, start, end in _runs(types):
         ign = ignored.get(typ, _RAW_ONLY)
         need: set[int] = set()
         for name in ign:
             need.update(i for i in range(start, end) if name in fields(i))
         for i in need:  # significant hash first, then the full one
             fps[i] = _significant(item(i), ign) + fps[i]
-        start = end
 
 
 def _chunk(
@@ -256,17 +263,13 @@ def _index_all(graph: Graph, own: Mapping[str, bytes], fresh: Prints) -> None:
     defaults: dict[str, str] = {}
 
     def put(keys: list[str], types: list[str], fps: list[bytes]) -> None:
-        """Items come in runs of one scope and type (collectors add them resource by
-        resource): one C-level update per run rather than an insert per item."""
+        """One C-level update per run of one scope and type, not an insert per item."""
         for t in set(types) - defaults.keys():
             defaults[t] = default_scope(t)
         scopes = [explicit.get(k) or defaults[t] for k, t in zip(keys, types, strict=True)]
-        start = 0
-        for (scope, typ), group in groupby(zip(scopes, types, strict=True)):
-            end = start + sum(1 for _ in group)
+        for (scope, typ), start, end in _runs(zip(scopes, types, strict=True)):
             bucket = fresh.setdefault(scope, {}).setdefault(typ, {})
             bucket.update(zip(keys[start:end], fps[start:end], strict=True))
-            start = end
 
     pending_entities = iter(graph.entities.items())
     while chunk := list(islice(pending_entities, COMPARE_CHUNK)):
@@ -355,14 +358,9 @@ def _by_type(
     fresh_fp: dict[str, dict[str, bytes]], keys: list[str], types: list[str], fps: list[bytes]
 ) -> None:
     """Add (key, print) pairs to the table of their `_type`, a run of one type at a time."""
-    start = 0
-    for typ, group in groupby(types):
-        end = start + sum(1 for _ in group)
-        table = fresh_fp.get(typ)
-        if table is None:
-            table = fresh_fp[typ] = {}
+    for typ, start, end in _runs(types):
+        table = fresh_fp.setdefault(typ, {})
         table.update(zip(keys[start:end], fps[start:end], strict=True))
-        start = end
 
 
 def _pop_moved(fresh_fp: dict[str, dict[str, bytes]], key: str) -> bytes | None:
@@ -398,7 +396,7 @@ def _compare_part(
                 if new is None:
                     if key not in ents and key not in rels:
                         missing.append((key, scope, typ))
-                        missing_fp[key] = old
+                        missing_fp[key] = bytes.fromhex(old)  # as the new index holds it
                         continue
                     new = _pop_moved(fresh_fp, key)  # fetched as another `_type`
                     if new is None:

@@ -112,7 +112,7 @@ class _Merge:
     states: dict[str, ScopeStatus]
     index: Prints  # becomes the new index (fetched items, then the kept ones)
     write: MutableMapping[str, bytes]
-    previous_fp: dict[str, str]  # stored prints (hex) of the items not fetched
+    previous_fp: dict[str, bytes]  # stored prints of the items not fetched
     candidates: dict[str, list[tuple[str, str]]] = field(
         default_factory=dict
     )  # _type -> [(key, scope)]
@@ -362,7 +362,7 @@ def _add_kept(w: _Merge) -> dict[str, dict[str, int]]:
         s: {t: len(items) for t, items in types.items() if items} for s, types in w.index.items()
     }
     for key, (scope, typ) in w.kept_items.items():
-        w.index.setdefault(scope, {}).setdefault(typ, {})[key] = bytes.fromhex(w.previous_fp[key])
+        w.index.setdefault(scope, {}).setdefault(typ, {})[key] = w.previous_fp[key]
     return fetched_counts
 
 
