@@ -9,7 +9,7 @@ the same sync. `user_endpoint` and the structural relationships never produce ev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,29 +121,46 @@ def build_events(
     inactive-account logons, deleted), relationships."""
     ctx = _Ctx(tenant, generation, time)
     events: list[Event] = list(sync_events(plan, ctx))
-    made, created = _created_entities(ctx, plan, graph)
+    made, created = _lifecycle_events(
+        ctx,
+        "created",
+        (
+            (k, e["_type"], None, e)
+            for k in plan.created
+            if (e := graph.entities.get(k)) is not None
+        ),
+    )
     events.extend(made)
     events.extend(_updated_entities(ctx, plan, graph, stored, ignored))
     events.extend(_inactive_account_logons(ctx, plan, graph, stored))
-    gone, deleted = _deleted_entities(ctx, plan, stored)
+    gone, deleted = _lifecycle_events(  # with their last known state
+        ctx,
+        "deleted",
+        (
+            (k, t, old, old)
+            for k, t in plan.deleted
+            if t not in schema.RELATIONSHIP_BY_TYPE
+            for old in (stored.get(k),)
+        ),
+    )
     events.extend(gone)
     events.extend(_relationship_events(ctx, plan, graph, stored, created, deleted))
     return events
 
 
-def _created_entities(ctx: _Ctx, plan: MergePlan, graph: Graph) -> tuple[list[Event], set[str]]:
-    """The events of the created entities, and their keys."""
+def _lifecycle_events(
+    ctx: _Ctx, change: str, entities: Iterable[tuple[str, str, Item | None, Item | None]]
+) -> tuple[list[Event], set[str]]:
+    """The `change` ("created" / "deleted") events of (key, `_type`, old, new) entities, and
+    their keys."""
     events: list[Event] = []
-    created: set[str] = set()
-    for key in plan.created:
-        item = graph.entities.get(key)
-        if item is None:
-            continue
-        created.add(key)
-        short = entity_short(item["_type"])
+    keys: set[str] = set()
+    for key, typ, old, new in entities:
+        keys.add(key)
+        short = entity_short(typ)
         if short is not None:
-            events.extend(_entity_events(ctx, short, "created", key, None, item, {}))
-    return events, created
+            events.extend(_entity_events(ctx, short, change, key, old, new, {}))
+    return events, keys
 
 
 def _updated_entities(
@@ -169,23 +186,6 @@ def _updated_entities(
         if changes:
             events.extend(_entity_events(ctx, short, "updated", key, old, item, changes))
     return events
-
-
-def _deleted_entities(
-    ctx: _Ctx, plan: MergePlan, stored: Mapping[str, Item]
-) -> tuple[list[Event], set[str]]:
-    """The events of the deleted entities (with their last known state), and their keys."""
-    events: list[Event] = []
-    deleted: set[str] = set()
-    for key, typ in plan.deleted:
-        if typ in schema.RELATIONSHIP_BY_TYPE:
-            continue
-        deleted.add(key)
-        short = entity_short(typ)
-        old = stored.get(key)
-        if short is not None:
-            events.extend(_entity_events(ctx, short, "deleted", key, old, old, {}))
-    return events, deleted
 
 
 def _relationship_events(
