@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from operator import itemgetter
@@ -68,14 +68,19 @@ class Shape:
             else base + pos[n]
             for n in names
         ]
-        # itemgetter of one index gives the value, not a 1-tuple: pick it twice, keep the first
-        self._pick = itemgetter(*picks) if len(picks) > 1 else itemgetter(picks[0], picks[0])
+        self._pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] = itemgetter(*picks)
+        if len(picks) == 1:  # itemgetter of one index gives the value itself, not a 1-tuple
+            only = picks[0]
+
+            def pick_one(row: tuple[Any, ...]) -> tuple[Any, ...]:
+                return (row[only],)
+
+            self._pick = pick_one
 
     def item(self, row: tuple[Any, ...]) -> Item:
         """The relationship a row holds, as a new dict (fields in their stored order)."""
         key = f"{row[self.src]}|{self.verb}|{row[self.dst]}" if self.keyless else None
-        picked = self._pick((key, *self._consts, *row))
-        return dict(zip(self.names, picked, strict=False))  # one name: its value picked twice
+        return dict(zip(self.names, self._pick((key, *self._consts, *row)), strict=True))
 
 
 # (names, _type, _class, displayName is the class, keyless) -> the shape, made once
